@@ -1,0 +1,156 @@
+"""Each convolution kind against a direct computation written here with torch.nn.functional."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from twolevel_dist.errors import ConfigError
+from twolevel_dist.layers import CONV_KINDS, make_conv, straight_through_one_hot
+
+torch.manual_seed(0)
+KINDS = sorted(CONV_KINDS)
+
+
+def _groups_for(kind, groups):
+    return 1 if kind == "sc" else groups
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (1, 1), (1, 2), (5, 1)])
+def test_gc2l_equals_group_conv_plus_coarse_1x1_of_representatives(kernel, stride):
+    n, cin, cout = 4, 8, 12
+    layer = make_conv("gc2l", cin, cout, kernel, stride, n)
+    x = torch.randn(3, cin, 9, 9)
+    g = cout // n
+    local_w = layer.weight[:, :g].reshape(cout, cin // n, kernel, kernel)   # GC filters
+    rep_w = layer.weight[:, g].reshape(n, cin // n, kernel, kernel)          # R0: C_in -> N
+    a0 = layer.coarse_weight.reshape(cout, n, 1, 1)                         # A0: 1x1 N -> C_out
+    gc = F.conv2d(x, local_w, stride=stride, padding=kernel // 2, groups=n)
+    r0 = F.conv2d(x, rep_w, stride=stride, padding=kernel // 2, groups=n)
+    expected = gc + F.conv2d(r0, a0)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gc2l_with_zero_coarse_operator_is_gc():
+    n, cin, cout, k = 4, 8, 16, 3
+    gc2l = make_conv("gc2l", cin, cout, k, 1, n)
+    gc = make_conv("gc", cin, cout, k, 1, n)
+    with torch.no_grad():
+        gc2l.coarse_weight.zero_()
+        gc.weight.copy_(gc2l.weight[:, : cout // n].reshape_as(gc.weight))
+    x = torch.randn(2, cin, 7, 7)
+    torch.testing.assert_close(gc2l(x), gc(x), rtol=1e-5, atol=1e-6)
+
+
+def test_gc_and_sc_match_functional_conv():
+    x = torch.randn(2, 8, 7, 7)
+    gc = make_conv("gc", 8, 16, 3, 2, 4)
+    torch.testing.assert_close(gc(x), F.conv2d(x, gc.weight, stride=2, padding=1, groups=4))
+    sc = make_conv("sc", 8, 16, 3, 1, 1)
+    torch.testing.assert_close(sc(x), F.conv2d(x, sc.weight, padding=1))
+    assert gc.weight.shape == (16, 2, 3, 3) and sc.weight.shape == (16, 8, 3, 3)
+
+
+def test_shuffle_is_gc_then_channel_shuffle():
+    n, cout = 4, 16
+    layer = make_conv("shuffle", 8, cout, 3, 1, n)
+    x = torch.randn(2, 8, 5, 5)
+    gc_out = F.conv2d(x, layer.weight, padding=1, groups=n)
+    # Output channel a*N + b comes from GC channel b*(C/N) + a (ShuffleNet's definition).
+    order = [b * (cout // n) + a for a in range(cout // n) for b in range(n)]
+    torch.testing.assert_close(layer(x), gc_out[:, order])
+    torch.testing.assert_close(layer(x), torch.nn.ChannelShuffle(n)(gc_out))
+
+
+def test_flgc_is_dense_conv_masked_by_shared_group_membership():
+    layer = make_conv("flgc", 8, 12, 3, 1, 4)
+    x = torch.randn(2, 8, 6, 6)
+    in_group = layer.in_assign_logits.argmax(1)
+    out_group = layer.out_assign_logits.argmax(1)
+    mask = (out_group[:, None] == in_group[None, :]).float()
+    expected = F.conv2d(x, layer.weight * mask[:, :, None, None], padding=1)
+    torch.testing.assert_close(layer(x), expected)
+    # Balanced at initialisation: every group holds C/N input channels and C/N filters.
+    assert torch.bincount(in_group, minlength=4).tolist() == [2, 2, 2, 2]
+    assert torch.bincount(out_group, minlength=4).tolist() == [3, 3, 3, 3]
+
+
+def test_straight_through_one_hot_is_hard_forward_soft_backward():
+    logits = torch.tensor([[2.0, 0.0, 1.0]], requires_grad=True)
+    hard = straight_through_one_hot(logits)
+    assert hard.tolist() == [[1.0, 0.0, 0.0]]
+    (hard * torch.tensor([[0.0, 1.0, 0.0]])).sum().backward()
+    soft = logits.detach().softmax(-1)[0]
+    expected = -soft[1] * soft + torch.eye(3)[1] * soft[1]   # d softmax_1 / d logits
+    torch.testing.assert_close(logits.grad[0], expected)
+
+
+def test_flgc_assignment_logits_get_gradients_and_change_under_training():
+    torch.manual_seed(1)
+    layer = make_conv("flgc", 8, 8, 3, 1, 2)
+    before_in = layer.in_assign_logits.detach().clone()
+    before_out = layer.out_assign_logits.detach().clone()
+    x, target = torch.randn(4, 8, 6, 6), torch.randn(4, 8, 6, 6)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for step in range(5):
+        opt.zero_grad()
+        F.mse_loss(layer(x), target).backward()
+        if step == 0:
+            assert layer.in_assign_logits.grad.abs().sum() > 0
+            assert layer.out_assign_logits.grad.abs().sum() > 0
+        opt.step()
+    assert not torch.equal(layer.in_assign_logits.detach(), before_in)
+    assert not torch.equal(layer.out_assign_logits.detach(), before_out)
+
+
+def _coupling(kind, n=4, cin=8, cout=16, k=3):
+    """|d output of channel block 0 / d input of channel blocks 1..N-1|: zero iff groups are
+    isolated from each other."""
+    torch.manual_seed(2)
+    layer = make_conv(kind, cin, cout, k, 1, _groups_for(kind, n))
+    x = torch.randn(2, cin, 6, 6, requires_grad=True)
+    layer(x)[:, : cout // n].sum().backward()
+    return x.grad[:, cin // n:].abs().sum().item()
+
+
+def test_gc_groups_never_talk():
+    assert _coupling("gc") == 0.0
+
+
+@pytest.mark.parametrize("kind", ["gc2l", "shuffle", "flgc", "sc"])
+def test_other_kinds_couple_groups(kind):
+    assert _coupling(kind) > 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kernel,stride,size,expected", [(3, 1, 8, 8), (3, 2, 8, 4), (1, 2, 9, 5),
+                                                         (5, 2, 9, 5)])
+def test_shapes_and_strides(kind, kernel, stride, size, expected):
+    layer = make_conv(kind, 8, 16, kernel, stride, _groups_for(kind, 4))
+    y = layer(torch.randn(2, 8, size, size))
+    assert y.shape == (2, 16, expected, expected)
+
+
+def test_gc2l_fused_layout_shapes():
+    layer = make_conv("gc2l", 8, 16, 3, 1, 4)
+    assert layer.weight.shape == (4, 16 // 4 + 1, 8 // 4, 3, 3)
+    assert layer.coarse_weight.shape == (16, 4)
+    n_params = sum(p.numel() for p in layer.parameters())
+    assert n_params == 8 * 16 * 9 // 4 + 8 * 9 + 4 * 16   # DESIGN.md: C_in C_out k^2/N + C_in k^2 + N C_out
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kind="gc", in_channels=6, out_channels=16, kernel_size=3, groups=4), "must divide"),
+    (dict(kind="gc2l", in_channels=8, out_channels=10, kernel_size=3, groups=4), "must divide"),
+    (dict(kind="gc", in_channels=8, out_channels=16, kernel_size=2, groups=4), "odd"),
+    (dict(kind="gc", in_channels=8, out_channels=16, kernel_size=3, groups=0), "positive"),
+    (dict(kind="gc2l", in_channels=0, out_channels=16, kernel_size=3, groups=1), "positive"),
+    (dict(kind="gc", in_channels=8, out_channels=16, kernel_size=3, stride=0), "positive"),
+    (dict(kind="gc", in_channels=8.0, out_channels=16, kernel_size=3), "positive integer"),
+    (dict(kind="sc", in_channels=8, out_channels=16, kernel_size=3, groups=2), "no groups"),
+    (dict(kind="conv", in_channels=8, out_channels=16, kernel_size=3), "unknown convolution"),
+    (dict(kind="flgc", in_channels=8, out_channels=12, kernel_size=3, groups=8), "must divide"),
+    (dict(kind="shuffle", in_channels=8, out_channels=16, kernel_size=4, groups=2), "odd"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        make_conv(**kwargs)

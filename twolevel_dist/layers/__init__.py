@@ -1,0 +1,13 @@
+"""The convolution family (single device): sc, gc, gc2l, shuffle, flgc, and ``make_conv``."""
+
+from twolevel_dist.layers.factory import CONV_KINDS, make_conv
+from twolevel_dist.layers.flgc import FullyLearnableGroupConv2d, straight_through_one_hot
+from twolevel_dist.layers.group import (DepthwiseConv2d, GroupConv2d, ShuffleGroupConv2d,
+                                        StandardConv2d, StemConv2d, channel_shuffle)
+from twolevel_dist.layers.two_level import TwoLevelGroupConv2d, coarse_correction
+
+__all__ = [
+    "CONV_KINDS", "make_conv", "StandardConv2d", "GroupConv2d", "TwoLevelGroupConv2d",
+    "ShuffleGroupConv2d", "FullyLearnableGroupConv2d", "StemConv2d", "DepthwiseConv2d",
+    "channel_shuffle", "coarse_correction", "straight_through_one_hot",
+]

@@ -1,0 +1,71 @@
+"""Two-level group convolution (GC-2L), single device.
+
+    y = GC(x) + A0(R0(x))
+
+R0 maps group j of the input to one representative channel with a k x k convolution of the
+layer's own stride (a group convolution C_in -> N); A0 is a full 1x1 convolution N -> C_out.
+With A0 = 0 the layer is exactly ``gc``.
+
+Parameters are held in the layout the ranks use, so that sharding is a slice:
+  weight        [N, C_out/N + 1, C_in/N, k, k]  group j's C_out/N local filters, then its
+                                                 representative filter (row C_out/N)
+  coarse_weight [C_out, N]                       A0; rank j owns rows j*C_out/N ... (j+1)*C_out/N
+Because the local filters and the representative filter of a group share input, kernel and
+stride, one grouped convolution computes all of them (C_out + N output channels) in one launch.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from twolevel_dist.layers.checks import check_conv_args
+from twolevel_dist.layers.init import he_normal_
+
+
+def coarse_correction(coarse_weight: torch.Tensor, representatives: torch.Tensor) -> torch.Tensor:
+    """A0 applied to the representatives: [O, N] x [B, N, H, W] -> [B, O, H, W] (a 1x1 conv)."""
+    return torch.einsum("on,bnhw->bohw", coarse_weight, representatives)
+
+
+class TwoLevelGroupConv2d(nn.Module):
+    """``gc2l``: group convolution plus the coarse level (one representative channel per group)."""
+
+    kind = "gc2l"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 groups: int = 1):
+        super().__init__()
+        check_conv_args(self.kind, in_channels, out_channels, kernel_size, stride, groups)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, kernel_size // 2
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(
+            groups, out_channels // groups + 1, in_channels // groups, kernel_size, kernel_size))
+        self.coarse_weight = nn.Parameter(torch.empty(out_channels, groups))
+        self.reset_parameters()
+
+    @property
+    def local_out_channels(self) -> int:
+        return self.out_channels // self.groups
+
+    def reset_parameters(self) -> None:
+        # Local and representative filters: He-normal over their fan-in, like the GC they extend.
+        he_normal_(self.weight, fan_in=self.in_channels // self.groups * self.kernel_size ** 2)
+        # A0 is a linear mix of N channels added to the GC output: unit gain keeps the coarse
+        # term's variance comparable to one representative's rather than N times larger.
+        he_normal_(self.coarse_weight, fan_in=self.groups, gain=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local_out = self.local_out_channels
+        fused = F.conv2d(x, self.weight.flatten(0, 1), None, self.stride, self.padding, 1,
+                         self.groups)
+        fused = fused.unflatten(1, (self.groups, local_out + 1))      # [B, N, C_out/N + 1, H, W]
+        local, representatives = fused[:, :, :local_out], fused[:, :, local_out]
+        coarse = coarse_correction(self.coarse_weight, representatives)  # [B, C_out, H, W]
+        return (coarse.unflatten(1, (self.groups, local_out)) + local).flatten(1, 2)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, groups={self.groups}")
