@@ -1,0 +1,237 @@
+"""Autograd-aware collectives: every collective is a small autograd Function whose backward is
+the matching collective (Megatron-LM's ``mappings.py`` pattern).
+
+- ``gather_channels``   forward all-gather along the channel dim; backward reduce-scatter (sum),
+                        because every rank's A0 rows read every rank's representative.
+- ``sum_over_ranks``    forward all-reduce (sum); backward identity: every rank computes the same
+                        loss from the same logits, so each already holds the full gradient.
+- ``exchange_chunks``   forward all-to-all of equal chunks along dim 0; backward the same
+                        all-to-all (it is its own adjoint in that layout).
+
+The process group is always passed explicitly; a size-1 group skips communication; buffers are
+allocated on the input's device. Every call is recorded in the active ``CommStats`` counters, so
+the training loop can log collectives and bytes per step and the tests can count them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.autograd import Function
+
+ProcessGroup = dist.ProcessGroup
+
+# torch 2.13 renamed the flat-tensor collectives (*_into_tensor / *_tensor -> *_single) and
+# deprecated the old names; torch 2.11 has only the old ones. Both take dim-0-concatenated tensors.
+# Looked up on torch.distributed at each call, so tools that wrap those functions see every call.
+_ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+_REDUCE_SCATTER = ("reduce_scatter_single" if hasattr(dist, "reduce_scatter_single")
+                   else "reduce_scatter_tensor")
+
+
+@dataclass
+class CommStats:
+    """Collectives issued, by kind: number of calls and bytes of the full (gathered, reduced or
+    exchanged) tensor, which is what the link carries per rank up to a factor (N-1)/N."""
+
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    shapes: dict[str, list[tuple[int, ...]]] = field(default_factory=lambda: defaultdict(list))
+
+    def record(self, kind: str, tensor: torch.Tensor) -> None:
+        self.calls[kind] += 1
+        self.bytes[kind] += tensor.numel() * tensor.element_size()
+        self.shapes[kind].append(tuple(tensor.shape))
+
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def as_dict(self) -> dict[str, int]:
+        out = {f"{kind}_calls": n for kind, n in sorted(self.calls.items())}
+        out.update({f"{kind}_bytes": n for kind, n in sorted(self.bytes.items())})
+        return out
+
+
+_active_counters: list[CommStats] = []
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """``with count_collectives() as stats:`` records every collective issued inside the block."""
+    stats = CommStats()
+    _active_counters.append(stats)
+    try:
+        yield stats
+    finally:
+        _active_counters.remove(stats)
+
+
+def _record(kind: str, tensor: torch.Tensor) -> None:
+    for stats in _active_counters:
+        stats.record(kind, tensor)
+
+
+def _all_gather_flat_buffer(x: torch.Tensor, group: ProcessGroup, async_op: bool = False):
+    """[B, *s] -> [world * B, *s] (rank j's tensor at rows j*B ...); returns (tensor, work)."""
+    x = x.contiguous()
+    world = dist.get_world_size(group)
+    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    _record("all_gather", out)
+    work = getattr(dist, _ALL_GATHER)(out, x, group=group, async_op=async_op)
+    return out, work
+
+
+def _all_gather_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """[B, *s] -> [world, B, *s], stacked by group rank."""
+    out, _ = _all_gather_flat_buffer(x, group)
+    return out.unflatten(0, (-1, x.shape[0]))
+
+
+def _reduce_scatter_dim0(x: torch.Tensor, group: ProcessGroup, async_op: bool = False):
+    """[world, *s] -> [*s], summing over ranks; returns (tensor, work or None)."""
+    x = x.contiguous()
+    out = torch.empty(tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    _record("reduce_scatter", x)
+    work = getattr(dist, _REDUCE_SCATTER)(out, x.flatten(0, 1), op=dist.ReduceOp.SUM,
+                                          group=group, async_op=async_op)
+    return out, work
+
+
+def _stacked_to_channels(stacked: torch.Tensor) -> torch.Tensor:
+    """[N, B, c, H, W] -> [B, N*c, H, W] (a view when c == 1)."""
+    return stacked.movedim(0, 1).flatten(1, 2)
+
+
+def _channels_to_stacked(x: torch.Tensor, world: int) -> torch.Tensor:
+    """[B, N*c, H, W] -> [N, B, c, H, W]."""
+    return x.unflatten(1, (world, x.shape[1] // world)).movedim(1, 0)
+
+
+class _GatherChannels(Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _stacked_to_channels(_all_gather_dim0(x, group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = dist.get_world_size(ctx.group)
+        out, _ = _reduce_scatter_dim0(_channels_to_stacked(grad, world), ctx.group)
+        return out, None
+
+
+def gather_channels(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """[B, c, H, W] on each rank -> [B, N*c, H, W], rank j's channels at block j."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _GatherChannels.apply(x, group)
+
+
+class _PendingGather:
+    """Carries an asynchronous all-gather (forward) and reduce-scatter (backward) between the
+    two halves of ``start_gather_channels`` / ``PendingGather.wait``."""
+
+    def __init__(self, group: ProcessGroup):
+        self.group = group
+        self.work = None
+        self.grad = None
+        self.batch = None
+
+    def wait(self, flat: torch.Tensor) -> torch.Tensor:
+        return _stacked_to_channels(_WaitGather.apply(flat, self))
+
+
+class _StartGather(Function):
+    @staticmethod
+    def forward(ctx, x, pending):
+        ctx.pending = pending
+        # Return the buffer itself, not a view of it: the collective still writes into it, and
+        # autograd forbids views whose base changes after a custom Function returned them.
+        flat, pending.work = _all_gather_flat_buffer(x, pending.group, async_op=True)
+        pending.batch = x.shape[0]
+        return flat
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The reduce-scatter was started by _WaitGather.backward; the local convolution's
+        # backward ran in between (autograd runs the later-created node first).
+        pending = ctx.pending
+        pending.work.wait()
+        out, pending.grad, pending.work = pending.grad, None, None
+        return out, None
+
+
+class _WaitGather(Function):
+    @staticmethod
+    def forward(ctx, flat, pending):
+        ctx.pending = pending
+        pending.work.wait()
+        pending.work = None
+        return flat.unflatten(0, (-1, pending.batch))
+
+    @staticmethod
+    def backward(ctx, grad):
+        pending = ctx.pending
+        pending.grad, pending.work = _reduce_scatter_dim0(grad, pending.group, async_op=True)
+        return grad.flatten(0, 1), None
+
+
+def start_gather_channels(x: torch.Tensor, group: ProcessGroup):
+    """Start gathering ``x`` [B, c, H, W] over ``group`` without waiting. Returns
+    ``(buffer, pending)``; compute something else, then ``pending.wait(buffer)`` gives the
+    same [B, N*c, H, W] as ``gather_channels``. Backward overlaps the reduce-scatter likewise."""
+    pending = _PendingGather(group)
+    return _StartGather.apply(x, pending), pending
+
+
+class _SumOverRanks(Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        out = x.clone(memory_format=torch.contiguous_format)
+        _record("all_reduce", out)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_over_ranks(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """All-reduce (sum) whose backward is the identity."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _SumOverRanks.apply(x, group)
+
+
+def _all_to_all_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _record("all_to_all", x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+class _ExchangeChunks(Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_to_all_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all_dim0(grad, ctx.group), None
+
+
+def exchange_chunks(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """All-to-all: chunk i of dim 0 goes to rank i; chunk i of the result came from rank i."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _ExchangeChunks.apply(x, group)

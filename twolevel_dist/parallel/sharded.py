@@ -1,0 +1,109 @@
+"""One rank's shard of each replaceable layer, and of the classifier head.
+
+Each module keeps the parameter names of its single-device original, holding the slice that rank j
+owns; ``SHARD_DIMS`` names the dimension of the full tensor it was cut from (``None``: replicated).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from twolevel_dist.layers.two_level import coarse_correction
+from twolevel_dist.parallel.collectives import (exchange_chunks, gather_channels, start_gather_channels,
+                                                sum_over_ranks)
+
+
+class _ShardedConv(nn.Module):
+    """Common state: this rank's weight slice, stride, padding and the gp process group."""
+
+    SHARD_DIMS = {"weight": 0}
+
+    def __init__(self, weight: torch.Tensor, stride: int, padding: int, group):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.stride, self.padding, self.group = stride, padding, group
+        self.world = torch.distributed.get_world_size(group)
+
+    def extra_repr(self) -> str:
+        return f"weight={tuple(self.weight.shape)}, stride={self.stride}"
+
+
+class ShardedTwoLevelConv2d(_ShardedConv):
+    """GC-2L on rank j: one convolution with weights [C_out/N + 1, C_in/N, k, k] gives the local
+    output and the representative channel; all-gather the representatives (B x 1 x H x W per rank);
+    apply this rank's rows of A0; add.
+
+    ``overlap=True`` computes the representative channel first, starts its all-gather, computes the
+    local filters while it travels, then waits (two convolutions instead of one)."""
+
+    SHARD_DIMS = {"weight": 0, "coarse_weight": 0}
+
+    def __init__(self, weight, coarse_weight, stride, padding, group, overlap: bool = False):
+        super().__init__(weight, stride, padding, group)   # weight: [1, C_out/N + 1, C_in/N, k, k]
+        self.coarse_weight = nn.Parameter(coarse_weight.detach().clone())   # [C_out/N, N]
+        self.local_out = self.weight.shape[1] - 1
+        self.overlap = overlap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight[0]
+        if self.overlap:
+            representative = F.conv2d(x, weight[self.local_out:], None, self.stride, self.padding)
+            stacked, pending = start_gather_channels(representative, self.group)
+            local = F.conv2d(x, weight[: self.local_out], None, self.stride, self.padding)
+            representatives = pending.wait(stacked)
+        else:
+            fused = F.conv2d(x, weight, None, self.stride, self.padding)
+            local, representative = fused[:, : self.local_out], fused[:, self.local_out:]
+            representatives = gather_channels(representative, self.group)
+        return local + coarse_correction(self.coarse_weight, representatives)
+
+
+class ShardedGroupConv2d(_ShardedConv):
+    """GC on rank j: a dense convolution of the local channels. No communication."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, None, self.stride, self.padding)
+
+
+class ShardedShuffleConv2d(ShardedGroupConv2d):
+    """Shuffle on rank j: GC, then an all-to-all of the whole activation so that rank j ends up
+    with output channels j*C/N ... (j+1)*C/N of the shuffled tensor. Needs N to divide C_out/N."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = super().forward(x)                                   # pre-shuffle block j
+        batch, channels = local.shape[:2]
+        # Local channel a goes to shuffled position a*N + j, owned by rank a // (C/N^2).
+        outgoing = local.unflatten(1, (self.world, channels // self.world)).movedim(1, 0)
+        incoming = exchange_chunks(outgoing, self.group)             # [N (source b), B, C/N^2, H, W]
+        # Received from rank b: local position a'*N + b of the shuffled block.
+        return incoming.permute(1, 2, 0, 3, 4).flatten(1, 2)
+
+
+class SplitStandardConv2d(_ShardedConv):
+    """SC split by output channels (the paper's "naive model parallelism" for SC): all-gather
+    the whole input, then compute this rank's C_out/N output channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(gather_channels(x, self.group), self.weight, None, self.stride,
+                        self.padding)
+
+
+class ShardedLinearHead(nn.Module):
+    """The classifier on rank j: its column slice of the weight on its C/N pooled features, one
+    all-reduce (sum) of the partial logits, then the bias. The bias is replicated and added after
+    the sum, so its gradient is the same on every rank and the copies never drift."""
+
+    SHARD_DIMS = {"weight": 1, "bias": None}
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = sum_over_ranks(F.linear(x, self.weight), self.group)
+        return logits if self.bias is None else logits + self.bias
+
+    def extra_repr(self) -> str:
+        return f"weight={tuple(self.weight.shape)}"
