@@ -1,0 +1,129 @@
+"""The training application end to end: torchrun on gloo, data sets, checkpoints, resume."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from twolevel_dist.engine.checkpoint import (COMPLETE, atomic_save, latest_complete_epoch,
+                                             mark_complete, rank_file)
+from twolevel_dist.engine.metrics import read_metrics
+from twolevel_dist.models import build_model
+
+PYTHON = Path(sys.executable)
+TORCHRUN = PYTHON.with_name("torchrun")
+SHARED_JPEG = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
+SMALL = ["model=wrn10_2", "train.batch_size=32", "dataset.train_size=256",
+         "dataset.test_size=64", "tensorboard=false"]
+
+
+def _train(run_dir, *overrides, nproc=2, check=True):
+    launcher = ([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
+                else [str(PYTHON)])
+    cmd = launcher + ["-m", "twolevel_dist.train", f"run_dir={run_dir}", *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+def test_two_rank_run_on_synthetic_data_writes_metrics_checkpoints_and_model(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, *SMALL, "train.epochs=2", "groups=2")
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert [m["step"] for m in metrics] == [8, 16]         # 256 images / batch 32
+    for key in ("train_loss", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"):
+        assert all(np.isfinite(m[key]) for m in metrics), key
+    assert metrics[0]["comm_bytes_per_step"] > 0            # the GC-2L all-gathers were counted
+    assert latest_complete_epoch(run_dir) == 2
+    assert rank_file(run_dir, 2, 0).is_file() and rank_file(run_dir, 2, 1).is_file()
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    model = build_model("wrn", conv="gc2l", groups=2, depth=10, widen=2, dropout=0.0)
+    model.load_state_dict(saved["model"], strict=True)
+    assert (run_dir / ".hydra" / "config.yaml").is_file()   # written once, by rank 0
+    assert (run_dir / "train.log").read_text().count("epoch 2/2") == 1
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    common = [*SMALL, "train.epochs=3", "groups=2", "model.dropout=0.3"]
+    _train(tmp_path / "full", *common)
+    _train(tmp_path / "cut", *[o for o in common if o != "train.epochs=3"], "train.epochs=1")
+    _train(tmp_path / "cut", *common, "resume=true")
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [m["epoch"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(full, resumed):
+        for key in ("train_loss", "test_loss", "test_acc", "step"):
+            assert a[key] == b[key], (key, a, b)
+
+
+def test_a_checkpoint_for_another_conv_or_group_count_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, *SMALL, "train.max_steps=2", "groups=2")
+    for override in ("conv=gc", "model.widen=4"):
+        out = _train(run_dir, *SMALL, "groups=2", "resume=true", override, check=False)
+        assert out.returncode != 0
+        assert "does not fit this run" in out.stdout + out.stderr
+    out = _train(run_dir, *SMALL, "groups=1", "resume=true", nproc=1, check=False)
+    assert out.returncode != 0 and "error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def _write_cifar10_pickles(root: Path, per_batch: int = 20) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+             "test_batch"]
+    for name in names:
+        labels = rng.integers(0, 10, per_batch).tolist()
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f)
+
+
+def test_two_rank_run_on_a_tiny_cifar_pickle_set(tmp_path):
+    _write_cifar10_pickles(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    _train(run_dir, "model=wrn10_2", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}",
+           "train.batch_size=20", "train.epochs=1", "groups=2", "tensorboard=false")
+    (record,) = read_metrics(run_dir)
+    assert record["step"] == 5                               # 100 images / batch 20
+
+
+def test_bad_configuration_fails_early_with_a_clear_message(tmp_path):
+    for override, message in [("conv.kind=gc3", "is not a convolution kind"),
+                              ("train.batch_size=0", "must be at least 1"),
+                              ("resume=true", "no complete checkpoint")]:
+        out = _train(tmp_path / "bad", *SMALL, override, nproc=1, check=False)
+        assert out.returncode != 0
+        assert message in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_interrupted_checkpoint_is_never_latest(tmp_path):
+    atomic_save({"x": torch.ones(1)}, rank_file(tmp_path, 1, 0))
+    mark_complete(tmp_path, 1)
+    atomic_save({"x": torch.ones(1)}, rank_file(tmp_path, 2, 0))   # no COMPLETE: killed mid-way
+    assert latest_complete_epoch(tmp_path) == 1
+    assert (rank_file(tmp_path, 1, 0).parent / COMPLETE).is_file()
+
+
+@pytest.mark.skipif(not SHARED_JPEG.is_file(),
+                    reason=f"the CIFAR-10 JPEG archive is not at {SHARED_JPEG}")
+def test_imagefolder_run_on_the_real_cifar10_jpeg_set(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, "model=wrn10_2", "dataset=imagefolder", f"dataset.root={SHARED_JPEG}",
+           "train.batch_size=64", "train.max_steps=3", "groups=2", "tensorboard=false")
+    (record,) = read_metrics(run_dir)
+    assert record["step"] == 3
+    log = (run_dir / "train.log").read_text()
+    assert "imagefolder: 50000 train / 10000 test images" in log

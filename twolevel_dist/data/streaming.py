@@ -1,0 +1,294 @@
+"""ImageNet-size image folders that do not fit in memory: a DataLoader decoding in workers.
+
+``root/<split>/<class>/<image>`` is listed once; worker processes decode with Pillow and
+augment per sample:
+
+* train: random-resized-crop (scale (0.08, 1), ratio (3/4, 4/3)) to ``image_size`` + flip;
+* eval: resize the short side to ``round(image_size * 256 / 224)``, centre-crop ``image_size``.
+
+The crop/flip *parameters* always come from this module, drawn from a generator seeded by
+(seed, epoch, sample index): ranks with the same dp_rank see identical augmented images
+whatever the worker count. The pixel operations use torchvision where ``import torchvision``
+works (faster, antialiased tensor kernels) and plain Pillow/numpy otherwise; the CPU path
+never imports torchvision successfully, so the Pillow branch is the tested default here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import DataError
+from .image_folder import IMAGE_EXTENSIONS, _image_files, list_classes
+from .seeding import derive_seed, make_generator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+EVAL_RESIZE_RATIO = 256.0 / 224.0
+_BILINEAR = getattr(getattr(Image, "Resampling", Image), "BILINEAR")
+_FLIP = getattr(getattr(Image, "Transpose", Image), "FLIP_LEFT_RIGHT")
+
+Backend = Literal["auto", "pil", "torchvision"]
+
+
+def load_torchvision_functional() -> ModuleType | None:
+    """``torchvision.transforms.functional`` where torchvision imports, else None.
+
+    Any exception counts as "unavailable": a torchvision wheel built for another torch fails
+    with RuntimeError/OSError rather than ImportError. Where it is not installed at all we
+    do not even attempt the import.
+    """
+    try:
+        if importlib.util.find_spec("torchvision") is None:
+            return None
+        from torchvision.transforms import functional
+    except Exception:
+        return None
+    return functional
+
+
+class ShardedSampler(Sampler[int]):
+    """Per-epoch permutation seeded by (seed, epoch), identical on every rank; replica
+    ``dp_rank`` takes ``perm[dp_rank::dp_size]`` (train: truncated to equal length)."""
+
+    def __init__(self, num_samples: int, *, shuffle: bool, seed: int, epoch: int, dp_rank: int, dp_size: int) -> None:
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank must be in [0, {dp_size - 1}] with dp_size >= 1, got dp_rank={dp_rank}, dp_size={dp_size}.")
+        self.total = num_samples
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = epoch
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.length = num_samples // dp_size if shuffle else len(range(dp_rank, num_samples, dp_size))
+        if self.length == 0:
+            raise DataError(
+                f"data-parallel shard {dp_rank} of {dp_size} is empty ({num_samples} samples); "
+                "use fewer data-parallel replicas."
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.dp_rank, self.total, self.dp_size))
+        permutation = torch.randperm(self.total, generator=make_generator("streaming", self.seed, self.epoch))
+        return permutation[self.dp_rank :: self.dp_size][: self.length].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class ImageFileDataset(Dataset):
+    """(normalised float [3, S, S] image, label) for sample ``index`` of a file list."""
+
+    def __init__(
+        self,
+        files: list[str],
+        labels: list[int],
+        *,
+        train: bool,
+        image_size: int,
+        seed: int,
+        epoch: int,
+        backend: Literal["pil", "torchvision"],
+    ) -> None:
+        self.files = files
+        self.labels = labels
+        self.train = train
+        self.image_size = image_size
+        self.seed = seed
+        self.epoch = epoch
+        self.backend = backend
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except Exception as error:
+            raise DataError(
+                f"cannot decode image {path}: {type(error).__name__}: {error}. Delete or replace the file."
+            ) from error
+        if self.train:
+            rng = np.random.default_rng(derive_seed("streaming_augment", self.seed, self.epoch, index))
+            box = random_resized_crop_box(image.size, rng)
+            flip = bool(rng.random() < 0.5)
+        else:
+            box, flip = center_crop_box(image.size, self.image_size), False
+        if self.backend == "torchvision":
+            tensor = _crop_torchvision(image, box, flip, self.image_size)
+        else:
+            tensor = _crop_pil(image, box, flip, self.image_size)
+        return tensor, self.labels[index]
+
+
+def make_streaming_loader(
+    root: str | os.PathLike[str],
+    split: str,
+    batch_size: int,
+    *,
+    train: bool,
+    image_size: int = 224,
+    workers: int | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    drop_last: bool | None = None,
+    pin_memory: bool = False,
+    backend: Backend = "auto",
+) -> DataLoader:
+    """DataLoader over ``root/<split>/<class>/*`` for one epoch of one data-parallel replica.
+
+    Call again (or ``loader.sampler.set_epoch(e); loader.dataset.set_epoch(e)``) per epoch.
+    ``batch_size`` is per replica. Class indices follow the sorted folder names of ``split``.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive int (per replica), got {batch_size!r}.")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"image_size must be a positive int, got {image_size!r}.")
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    if workers < 0:
+        raise DataError(f"workers must be >= 0 (0 decodes in the main process), got {workers}.")
+    files, labels = list_image_files(Path(root).expanduser(), split)
+    chosen = _choose_backend(backend)
+    dataset = ImageFileDataset(
+        files, labels, train=train, image_size=image_size, seed=seed, epoch=epoch, backend=chosen
+    )
+    sampler = ShardedSampler(len(files), shuffle=train, seed=seed, epoch=epoch, dp_rank=dp_rank, dp_size=dp_size)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=train if drop_last is None else drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=False,  # workers must see the dataset's current epoch
+    )
+
+
+def list_image_files(root: Path, split: str) -> tuple[list[str], list[int]]:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(
+            f"{split_dir} does not exist; expected ImageNet-style folders root/{split}/<class>/<image> "
+            "(e.g. root/train/n01440764/*.JPEG). Check dataset.root and the split name."
+        )
+    files: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(list_classes(split_dir)):
+        found = _image_files(split_dir / name)
+        if not found:
+            raise DataError(
+                f"class folder {split_dir / name} has no images (accepted extensions: "
+                f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder."
+            )
+        files.extend(str(f) for f in found)
+        labels.extend([label] * len(found))
+    return files, labels
+
+
+def _choose_backend(backend: str) -> Literal["pil", "torchvision"]:
+    if backend == "pil":
+        return "pil"
+    available = load_torchvision_functional() is not None
+    if backend == "torchvision":
+        if not available:
+            raise DataError("backend='torchvision' but torchvision does not import here; use backend='pil' or 'auto'.")
+        return "torchvision"
+    if backend == "auto":
+        return "torchvision" if available else "pil"
+    raise DataError(f"backend must be 'auto', 'pil' or 'torchvision', got {backend!r}.")
+
+
+# ---------------------------------------------------------------------------- crop geometry
+# Boxes are (left, top, width, height) in pixels of the decoded image.
+
+
+def random_resized_crop_box(size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, with a numpy generator."""
+    width, height = size
+    area = width * height
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    # Fallback: the largest centred crop with the aspect ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif in_ratio > CROP_RATIO[1]:
+        w, h = round(height * CROP_RATIO[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop_box(size: tuple[int, int], image_size: int) -> tuple[int, int, int, int]:
+    """The region that "resize short side to image_size * 256/224, centre-crop image_size"
+    keeps, expressed in original pixels (so resize + crop is one resampling step)."""
+    width, height = size
+    short = min(width, height)
+    resized_short = round(image_size * EVAL_RESIZE_RATIO)
+    crop = min(short, short * image_size / resized_short)  # side of the kept square, original pixels
+    left = (width - crop) / 2
+    top = (height - crop) / 2
+    return round(left), round(top), max(1, round(crop)), max(1, round(crop))
+
+
+def _normalise(pixels: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (pixels.to(torch.float32) / 255.0 - mean) / std
+
+
+def _crop_pil(image: Image.Image, box: tuple[int, int, int, int], flip: bool, image_size: int) -> torch.Tensor:
+    left, top, w, h = box
+    # resize(box=...) crops and resamples in one step (Pillow >= 7.0 antialiases downscales).
+    out = image.resize((image_size, image_size), _BILINEAR, box=(left, top, left + w, top + h))
+    if flip:
+        out = out.transpose(_FLIP)
+    pixels = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return _normalise(pixels)
+
+
+def _crop_torchvision(image: Image.Image, box: tuple[int, int, int, int], flip: bool, image_size: int) -> torch.Tensor:
+    functional = load_torchvision_functional()
+    if functional is None:  # e.g. a worker where the import broke: stay correct, use Pillow
+        return _crop_pil(image, box, flip, image_size)
+    left, top, w, h = box
+    pixels = functional.pil_to_tensor(image)
+    pixels = functional.resized_crop(pixels, top, left, h, w, [image_size, image_size], antialias=True)
+    if flip:
+        pixels = functional.hflip(pixels)
+    return _normalise(pixels)
