@@ -12,7 +12,6 @@ rank 0 writes logs, metrics, TensorBoard and the consolidated model.
 import logging
 import os
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 

@@ -1,5 +1,7 @@
 """Argument checks shared by every convolution kind, so each error reads the same way."""
 
+import torch.nn as nn
+
 from twolevel_dist.errors import ConfigError
 
 
@@ -17,3 +19,22 @@ def check_conv_args(kind: str, in_channels, out_channels, kernel_size, stride, g
             f"{kind}: groups={groups} must divide both in_channels={in_channels} and "
             f"out_channels={out_channels}; pick a number of groups that divides every layer's "
             f"channel count (e.g. a power of two no larger than the narrowest layer)")
+
+
+class GroupedConvGeometry(nn.Module):
+    """The checked shape of a grouped convolution with padding k//2, for layers that hold their
+    weights in their own layout (GC-2L's fused one, FLGC's masked dense one)."""
+
+    kind = "conv"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                 groups: int):
+        super().__init__()
+        check_conv_args(self.kind, in_channels, out_channels, kernel_size, stride, groups)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, kernel_size // 2
+        self.groups = groups
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, groups={self.groups}")

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twolevel_dist.layers.checks import check_conv_args
+from twolevel_dist.layers.checks import GroupedConvGeometry
 from twolevel_dist.layers.init import he_normal_
 
 # Initial logit of a channel's own group (others 0): the argmax is the initial partition, while
@@ -35,18 +35,14 @@ def _balanced_random_partition(channels: int, groups: int) -> torch.Tensor:
     return torch.arange(channels).remainder(groups)[torch.randperm(channels)]
 
 
-class FullyLearnableGroupConv2d(nn.Module):
+class FullyLearnableGroupConv2d(GroupedConvGeometry):
     """``flgc``: learned input-channel and filter assignments to N groups."""
 
     kind = "flgc"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  groups: int = 1):
-        super().__init__()
-        check_conv_args(self.kind, in_channels, out_channels, kernel_size, stride, groups)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, kernel_size // 2
-        self.groups = groups
+        super().__init__(in_channels, out_channels, kernel_size, stride, groups)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.in_assign_logits = nn.Parameter(torch.empty(in_channels, groups))
         self.out_assign_logits = nn.Parameter(torch.empty(out_channels, groups))
@@ -74,7 +70,3 @@ class FullyLearnableGroupConv2d(nn.Module):
     def num_effective_parameters(self) -> int:
         active = int(self.connectivity().sum().item()) * self.kernel_size ** 2
         return active + self.in_assign_logits.numel() + self.out_assign_logits.numel()
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, groups={self.groups}")

@@ -14,13 +14,12 @@ Because the local filters and the representative filter of a group share input, 
 stride, one grouped convolution computes all of them (C_out + N output channels) in one launch.
 """
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twolevel_dist.layers.checks import check_conv_args
+from twolevel_dist.layers.checks import GroupedConvGeometry
 from twolevel_dist.layers.init import he_normal_
 
 
@@ -29,18 +28,14 @@ def coarse_correction(coarse_weight: torch.Tensor, representatives: torch.Tensor
     return torch.einsum("on,bnhw->bohw", coarse_weight, representatives)
 
 
-class TwoLevelGroupConv2d(nn.Module):
+class TwoLevelGroupConv2d(GroupedConvGeometry):
     """``gc2l``: group convolution plus the coarse level (one representative channel per group)."""
 
     kind = "gc2l"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  groups: int = 1):
-        super().__init__()
-        check_conv_args(self.kind, in_channels, out_channels, kernel_size, stride, groups)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, kernel_size // 2
-        self.groups = groups
+        super().__init__(in_channels, out_channels, kernel_size, stride, groups)
         self.weight = nn.Parameter(torch.empty(
             groups, out_channels // groups + 1, in_channels // groups, kernel_size, kernel_size))
         self.coarse_weight = nn.Parameter(torch.empty(out_channels, groups))
@@ -65,7 +60,3 @@ class TwoLevelGroupConv2d(nn.Module):
         local, representatives = fused[:, :, :local_out], fused[:, :, local_out]
         coarse = coarse_correction(self.coarse_weight, representatives)  # [B, C_out, H, W]
         return (coarse.unflatten(1, (self.groups, local_out)) + local).flatten(1, 2)
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, groups={self.groups}")
