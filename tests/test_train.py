@@ -127,3 +127,22 @@ def test_imagefolder_run_on_the_real_cifar10_jpeg_set(tmp_path):
     assert record["step"] == 3
     log = (run_dir / "train.log").read_text()
     assert "imagefolder: 50000 train / 10000 test images" in log
+
+
+def test_streaming_imagenet_layout_trains_through_dataloader_workers(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 4)):
+        for cls in ("n01", "n02"):
+            folder = tmp_path / "imagenet" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.JPEG", format="JPEG")
+    run_dir = tmp_path / "run"
+    _train(run_dir, "model=wrn10_2", "dataset=imagenet", f"dataset.root={tmp_path / 'imagenet'}",
+           "dataset.image_size=32", "dataset.workers=1", "train.batch_size=4", "train.epochs=1",
+           "tensorboard=false", nproc=1)
+    (record,) = read_metrics(run_dir)
+    assert record["step"] == 4                        # 16 images / batch 4
+    assert "imagenet: 16 train / 8 test images" in (run_dir / "train.log").read_text()

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from twolevel_dist.config import TrainConfig, validate
 from twolevel_dist.data import DataError, DeviceLoader, is_streaming, load_arrays
+from twolevel_dist.data.streaming import StreamingEpochLoader
 from twolevel_dist.data.seeding import derive_seed
 from twolevel_dist.engine.checkpoint import (atomic_save, latest_complete_epoch,
                                              load_rank_checkpoint, mark_complete, rank_file)
@@ -103,37 +104,21 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     if cfg.train.batch_size % dp_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be "
                           f"divisible by the {dp_size} data-parallel replicas")
-    if is_streaming(cfg.dataset.name):
-        raise ConfigError(f"dataset={cfg.dataset.name} streams from disk, which this entry point "
-                          f"does not drive yet; use cifar10, cifar100, imagefolder or synthetic")
     _setup_logging(run_dir, rank)
-
-    # Data: every rank of a gp group reads the same batches; dp replicas read disjoint shards.
-    # Rank 0 decodes first so that the others read its cache instead of decoding in parallel.
-    def load():
-        return load_arrays(cfg.dataset.name, root=cfg.dataset.root, download=cfg.dataset.download,
-                           seed=cfg.seed, image_size=cfg.dataset.image_size,
-                           num_classes=cfg.dataset.num_classes,
-                           synthetic_train_size=cfg.dataset.train_size,
-                           synthetic_test_size=cfg.dataset.test_size)
-    if rank == 0:
-        train_data, test_data = load()
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        train_data, test_data = load()
-    mean, std = train_data.mean_std()
     per_replica = cfg.train.batch_size // dp_size
-    loader_args = dict(device=device, seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size, mean=mean,
-                       std=std, channels_last=cfg.train.channels_last)
-    train_loader = DeviceLoader(train_data, per_replica, train=True, **loader_args)
-    test_loader = DeviceLoader(test_data, per_replica, train=False, **loader_args)
+    if is_streaming(cfg.dataset.name):
+        train_loader, test_loader = _streaming_loaders(cfg, device, dp_rank, dp_size, per_replica)
+    else:
+        train_loader, test_loader = _in_memory_loaders(cfg, device, rank, world, dp_rank,
+                                                       dp_size, per_replica)
+    num_classes = train_loader.num_classes
+    sizes = f"{len(train_loader.labels)} train / {len(test_loader.labels)} test images"
 
     # Model: the same full network on every rank (same seed), then this rank's shard of it.
     torch.manual_seed(cfg.seed)
     model_kwargs = cfg.model.build_kwargs()
     model = build_model(cfg.model.name, conv=cfg.conv.kind, groups=model_groups,
-                        num_classes=train_data.num_classes, **model_kwargs)
+                        num_classes=num_classes, **model_kwargs)
     total_parameters = count_parameters(model)
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last
              else torch.preserve_format)
@@ -168,7 +153,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
 
     log.info(f"{cfg.model.name} {model_kwargs} conv={cfg.conv.kind} groups={cfg.groups or world}: "
              f"{total_parameters:,} parameters; world={world} (dp={dp_size} x gp={gp}); "
-             f"{cfg.dataset.name}: {len(train_data)} train / {len(test_data)} test images; "
+             f"{cfg.dataset.name}: {sizes}; "
              f"run directory {run_dir}")
     if cfg.eval_only:
         test_loss, test_acc = evaluate(step_model, test_loader, device=device,
@@ -226,6 +211,43 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         log.info(f"final test accuracy {record.get('test_acc', float('nan')):.2f}% "
                  f"(consolidated single-device weights: {run_dir / 'model.pt'})")
     return record
+
+
+def _in_memory_loaders(cfg, device, rank, world, dp_rank, dp_size, per_replica):
+    """CIFAR-size data on the device as uint8, augmented there. Every rank of a gp group reads the
+    same batches; dp replicas read disjoint shards. Rank 0 loads first, so that the others read
+    its decoded cache instead of decoding in parallel."""
+    def load():
+        return load_arrays(cfg.dataset.name, root=cfg.dataset.root, download=cfg.dataset.download,
+                           seed=cfg.seed, image_size=cfg.dataset.image_size,
+                           num_classes=cfg.dataset.num_classes,
+                           synthetic_train_size=cfg.dataset.train_size,
+                           synthetic_test_size=cfg.dataset.test_size)
+    if rank == 0:
+        train_data, test_data = load()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        train_data, test_data = load()
+    mean, std = train_data.mean_std()
+    args = dict(device=device, seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size, mean=mean,
+                std=std, channels_last=cfg.train.channels_last)
+    return (DeviceLoader(train_data, per_replica, train=True, **args),
+            DeviceLoader(test_data, per_replica, train=False, **args))
+
+
+def _streaming_loaders(cfg, device, dp_rank, dp_size, per_replica):
+    """ImageNet-size folders streamed through DataLoader workers (random-resized crops)."""
+    if not cfg.dataset.root:
+        raise ConfigError(f"dataset={cfg.dataset.name} needs dataset.root=<folder with train/ and "
+                          f"val/ (or test/) class folders>")
+    root = Path(cfg.dataset.root).expanduser()
+    eval_split = "val" if (root / "val").is_dir() else "test"
+    args = dict(device=device, image_size=cfg.dataset.image_size or 224,
+                workers=cfg.dataset.workers, seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size,
+                channels_last=cfg.train.channels_last)
+    return (StreamingEpochLoader(root, "train", per_replica, train=True, **args),
+            StreamingEpochLoader(root, eval_split, per_replica, train=False, **args))
 
 
 def _save_checkpoint(run_dir, epochs_done, rank, world, model, optimizer, scheduler, meta,

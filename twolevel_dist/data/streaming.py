@@ -292,3 +292,39 @@ def _crop_torchvision(image: Image.Image, box: tuple[int, int, int, int], flip: 
     if flip:
         pixels = functional.hflip(pixels)
     return _normalise(pixels)
+
+
+class StreamingEpochLoader:
+    """``DeviceLoader``'s interface over ``make_streaming_loader``: ``set_epoch``, then iterate
+    (images, labels) on ``device``. A fresh DataLoader per epoch, so workers see the epoch's seed."""
+
+    def __init__(self, root, split: str, batch_size: int, *, train: bool, device,
+                 image_size: int = 224, workers: int | None = None, seed: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1, channels_last: bool = False) -> None:
+        self.root, self.split, self.batch_size = Path(root).expanduser(), split, batch_size
+        self.files, self.labels = list_image_files(self.root, split)
+        self.num_classes = max(self.labels) + 1
+        self.device, self.channels_last = torch.device(device), channels_last
+        self.options = dict(train=train, image_size=image_size, workers=workers, seed=seed,
+                            dp_rank=dp_rank, dp_size=dp_size,
+                            pin_memory=self.device.type == "cuda")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        samples = ShardedSampler(len(self.files), shuffle=self.options["train"],
+                                 seed=0, epoch=0, dp_rank=self.options["dp_rank"],
+                                 dp_size=self.options["dp_size"]).length
+        if self.options["train"]:
+            return samples // self.batch_size
+        return -(-samples // self.batch_size)
+
+    def __iter__(self):
+        loader = make_streaming_loader(self.root, self.split, self.batch_size, epoch=self.epoch,
+                                       **self.options)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True, memory_format=memory_format),
+                   labels.to(self.device, non_blocking=True))
