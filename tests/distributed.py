@@ -24,6 +24,8 @@ def _entry(rank, world, port, out_dir, fn, args):
     try:
         result = fn(*args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Rank 0 hosts the TCP store: no rank may leave while another still needs it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

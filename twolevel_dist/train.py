@@ -31,17 +31,13 @@ from twolevel_dist.engine.checkpoint import (atomic_save, latest_complete_epoch,
                                              load_rank_checkpoint, mark_complete, rank_file)
 from twolevel_dist.engine.loop import (Progress, average_batch_norm_statistics, evaluate,
                                        train_one_epoch)
-from twolevel_dist.engine.metrics import MetricsWriter
+from twolevel_dist.engine.metrics import MetricsWriter, truncate_metrics
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.models import build_model, count_parameters
-from twolevel_dist.parallel import (consolidate_state_dict, init_distributed, init_mesh,
-                                    parallelize, unwrap)
+from twolevel_dist.parallel import (consolidate_state_dict, env_rank, env_world_size,
+                                    init_distributed, init_mesh, parallelize, unwrap)
 
 log = logging.getLogger("twolevel_dist")
-
-
-def _env_rank() -> int:
-    return int(os.environ.get("RANK", 0))
 
 
 def _run_id() -> str:
@@ -56,7 +52,7 @@ def _run_dir(run_dir, model, conv) -> str:
 
 OmegaConf.register_new_resolver("twolevel_run_dir", _run_dir, replace=True)
 OmegaConf.register_new_resolver("twolevel_rank_zero_only",
-                                lambda value: value if _env_rank() == 0 else None, replace=True)
+                                lambda value: value if env_rank() == 0 else None, replace=True)
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
@@ -90,7 +86,7 @@ def _reduce_over(group, *values: float) -> list[float]:
 
 def run(cfg: TrainConfig, run_dir: Path) -> dict:
     validate(cfg)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = env_world_size()
     if world > 1:
         device = init_distributed()
     else:
@@ -137,17 +133,21 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     meta = dict(model=cfg.model.name, model_kwargs=repr(sorted(model_kwargs.items())),
                 conv=cfg.conv.kind, groups=cfg.groups or world, world=world, gp=gp)
     epochs_done, global_step = 0, 0
-    if cfg.resume:
-        latest = latest_complete_epoch(run_dir)
-        if latest is None:
-            raise ConfigError(f"resume=true but {run_dir}/checkpoints holds no complete "
-                              f"checkpoint; start without resume")
+    latest = latest_complete_epoch(run_dir)
+    # torchrun restarted the workers (--max-restarts) after a failure: continue where it stopped.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    if cfg.resume and latest is None:
+        raise ConfigError(f"resume=true but {run_dir}/checkpoints holds no complete "
+                          f"checkpoint; start without resume")
+    if (cfg.resume or restarted) and latest is not None:
         state = load_rank_checkpoint(run_dir, latest, rank, meta)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         epochs_done, global_step = state["epochs_done"], state["global_step"]
+        if rank == 0:
+            truncate_metrics(run_dir, epochs_done)   # drop epochs logged after that checkpoint
         log.info(f"resumed from {rank_file(run_dir, latest, rank).parent} "
                  f"(epoch {epochs_done}, step {global_step})")
 
@@ -159,6 +159,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         test_loss, test_acc = evaluate(step_model, test_loader, device=device,
                                        amp=cfg.train.amp, dp_group=dp_group)
         log.info(f"eval: test loss {test_loss:.4f}, test accuracy {test_acc:.2f}%")
+        if world > 1:
+            dist.barrier()
         return dict(test_loss=test_loss, test_acc=test_acc)
 
     writer = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
@@ -210,6 +212,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
                     run_dir / "model.pt")
         log.info(f"final test accuracy {record.get('test_acc', float('nan')):.2f}% "
                  f"(consolidated single-device weights: {run_dir / 'model.pt'})")
+    if world > 1:
+        dist.barrier()   # rank 0 hosts the rendezvous store: nobody leaves while others use it
     return record
 
 
@@ -267,7 +271,7 @@ def _save_checkpoint(run_dir, epochs_done, rank, world, model, optimizer, schedu
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg) -> None:
     try:
-        if HydraConfig.get().mode == RunMode.MULTIRUN and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if HydraConfig.get().mode == RunMode.MULTIRUN and "TORCHELASTIC_RUN_ID" in os.environ:
             raise ConfigError("Hydra sweeps (-m) must not run inside torchrun: each sweep job "
                               "launches its own ranks (use the submitit launcher, or one "
                               "torchrun per value)")

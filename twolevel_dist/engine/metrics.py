@@ -38,3 +38,14 @@ class MetricsWriter:
 def read_metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir, epochs_done: int) -> None:
+    """Keep only the epochs a resumed run will not redo (a job may have logged an epoch and died
+    before its checkpoint was complete)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file():
+        kept = [r for r in read_metrics(run_dir) if r["epoch"] <= epochs_done]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)

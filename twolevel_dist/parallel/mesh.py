@@ -5,6 +5,9 @@ dimension runs across groups.
 """
 
 import os
+import re
+import shutil
+import subprocess
 
 import torch
 import torch.distributed as dist
@@ -13,9 +16,54 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from twolevel_dist.errors import ConfigError
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("node[03-05,7],gpu1" -> "node03")."""
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not match:
+        raise ConfigError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; set "
+                          f"MASTER_ADDR yourself")
+    prefix, ranges = match.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def apply_slurm_env(environ=os.environ) -> None:
+    """Without torchrun (one srun task per rank, e.g. submitit), derive torchrun's variables from
+    SLURM's: RANK from SLURM_PROCID, WORLD_SIZE from SLURM_STEP_NUM_TASKS, LOCAL_RANK from
+    SLURM_LOCALID, MASTER_ADDR from the first node of the allocation, MASTER_PORT from the job id.
+    Under torchrun (RANK already set) nothing changes; nor in a batch script outside srun, where
+    SLURM_NTASKS counts tasks that were never started (srun sets SLURM_STEP_NUM_TASKS)."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ or \
+            "SLURM_STEP_NUM_TASKS" not in environ:
+        return
+    environ["RANK"] = environ["SLURM_PROCID"]
+    environ["WORLD_SIZE"] = environ["SLURM_STEP_NUM_TASKS"]
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in environ:
+        environ["MASTER_ADDR"] = first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    if "MASTER_PORT" not in environ:
+        environ["MASTER_PORT"] = str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+
+
+def env_rank() -> int:
+    apply_slurm_env()
+    return int(os.environ.get("RANK", 0))
+
+
+def env_world_size() -> int:
+    apply_slurm_env()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def init_distributed() -> torch.device:
-    """Initialise torch.distributed from torchrun's environment if it is not already, and return
-    this rank's device: NCCL on the local GPU when there is one, gloo on the CPU otherwise."""
+    """Initialise torch.distributed from torchrun's environment (or SLURM's, see
+    ``apply_slurm_env``) if it is not already, and return this rank's device: NCCL on the local
+    GPU when there is one, gloo on the CPU otherwise."""
+    apply_slurm_env()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -28,7 +76,7 @@ def init_distributed() -> torch.device:
             raise ConfigError(
                 f"torch.distributed is not initialised and {', '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} not set; launch with torchrun "
-                f"(e.g. torchrun --standalone --nproc_per_node=4 ...)")
+                f"(e.g. torchrun --standalone --nproc_per_node=4 ...) or srun under SLURM")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 
