@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -77,8 +78,25 @@ def init_distributed() -> torch.device:
                 f"torch.distributed is not initialised and {', '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} not set; launch with torchrun "
                 f"(e.g. torchrun --standalone --nproc_per_node=4 ...) or srun under SLURM")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def _init_process_group(backend: str) -> None:
+    """``init_process_group`` over a store whose keys are private to this restart attempt.
+
+    After torchrun restarts the workers (--max-restarts), the rendezvous store can still hold the
+    previous attempt's keys, among them the dead ranks' gloo addresses: a new rank that reads one
+    before its peer overwrites it connects to a closed port and fails. A prefix per attempt keeps
+    every attempt's keys apart."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts_store,
+                          timeout=timedelta(minutes=30))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"twolevel/attempt_{attempt}", store),
+                            rank=rank, world_size=world)
 
 
 def init_mesh(groups: int, dp: int | None = None) -> DeviceMesh:
