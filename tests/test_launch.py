@@ -127,3 +127,31 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert latest_complete_epoch(tmp_path) == 1
     state = load_rank_checkpoint(tmp_path, 1, 0, {"conv": "gc2l"})
     assert torch.equal(state["model"]["w"], good["model"]["w"])
+
+
+def test_slurm_variables_of_an_srun_task_become_torchruns():
+    from twolevel_dist.parallel.mesh import apply_slurm_env, first_host
+    env = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8",
+           "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
+    apply_slurm_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "8", "1")
+    assert env["MASTER_ADDR"] == first_host("gpu[07-08]") == "gpu07"
+    assert env["MASTER_PORT"] == str(20000 + 4242)
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "9"}
+    apply_slurm_env(torchrun)                         # torchrun's own variables win
+    assert (torchrun["RANK"], torchrun["WORLD_SIZE"]) == ("0", "2")
+    batch_script = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1"}
+    apply_slurm_env(batch_script)                     # not an srun task: one process
+    assert "RANK" not in batch_script
+    assert first_host("node[3,5-6],login1") == "node3" and first_host("solo") == "solo"
+
+
+def test_torchrun_script_refuses_a_world_size_that_groups_does_not_divide(tmp_path):
+    out = subprocess.run(["bash", "launch/torchrun.sh", *SMALL, "groups=3",
+                          f"run_dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NPROC": "2", "MAX_RESTARTS": "0",
+                              "PYTHON": sys.executable})
+    assert out.returncode != 0
+    assert "groups=3 does not divide the world size 2" in out.stdout + out.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from distributed import run_on_ranks
 from twolevel_dist.errors import ConfigError
-from twolevel_dist.layers import TwoLevelGroupConv2d
+from twolevel_dist.layers import ShuffleGroupConv2d, TwoLevelGroupConv2d
 from twolevel_dist.models import build_model
 from twolevel_dist.parallel import (consolidate_state_dict, count_collectives, init_mesh,
                                     parallelize, shard_state_dict)
+from twolevel_dist.parallel.rules import _shard_shuffle
 
 WRN = ("wrn", dict(depth=10, widen=2, num_classes=10), 32)
 MOBILENET = ("mobilenet_v2", dict(width_mult=0.25, dropout=0.0, num_classes=10), 64)
@@ -217,33 +218,36 @@ def test_state_dict_moves_between_one_device_and_n_ranks():
     assert run_on_ranks(2, _state_round_trip) == [True, True]
 
 
-def _expect_error(call_name):
-    calls = {
-        "world_not_multiple": lambda: init_mesh(3),
-        "groups_mismatch": lambda: parallelize(build_model("wrn", conv="gc2l", groups=4, depth=10),
-                                               init_mesh(2)),
-        "flgc": lambda: parallelize(build_model("wrn", conv="flgc", groups=2, depth=10),
-                                    init_mesh(2)),
-        "shuffle_too_narrow": lambda: parallelize(
-            build_model("wrn", conv="shuffle", groups=2, depth=10, widen=1), init_mesh(2)),
-        "dp_mismatch": lambda: init_mesh(1, dp=3),
-    }
-    try:
-        calls[call_name]()
-    except ConfigError as e:
-        return str(e)
-    return None
+BAD_CONFIGURATIONS = {
+    "world_not_multiple": (lambda: init_mesh(3), "not a multiple of groups=3"),
+    "groups_mismatch": (lambda: parallelize(build_model("wrn", conv="gc2l", groups=4, depth=10),
+                                            init_mesh(2)),
+                        "groups=4 but the gp mesh dimension has 2 ranks"),
+    "flgc": (lambda: parallelize(build_model("wrn", conv="flgc", groups=2, depth=10),
+                                 init_mesh(2)), "flgc cannot be split across ranks"),
+    "shuffle_too_narrow": (lambda: _shard_shuffle(ShuffleGroupConv2d(6, 6, 3, 1, 2), 0, 2,
+                                                  None, False), "N^2 must divide C_out"),
+    "dp_mismatch": (lambda: init_mesh(1, dp=3), "does not equal the world size"),
+}
 
 
-@pytest.mark.parametrize("case,message", [
-    ("world_not_multiple", "not a multiple of groups=3"),
-    ("groups_mismatch", "groups=4 but the gp mesh dimension has 2 ranks"),
-    ("flgc", "flgc cannot be split across ranks"),
-    ("dp_mismatch", "does not equal the world size"),
-])
-def test_bad_parallel_configurations_fail_early(case, message):
-    for error in run_on_ranks(2, _expect_error, case):
-        assert error is not None and message in error
+def _expect_errors():
+    """Each bad configuration, in turn, on every rank (each fails the same way on all ranks
+    before any collective could mismatch)."""
+    messages = {}
+    for name, (call, _) in BAD_CONFIGURATIONS.items():
+        try:
+            call()
+            messages[name] = None
+        except ConfigError as e:
+            messages[name] = str(e)
+    return messages
+
+
+def test_bad_parallel_configurations_fail_early():
+    for messages in run_on_ranks(2, _expect_errors):
+        for name, (_, expected) in BAD_CONFIGURATIONS.items():
+            assert messages[name] is not None and expected in messages[name], (name, messages)
 
 
 def test_torchrun_demo_runs_sharded_on_four_cpu_ranks():
