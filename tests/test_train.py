@@ -146,3 +146,8 @@ def test_streaming_imagenet_layout_trains_through_dataloader_workers(tmp_path):
     (record,) = read_metrics(run_dir)
     assert record["step"] == 4                        # 16 images / batch 4
     assert "imagenet: 16 train / 8 test images" in (run_dir / "train.log").read_text()
+
+
+def test_channels_last_training_on_cpu(tmp_path):
+    _train(tmp_path / "run", *SMALL, "train.max_steps=2", "train.channels_last=true", "groups=2")
+    assert read_metrics(tmp_path / "run")[0]["step"] == 2

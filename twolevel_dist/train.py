@@ -33,6 +33,7 @@ from twolevel_dist.engine.loop import (Progress, average_batch_norm_statistics, 
                                        train_one_epoch)
 from twolevel_dist.engine.metrics import MetricsWriter, truncate_metrics
 from twolevel_dist.errors import ConfigError
+from twolevel_dist.layers import to_layout
 from twolevel_dist.models import build_model, count_parameters
 from twolevel_dist.parallel import (consolidate_state_dict, env_rank, env_world_size,
                                     init_distributed, init_mesh, parallelize, unwrap)
@@ -116,8 +117,9 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     model = build_model(cfg.model.name, conv=cfg.conv.kind, groups=model_groups,
                         num_classes=num_classes, **model_kwargs)
     total_parameters = count_parameters(model)
-    model.to(device, memory_format=torch.channels_last if cfg.train.channels_last
-             else torch.preserve_format)
+    model.to(device)
+    if cfg.train.channels_last:
+        to_layout(model, torch.channels_last)
     if mesh is not None:
         model = parallelize(model, mesh, overlap=cfg.conv.overlap)
     torch.manual_seed(derive_seed(cfg.seed, "rank", rank))    # dropout masks differ per rank

@@ -6,8 +6,17 @@ from twolevel_dist.layers.group import (DepthwiseConv2d, GroupConv2d, ShuffleGro
                                         StandardConv2d, StemConv2d, channel_shuffle)
 from twolevel_dist.layers.two_level import TwoLevelGroupConv2d, coarse_correction
 
+
+def to_layout(module, memory_format):
+    """Give every 4-D convolution weight ``memory_format`` (e.g. channels_last). ``Module.to``
+    cannot: it refuses GC-2L's 5-D fused weight, whose slices are 4-D when the convolution runs."""
+    for param in module.parameters():
+        if param.dim() == 4:
+            param.data = param.data.contiguous(memory_format=memory_format)
+    return module
+
 __all__ = [
     "CONV_KINDS", "make_conv", "StandardConv2d", "GroupConv2d", "TwoLevelGroupConv2d",
     "ShuffleGroupConv2d", "FullyLearnableGroupConv2d", "StemConv2d", "DepthwiseConv2d",
-    "channel_shuffle", "coarse_correction", "straight_through_one_hot",
+    "channel_shuffle", "coarse_correction", "straight_through_one_hot", "to_layout",
 ]

@@ -9,7 +9,8 @@ the matching collective (Megatron-LM's ``mappings.py`` pattern).
                         all-to-all (it is its own adjoint in that layout).
 
 The process group is always passed explicitly; a size-1 group skips communication; buffers are
-allocated on the input's device. Every call is recorded in the active ``CommStats`` counters, so
+allocated on the input's device. A ``SimulatedGroup`` (``parallel.simulated``) makes every
+collective a local stand-in of the same shape, for the per-rank simulation. Every call is recorded in the active ``CommStats`` counters, so
 the training loop can log collectives and bytes per step and the tests can count them.
 """
 
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch.autograd import Function
+
+from twolevel_dist.parallel.simulated import SimulatedGroup
 
 ProcessGroup = dist.ProcessGroup
 
@@ -78,12 +81,27 @@ def _record(kind: str, tensor: torch.Tensor) -> None:
         stats.record(kind, tensor)
 
 
+def group_size(group) -> int:
+    return group.size if isinstance(group, SimulatedGroup) else dist.get_world_size(group)
+
+
+class _DoneWork:
+    """What a simulated asynchronous collective returns: already complete."""
+
+    def wait(self) -> bool:
+        return True
+
+
 def _all_gather_flat_buffer(x: torch.Tensor, group: ProcessGroup, async_op: bool = False):
     """[B, *s] -> [world * B, *s] (rank j's tensor at rows j*B ...); returns (tensor, work)."""
     x = x.contiguous()
-    world = dist.get_world_size(group)
+    world = group_size(group)
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _record("all_gather", out)
+    if isinstance(group, SimulatedGroup):
+        # Stand-in: every rank's slot holds this rank's tensor (same shape, same bytes written).
+        out.view((world,) + tuple(x.shape)).copy_(x.unsqueeze(0).expand((world,) + tuple(x.shape)))
+        return out, _DoneWork() if async_op else None
     work = getattr(dist, _ALL_GATHER)(out, x, group=group, async_op=async_op)
     return out, work
 
@@ -97,8 +115,11 @@ def _all_gather_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 def _reduce_scatter_dim0(x: torch.Tensor, group: ProcessGroup, async_op: bool = False):
     """[world, *s] -> [*s], summing over ranks; returns (tensor, work or None)."""
     x = x.contiguous()
-    out = torch.empty(tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _record("reduce_scatter", x)
+    if isinstance(group, SimulatedGroup):
+        out = x.sum(0)                   # stand-in: the sum over ranks of this rank's slots
+        return out, _DoneWork() if async_op else None
+    out = torch.empty(tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     work = getattr(dist, _REDUCE_SCATTER)(out, x.flatten(0, 1), op=dist.ReduceOp.SUM,
                                           group=group, async_op=async_op)
     return out, work
@@ -122,14 +143,14 @@ class _GatherChannels(Function):
 
     @staticmethod
     def backward(ctx, grad):
-        world = dist.get_world_size(ctx.group)
+        world = group_size(ctx.group)
         out, _ = _reduce_scatter_dim0(_channels_to_stacked(grad, world), ctx.group)
         return out, None
 
 
 def gather_channels(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """[B, c, H, W] on each rank -> [B, N*c, H, W], rank j's channels at block j."""
-    if dist.get_world_size(group) == 1:
+    if group_size(group) == 1:
         return x
     return _GatherChannels.apply(x, group)
 
@@ -196,7 +217,8 @@ class _SumOverRanks(Function):
     def forward(ctx, x, group):
         out = x.clone(memory_format=torch.contiguous_format)
         _record("all_reduce", out)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        if not isinstance(group, SimulatedGroup):
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
 
     @staticmethod
@@ -206,15 +228,17 @@ class _SumOverRanks(Function):
 
 def sum_over_ranks(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """All-reduce (sum) whose backward is the identity."""
-    if dist.get_world_size(group) == 1:
+    if group_size(group) == 1:
         return x
     return _SumOverRanks.apply(x, group)
 
 
 def _all_to_all_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     x = x.contiguous()
-    out = torch.empty_like(x)
     _record("all_to_all", x)
+    if isinstance(group, SimulatedGroup):
+        return x.clone()                 # stand-in: the exchanged buffer, same shape and bytes
+    out = torch.empty_like(x)
     dist.all_to_all_single(out, x, group=group)
     return out
 
@@ -232,6 +256,6 @@ class _ExchangeChunks(Function):
 
 def exchange_chunks(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """All-to-all: chunk i of dim 0 goes to rank i; chunk i of the result came from rank i."""
-    if dist.get_world_size(group) == 1:
+    if group_size(group) == 1:
         return x
     return _ExchangeChunks.apply(x, group)

@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from twolevel_dist.layers.two_level import coarse_correction
-from twolevel_dist.parallel.collectives import (exchange_chunks, gather_channels, start_gather_channels,
-                                                sum_over_ranks)
+from twolevel_dist.parallel.collectives import (exchange_chunks, gather_channels, group_size,
+                                                start_gather_channels, sum_over_ranks)
 
 
 class _ShardedConv(nn.Module):
@@ -22,7 +22,7 @@ class _ShardedConv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone())
         self.stride, self.padding, self.group = stride, padding, group
-        self.world = torch.distributed.get_world_size(group)
+        self.world = group_size(group)
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, stride={self.stride}"

@@ -1,0 +1,97 @@
+"""Microbenchmarks of one layer (forward + backward, median of repetitions):
+
+  rank       a GC-2L rank's fused convolution (C_out/N + 1 filters) against GC's local
+             convolution alone (C_out/N filters): the coarse level's compute overhead per rank;
+             and the overlap path (representative and local filters as two convolutions).
+  device     single-device group convolution (groups=N) and GC-2L against SC.
+Each in NCHW and channels_last; fp32, plus bf16 where a GPU is present.
+
+  python benchmarks/layers.py --channels 256 --size 16 --batch 32 --groups 2 4 8
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, median, time_steps, write_results  # noqa: E402
+
+from twolevel_dist.layers import make_conv, to_layout  # noqa: E402
+
+
+def _fwd_bwd(fn, x, params):
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        fn(x).sum().backward()
+    return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--channels", type=int, default=256)
+    parser.add_argument("--size", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--kernel", type=int, default=3)
+    parser.add_argument("--groups", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    c, k, rows = args.channels, args.kernel, []
+
+    def timed(step):
+        return median(time_steps(step, args.warmup, args.reps, sync)) * 1e3
+
+    for dtype in dtypes:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            def tensor(*shape, grad=True):
+                t = torch.randn(*shape, device=device, dtype=dtype)
+                t = t.to(memory_format=layout) if t.dim() == 4 else t
+                return t.requires_grad_(grad)
+            for n in args.groups:
+                g = c // n
+                x_rank = tensor(args.batch, c // n, args.size, args.size)
+                w_local, w_fused = tensor(g, c // n, k, k), tensor(g + 1, c // n, k, k)
+                w_rep = tensor(1, c // n, k, k)
+                conv = lambda w: (lambda x: F.conv2d(x, w, padding=k // 2))  # noqa: E731
+                local = timed(_fwd_bwd(conv(w_local), x_rank, [w_local]))
+                fused = timed(_fwd_bwd(conv(w_fused), x_rank, [w_fused]))
+                split = timed(_fwd_bwd(lambda x: conv(w_local)(x).sum() + conv(w_rep)(x).sum(),
+                                       x_rank, [w_local, w_rep]))
+                x_full = tensor(args.batch, c, args.size, args.size)
+                modules = {kind: to_layout(make_conv(kind, c, c, k, 1, 1 if kind == "sc" else n)
+                                           .to(device=device, dtype=dtype), layout)
+                           for kind in ("sc", "gc", "gc2l")}
+                device_ms = {kind: timed(_fwd_bwd(m, x_full, list(m.parameters())))
+                             for kind, m in modules.items()}
+                rows.append(dict(
+                    dtype=str(dtype).replace("torch.", ""),
+                    layout="channels_last" if layout is torch.channels_last else "NCHW",
+                    N=n, rank_gc_local_ms=local, rank_gc2l_fused_ms=fused,
+                    rank_fused_overhead=fused / local - 1, rank_overlap_split_ms=split,
+                    device_sc_ms=device_ms["sc"], device_gc_ms=device_ms["gc"],
+                    device_gc2l_ms=device_ms["gc2l"],
+                    device_gc_speedup_vs_sc=device_ms["sc"] / device_ms["gc"]))
+                print(rows[-1], flush=True)
+    stem = Path(args.out) if args.out else \
+        REPO / "benchmarks" / "results" / f"layers_c{c}_s{args.size}_{device.type}"
+    write_results(stem, rows, f"One layer, forward+backward: C={c}, {args.size}x{args.size}, "
+                  f"batch {args.batch}, k={k}",
+                  "python benchmarks/layers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  f"{args.threads} thread(s). rank_*: one rank's convolution on its C/N input "
+                  "channels; device_*: the single-device layer on all C channels.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

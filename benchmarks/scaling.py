@@ -1,0 +1,209 @@
+"""Training-step time against the number of groups N, two ways.
+
+  sim   one process runs exactly one rank's shard at each N, the collectives replaced by local
+        stand-ins (twolevel_dist.parallel.simulated); the measured compute per rank is reported
+        with the communication modelled from the bytes each collective moves (--link).
+  real  one torchrun job per N with N ranks (gloo on CPU, NCCL on GPUs), barrier-synchronised,
+        the slowest rank's step per repetition, median over repetitions.
+
+Both report the speedup over SC on one rank, and GC-2L's efficiency against the ideal N^2
+(N times fewer parameters per rank, each rank doing 1/N^2 of SC's work).
+
+  python benchmarks/scaling.py sim --model wrn28_10 --groups 1 2 4 8 16
+  python benchmarks/scaling.py real --model wrn16_4 --groups 1 2 4 --batch 32
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, median, model_from_config, time_steps, training_step, write_results  # noqa: E402
+
+from twolevel_dist.parallel import count_collectives, parallelize  # noqa: E402
+from twolevel_dist.parallel.comm_model import LINKS, LinkModel, modelled_seconds  # noqa: E402
+from twolevel_dist.parallel.simulated import simulated_mesh  # noqa: E402
+
+SCHEMES = ("sc", "gc", "gc2l", "shuffle")
+
+
+def _shard(model_name, conv, n, mesh, overlap=False):
+    model = model_from_config(model_name, conv, 1 if conv == "sc" else n)
+    return model if n == 1 else parallelize(model, mesh, overlap=overlap)
+
+
+def _comm_of_one_step(step):
+    with count_collectives() as stats:
+        step()
+    return dict(stats.calls), dict(stats.bytes)
+
+
+def run_sim(args) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    link = LINKS[args.link] if args.bandwidth is None else LinkModel(
+        "custom", args.bandwidth, args.latency)
+    rows, baseline = [], None
+    for n in args.groups:
+        for conv in args.convs:
+            if n == 1 and conv != "sc":
+                continue                      # N = 1 is the SC baseline
+            try:
+                model = _shard(args.model, conv, n, simulated_mesh(n))
+            except ValueError as error:       # e.g. shuffle needs N^2 | C_out
+                print(f"skip {conv} N={n}: {error}", file=sys.stderr)
+                continue
+            step = training_step(model, args.batch)
+            compute = median(time_steps(step, args.warmup, args.reps))
+            calls, nbytes = _comm_of_one_step(step)
+            comm = modelled_seconds(calls, nbytes, n, link)
+            if n == 1:
+                baseline = compute
+            total = compute + comm
+            speedup = baseline / total if baseline else float("nan")
+            ideal = n if conv == "sc" else n * n
+            rows.append(dict(model=args.model, conv=conv, N=n, batch=args.batch,
+                             params_per_rank=sum(p.numel() for p in model.parameters()),
+                             compute_s=compute, comm_MB=sum(nbytes.values()) / 1e6,
+                             comm_model_s=comm, total_s=total, speedup_vs_sc1=speedup,
+                             ideal=ideal, efficiency=speedup / ideal))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _worker(args) -> None:
+    """One rank of a real run (under torchrun)."""
+    import torch.distributed as dist
+
+    from twolevel_dist.parallel import init_distributed, init_mesh
+    torch.set_num_threads(args.threads)
+    device = init_distributed()
+    n = dist.get_world_size()
+    mesh = init_mesh(n)
+    model = _shard(args.model, args.conv, n, mesh, overlap=args.overlap).to(device)
+    step = training_step(model, args.batch, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+    times = torch.tensor(time_steps(step, args.warmup, args.reps, sync))
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)        # a step lasts as long as its slowest rank
+    calls, nbytes = _comm_of_one_step(step)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(dict(step_s=float(times.median()), calls=calls,
+                                          bytes=nbytes,
+                                          params_per_rank=sum(p.numel() for p in model.parameters()))),
+              flush=True)
+    dist.destroy_process_group()
+
+
+def run_real(args) -> list[dict]:
+    rows, baseline = [], None
+    cores = os.cpu_count()
+    for n in args.groups:
+        for conv in args.convs:
+            for overlap in ([False, True] if conv == "gc2l" and args.with_overlap else [False]):
+                if n == 1 and conv != "sc":
+                    continue
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc_per_node={n}", str(Path(__file__).resolve()), "worker",
+                       "--model", args.model, "--conv", conv, "--batch", str(args.batch),
+                       "--threads", str(args.threads), "--warmup", str(args.warmup),
+                       "--reps", str(args.reps)] + (["--overlap"] if overlap else [])
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                     env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+                if out.returncode != 0 or not lines:
+                    print(out.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"error: the run {conv} N={n} failed")
+                result = json.loads(lines[-1][len("RESULT "):])
+                if n == 1:
+                    baseline = result["step_s"]
+                speedup = baseline / result["step_s"] if baseline else float("nan")
+                ideal = n if conv == "sc" else n * n
+                rows.append(dict(model=args.model, conv=conv + ("+overlap" if overlap else ""),
+                                 N=n, batch=args.batch, threads_per_rank=args.threads,
+                                 oversubscribed=n * args.threads > cores,
+                                 params_per_rank=result["params_per_rank"],
+                                 step_s=result["step_s"],
+                                 comm_MB=sum(result["bytes"].values()) / 1e6,
+                                 speedup_vs_sc1=speedup, ideal=ideal,
+                                 efficiency=speedup / ideal))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _plot(rows, path: Path, y: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for conv in sorted({r["conv"] for r in rows}):
+        pts = sorted((r["N"], r[y]) for r in rows if r["conv"] == conv)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=conv)
+    ns = sorted({r["N"] for r in rows})
+    if y.startswith("speedup"):
+        ax.plot(ns, [n * n for n in ns], "k--", linewidth=0.8, label="ideal N^2 (GC-2L)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("N (groups = ranks)")
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    for mode in ("sim", "real", "worker"):
+        p = sub.add_parser(mode)
+        p.add_argument("--model", default="wrn16_4", help="a configs/model/ name")
+        p.add_argument("--batch", type=int, default=32, help="images per step (per model)")
+        p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
+        p.add_argument("--warmup", type=int, default=2)
+        p.add_argument("--reps", type=int, default=5)
+        if mode == "worker":
+            p.add_argument("--conv", required=True)
+            p.add_argument("--overlap", action="store_true")
+        else:
+            p.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4])
+            p.add_argument("--convs", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+            p.add_argument("--out", default=None, help="result stem (default under results/)")
+        if mode == "sim":
+            p.add_argument("--link", default="nvlink", choices=sorted(LINKS))
+            p.add_argument("--bandwidth", type=float, default=None, help="GB/s, overrides --link")
+            p.add_argument("--latency", type=float, default=5.0, help="us, with --bandwidth")
+        if mode == "real":
+            p.add_argument("--with-overlap", action="store_true",
+                           help="also run GC-2L with the all-gather overlapped")
+    args = parser.parse_args(argv)
+    if args.mode == "worker":
+        _worker(args)
+        return 0
+    rows = run_sim(args) if args.mode == "sim" else run_real(args)
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    stem = Path(args.out) if args.out else \
+        REPO / "benchmarks" / "results" / f"scaling_{args.mode}_{args.model}_{device}"
+    command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    notes = ("Per-rank simulation: measured compute of one rank's shard; communication modelled "
+             f"from the counted bytes over the '{args.link}' link model "
+             "(twolevel_dist/parallel/comm_model.py), without overlap."
+             if args.mode == "sim" else
+             "Real ranks: the slowest rank's synchronised step, median over repetitions. "
+             "'oversubscribed' marks runs with more threads than cores.")
+    write_results(stem, rows, f"Scaling ({args.mode}): {args.model}, batch {args.batch}",
+                  command, notes)
+    _plot(rows, stem.with_suffix(".png"), "speedup_vs_sc1",
+          f"{args.model}, batch {args.batch}: speedup over SC on 1 rank ({args.mode})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
