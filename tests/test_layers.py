@@ -15,10 +15,12 @@ def _groups_for(kind, groups):
     return 1 if kind == "sc" else groups
 
 
+@pytest.mark.parametrize("impl", ["fused", "depthwise"])
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (1, 1), (1, 2), (5, 1)])
-def test_gc2l_equals_group_conv_plus_coarse_1x1_of_representatives(kernel, stride):
+def test_gc2l_equals_group_conv_plus_coarse_1x1_of_representatives(kernel, stride, impl):
     n, cin, cout = 4, 8, 12
     layer = make_conv("gc2l", cin, cout, kernel, stride, n)
+    layer.impl = impl
     x = torch.randn(3, cin, 9, 9)
     g = cout // n
     local_w = layer.weight[:, :g].reshape(cout, cin // n, kernel, kernel)   # GC filters
@@ -27,7 +29,16 @@ def test_gc2l_equals_group_conv_plus_coarse_1x1_of_representatives(kernel, strid
     gc = F.conv2d(x, local_w, stride=stride, padding=kernel // 2, groups=n)
     r0 = F.conv2d(x, rep_w, stride=stride, padding=kernel // 2, groups=n)
     expected = gc + F.conv2d(r0, a0)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous()           # what BatchNorm after it wants
+    out.square().sum().backward()        # both paths give the same gradients
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    layer.impl = "depthwise" if impl == "fused" else "fused"
+    layer(x).square().sum().backward()
+    for a, b in zip(grads, [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_gc2l_with_zero_coarse_operator_is_gc():
@@ -154,3 +165,9 @@ def test_gc2l_fused_layout_shapes():
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         make_conv(**kwargs)
+
+
+def test_gc2l_rejects_an_unknown_implementation():
+    from twolevel_dist.layers import TwoLevelGroupConv2d
+    with pytest.raises(ConfigError, match="impl must be one of"):
+        TwoLevelGroupConv2d(8, 8, 3, 1, 2, impl="winograd")

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
+from twolevel_dist.layers.two_level import coarse_correction
 from twolevel_dist.parallel.simulated import SimulatedGroup
 
 ProcessGroup = dist.ProcessGroup
@@ -210,6 +211,39 @@ def start_gather_channels(x: torch.Tensor, group: ProcessGroup):
     same [B, N*c, H, W] as ``gather_channels``. Backward overlaps the reduce-scatter likewise."""
     pending = _PendingGather(group)
     return _StartGather.apply(x, pending), pending
+
+
+class _CoarseExchange(Function):
+    """GC-2L's exchange on one rank, on the fused convolution's output [B, C_out/N + 1, H, W]:
+    all-gather the last channel (the representative) over the group, apply this rank's rows of A0
+    ([C_out/N, N]) and add them to the other channels. One Function, so that backward builds the
+    fused gradient with one concatenation instead of autograd's zero-filled slice gradients."""
+
+    @staticmethod
+    def forward(ctx, fused, coarse_weight, group):
+        local_out = fused.shape[1] - 1
+        representatives = _stacked_to_channels(_all_gather_dim0(fused[:, local_out:], group))
+        ctx.save_for_backward(coarse_weight, representatives)
+        ctx.group = group
+        return coarse_correction(coarse_weight, representatives).add_(fused[:, :local_out])
+
+    @staticmethod
+    def backward(ctx, grad):
+        coarse_weight, representatives = ctx.saved_tensors
+        flat, reps = grad.flatten(2), representatives.flatten(2)  # [B, C_out/N | N, H*W]
+        grad_coarse = torch.bmm(flat, reps.transpose(1, 2)).sum(0)
+        grad_representatives = coarse_correction(coarse_weight.t(), grad)
+        world = group_size(ctx.group)
+        own, _ = _reduce_scatter_dim0(_channels_to_stacked(grad_representatives, world), ctx.group)
+        return torch.cat([grad, own], dim=1), grad_coarse, None
+
+
+def coarse_exchange(fused: torch.Tensor, coarse_weight: torch.Tensor, group) -> torch.Tensor:
+    """local + A0 (all-gathered representatives), from the fused output [B, C_out/N + 1, H, W]."""
+    if group_size(group) == 1:
+        local_out = fused.shape[1] - 1
+        return fused[:, :local_out] + coarse_correction(coarse_weight, fused[:, local_out:])
+    return _CoarseExchange.apply(fused, coarse_weight, group)
 
 
 class _SumOverRanks(Function):

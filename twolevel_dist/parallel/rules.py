@@ -39,7 +39,7 @@ def _shard_two_level(m: TwoLevelGroupConv2d, rank, world, group, overlap):
     _require_groups(m, world)
     return ShardedTwoLevelConv2d(shard_slice(m.weight, 0, rank, world),
                                  shard_slice(m.coarse_weight, 0, rank, world),
-                                 m.stride, m.padding, group, overlap=overlap)
+                                 m.stride, m.padding, group, overlap=overlap, impl=m.impl)
 
 
 def _shard_group(m: GroupConv2d, rank, world, group, overlap):

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twolevel_dist.layers.two_level import coarse_correction
-from twolevel_dist.parallel.collectives import (exchange_chunks, gather_channels, group_size,
-                                                start_gather_channels, sum_over_ranks)
+from twolevel_dist.layers.two_level import coarse_correction, representatives_depthwise
+from twolevel_dist.parallel.collectives import (coarse_exchange, exchange_chunks, gather_channels,
+                                                group_size, start_gather_channels, sum_over_ranks)
 
 
 class _ShardedConv(nn.Module):
@@ -34,27 +34,41 @@ class ShardedTwoLevelConv2d(_ShardedConv):
     apply this rank's rows of A0; add.
 
     ``overlap=True`` computes the representative channel first, starts its all-gather, computes the
-    local filters while it travels, then waits (two convolutions instead of one)."""
+    local filters while it travels, then waits. Otherwise one dense convolution of C_out/N + 1
+    filters computes both ("fused", the default on a rank), unless the single-device layer asked
+    for ``impl="depthwise"``: the representative as a depthwise convolution summed over the
+    rank's channels, beside the local convolution."""
 
     SHARD_DIMS = {"weight": 0, "coarse_weight": 0}
 
-    def __init__(self, weight, coarse_weight, stride, padding, group, overlap: bool = False):
+    def __init__(self, weight, coarse_weight, stride, padding, group, overlap: bool = False,
+                 impl: str = "auto"):
         super().__init__(weight, stride, padding, group)   # weight: [1, C_out/N + 1, C_in/N, k, k]
         self.coarse_weight = nn.Parameter(coarse_weight.detach().clone())   # [C_out/N, N]
         self.local_out = self.weight.shape[1] - 1
-        self.overlap = overlap
+        self.overlap, self.impl = overlap, impl
+
+    def _representative(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's representative channel, [B, 1, H', W']."""
+        return representatives_depthwise(x, self.weight[:, self.local_out], self.stride,
+                                         self.padding)
+
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight[0, : self.local_out], None, self.stride, self.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight[0]
         if self.overlap:
-            representative = F.conv2d(x, weight[self.local_out:], None, self.stride, self.padding)
-            stacked, pending = start_gather_channels(representative, self.group)
-            local = F.conv2d(x, weight[: self.local_out], None, self.stride, self.padding)
+            stacked, pending = start_gather_channels(self._representative(x), self.group)
+            local = self._local(x)
             representatives = pending.wait(stacked)
+        elif self.impl == "depthwise":
+            local = self._local(x)
+            representatives = gather_channels(self._representative(x), self.group)
         else:
-            fused = F.conv2d(x, weight, None, self.stride, self.padding)
-            local, representative = fused[:, : self.local_out], fused[:, self.local_out:]
-            representatives = gather_channels(representative, self.group)
+            # One dense convolution of C_out/N + 1 filters: on a rank the extra filter costs
+            # little (benchmarks/layers.py), unlike the single-device grouped kernels.
+            fused = F.conv2d(x, self.weight[0], None, self.stride, self.padding)
+            return coarse_exchange(fused, self.coarse_weight, self.group)
         return local + coarse_correction(self.coarse_weight, representatives)
 
 
