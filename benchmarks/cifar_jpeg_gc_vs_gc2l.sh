@@ -4,6 +4,7 @@
 #   bash benchmarks/cifar_jpeg_gc_vs_gc2l.sh [epochs] [model] [groups] [ranks]
 # ranks = 1 trains the single-device model (the same network the ranks compute together);
 # ranks > 1 runs torchrun with that many gloo ranks (ranks must be a multiple of groups).
+# Environment: CONVS (default "gc gc2l"), CIFAR_JPEG (the archive).
 # Writes benchmarks/results/cifar_jpeg_gc_vs_gc2l_<model>_N<groups>.md (runs: benchmarks/results/runs/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ if [ "$RANKS" -gt 1 ]; then
 else
     LAUNCH=(.venv/bin/python -m twolevel_dist.train)
 fi
-for conv in gc gc2l; do
+for conv in ${CONVS:-gc gc2l}; do       # CONVS=gc2l reruns one kind, keeping the other's run
     rm -rf "$RUNS/${MODEL}_N${NGROUPS}_$conv"
     "${LAUNCH[@]}" model="$MODEL" conv=$conv groups="$NGROUPS" dataset=imagefolder \
         dataset.root="$ARCHIVE" train.epochs="$EPOCHS" "schedule.milestones=[$((EPOCHS - 1))]" \
