@@ -185,8 +185,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
                                global_step)
 
         result = train_one_epoch(step_model, train_loader, optimizer, device=device,
-                                 amp=cfg.train.amp, channels_last=cfg.train.channels_last,
-                                 max_steps=remaining, on_step=on_step,
+                                 amp=cfg.train.amp, max_steps=remaining, on_step=on_step,
                                  progress=Progress(rank == 0, len(train_loader), f"epoch {epoch + 1}"))
         average_batch_norm_statistics(model, dp_group)
         test_loss, test_acc = evaluate(step_model, test_loader, device=device, amp=cfg.train.amp,

@@ -46,8 +46,8 @@ class Progress:
             print("\r\033[K", end="", flush=True)
 
 
-def train_one_epoch(model, loader, optimizer, *, device, amp, channels_last, max_steps,
-                    on_step, progress: Progress) -> EpochResult:
+def train_one_epoch(model, loader, optimizer, *, device, amp, max_steps, on_step,
+                    progress: Progress) -> EpochResult:
     """Trains until the loader ends or ``max_steps`` optimizer steps; ``on_step(step_stats)`` is
     called after each step (the caller logs). Loss and accuracy are over this replica's samples."""
     model.train()
