@@ -151,3 +151,27 @@ def test_streaming_imagenet_layout_trains_through_dataloader_workers(tmp_path):
 def test_channels_last_training_on_cpu(tmp_path):
     _train(tmp_path / "run", *SMALL, "train.max_steps=2", "train.channels_last=true", "groups=2")
     assert read_metrics(tmp_path / "run")[0]["step"] == 2
+
+
+def test_tensorboard_scalars_are_written_and_read_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = tmp_path / "run"
+    _train(run_dir, *[o for o in SMALL if o != "tensorboard=false"], "train.max_steps=3",
+           "train.log_every=1", "groups=2")
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/step_time_s",
+                "train/comm_bytes_per_step", "epoch/test_acc", "epoch/train_loss"):
+        assert tag in tags, (tag, tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert all(e.value > 0 for e in events.Scalars("train/comm_bytes_per_step"))
+
+
+def test_torch_compile_on_two_ranks_gives_the_eager_losses(tmp_path):
+    common = [*SMALL, "train.max_steps=2", "groups=2"]
+    _train(tmp_path / "eager", *common)
+    _train(tmp_path / "compiled", *common, "train.compile=true")
+    eager, compiled = read_metrics(tmp_path / "eager")[0], read_metrics(tmp_path / "compiled")[0]
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-3)

@@ -222,7 +222,10 @@ class _CoarseExchange(Function):
     @staticmethod
     def forward(ctx, fused, coarse_weight, group):
         local_out = fused.shape[1] - 1
-        representatives = _stacked_to_channels(_all_gather_dim0(fused[:, local_out:], group))
+        # A contiguous copy (B x N x H x W, small): what the bmm wants, and not a view of the
+        # gather buffer, which torch.compile refuses to save for backward.
+        representatives = _stacked_to_channels(_all_gather_dim0(fused[:, local_out:], group)) \
+            .clone(memory_format=torch.contiguous_format)
         ctx.save_for_backward(coarse_weight, representatives)
         ctx.group = group
         return coarse_correction(coarse_weight, representatives).add_(fused[:, :local_out])
