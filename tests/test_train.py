@@ -1,7 +1,6 @@
 """The training application end to end: torchrun on gloo, data sets, checkpoints, resume."""
 
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_data import write_cifar10
 from twolevel_dist.engine.checkpoint import (COMPLETE, atomic_save, latest_complete_epoch,
                                              mark_complete, rank_file)
 from twolevel_dist.engine.metrics import read_metrics
@@ -74,23 +74,8 @@ def test_a_checkpoint_for_another_conv_or_group_count_is_refused(tmp_path):
     assert out.returncode != 0 and "error:" in out.stderr and "Traceback" not in out.stderr
 
 
-def _write_cifar10_pickles(root: Path, per_batch: int = 20) -> None:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
-             "test_batch"]
-    for name in names:
-        labels = rng.integers(0, 10, per_batch).tolist()
-        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f)
-
-
 def test_two_rank_run_on_a_tiny_cifar_pickle_set(tmp_path):
-    _write_cifar10_pickles(tmp_path / "data")
+    write_cifar10(tmp_path / "data", per_batch=20)    # the official pickle layout
     run_dir = tmp_path / "run"
     _train(run_dir, "model=wrn10_2", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}",
            "train.batch_size=20", "train.epochs=1", "groups=2", "tensorboard=false")
