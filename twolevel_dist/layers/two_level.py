@@ -12,8 +12,8 @@ Parameters are held in the layout the ranks use, so that sharding is a slice:
   coarse_weight [C_out, N]                       A0; rank j owns rows j*C_out/N ... (j+1)*C_out/N
 Because the local filters and the representative filter of a group share input, kernel and
 stride, one grouped convolution can compute all of them (C_out + N output channels) in one launch:
-the "fused" path, used on GPUs. On CPUs the kernels for C_out/N + 1 filters per group are 1.5-3x
-slower than for C_out/N (benchmarks/layers.py), so the "depthwise" path computes GC's aligned
+the "fused" path, used on GPUs. On CPUs the grouped kernels for C_out/N + 1 filters per group are
+much slower than for C_out/N (its backward above all), so the "depthwise" path computes GC's aligned
 convolution and gets each representative channel from a depthwise convolution summed over its
 group's channels (the same k x k sums, and cheap kernels). Both read the same fused weight.
 """
