@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import CONV_KINDS, make_conv, straight_through_one_hot
+from twolevel_dist.layers.two_level import representatives_taps
 
 torch.manual_seed(0)
 KINDS = sorted(CONV_KINDS)
@@ -15,7 +16,7 @@ def _groups_for(kind, groups):
     return 1 if kind == "sc" else groups
 
 
-@pytest.mark.parametrize("impl", ["fused", "depthwise"])
+@pytest.mark.parametrize("impl", ["fused", "taps"])
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (1, 1), (1, 2), (5, 1)])
 def test_gc2l_equals_group_conv_plus_coarse_1x1_of_representatives(kernel, stride, impl):
     n, cin, cout = 4, 8, 12
@@ -35,7 +36,7 @@ def test_gc2l_equals_group_conv_plus_coarse_1x1_of_representatives(kernel, strid
     out.square().sum().backward()        # both paths give the same gradients
     grads = [p.grad.clone() for p in layer.parameters()]
     layer.zero_grad()
-    layer.impl = "depthwise" if impl == "fused" else "fused"
+    layer.impl = "taps" if impl == "fused" else "fused"
     layer(x).square().sum().backward()
     for a, b in zip(grads, [p.grad for p in layer.parameters()]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -171,3 +172,31 @@ def test_gc2l_rejects_an_unknown_implementation():
     from twolevel_dist.layers import TwoLevelGroupConv2d
     with pytest.raises(ConfigError, match="impl must be one of"):
         TwoLevelGroupConv2d(8, 8, 3, 1, 2, impl="winograd")
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 7), (3, 2, 8), (1, 2, 7), (5, 1, 6)])
+def test_representatives_by_taps_match_a_grouped_convolution_and_its_gradients(kernel, stride,
+                                                                                size):
+    groups, per_group = 3, 2
+    x = torch.randn(2, groups * per_group, size, size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(groups, per_group, kernel, kernel, dtype=torch.float64,
+                         requires_grad=True)
+    expected = F.conv2d(x, weight, None, stride, kernel // 2, 1, groups)
+    torch.testing.assert_close(representatives_taps(x, weight, stride, kernel // 2), expected)
+    assert torch.autograd.gradcheck(
+        lambda a, b: representatives_taps(a, b, stride, kernel // 2), (x, weight))
+    # channels_last input: the same numbers
+    x_cl = x.detach().to(memory_format=torch.channels_last)
+    torch.testing.assert_close(representatives_taps(x_cl, weight, stride, kernel // 2), expected)
+
+
+def test_representatives_by_taps_under_bfloat16_autocast():
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    weight = torch.randn(4, 2, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = representatives_taps(x, weight, 1, 1)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    expected = F.conv2d(x.detach(), weight.detach(), None, 1, 1, 1, 4)
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=1e-1)

@@ -12,49 +12,106 @@ Parameters are held in the layout the ranks use, so that sharding is a slice:
   coarse_weight [C_out, N]                       A0; rank j owns rows j*C_out/N ... (j+1)*C_out/N
 Because the local filters and the representative filter of a group share input, kernel and
 stride, one grouped convolution can compute all of them (C_out + N output channels) in one launch:
-the "fused" path, used on GPUs. On CPUs the grouped kernels for C_out/N + 1 filters per group are
-much slower than for C_out/N (its backward above all), so the "depthwise" path computes GC's aligned
-convolution and gets each representative channel from a depthwise convolution summed over its
-group's channels (the same k x k sums, and cheap kernels). Both read the same fused weight.
+the "fused" path, used on GPUs. On CPUs the convolution kernels block output channels by 16, so
+C_out/N + 1 filters per group cost as much as C_out/N + 16, and a one-filter convolution is no
+cheaper; the "taps" path computes GC's aligned convolution and gets the representatives from
+``representatives_taps`` (one small matrix product per kernel tap, about a tenth of the local
+convolution's time). Both read the same fused weight.
 """
 
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import Function
 
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers.checks import GroupedConvGeometry
 from twolevel_dist.layers.init import he_normal_
 
 
-IMPLEMENTATIONS = ("auto", "fused", "depthwise")
+IMPLEMENTATIONS = ("auto", "fused", "taps")
 
 
-def coarse_correction(coarse_weight: torch.Tensor, representatives: torch.Tensor) -> torch.Tensor:
-    """A0 applied to the representatives: [O, N] x [B, N, H, W] -> [B, O, H, W] (a 1x1 conv).
-    A bmm over the batch, so the result is written contiguous ([B, O, H*W]) with no copy of the
-    large tensors, as the layers after it (BatchNorm above all) want; einsum and a broadcast
-    matmul return it permuted or copy it."""
+def coarse_correction(coarse_weight: torch.Tensor, representatives: torch.Tensor,
+                      local: torch.Tensor | None = None) -> torch.Tensor:
+    """A0 applied to the representatives, [O, N] x [B, N, H, W] -> [B, O, H, W] (a 1x1 conv), plus
+    ``local`` [B, O, H, W] if given. A (b)addbmm over the batch, so the result is written
+    contiguous ([B, O, H*W]) in one pass with no copy of the large tensors, as the layers after it
+    (BatchNorm above all) want; einsum and a broadcast matmul return it permuted or copy it."""
     flat = representatives.flatten(2)
-    out = torch.bmm(coarse_weight.expand(flat.shape[0], *coarse_weight.shape), flat)
+    mixing = coarse_weight.expand(flat.shape[0], *coarse_weight.shape)
+    if local is None:
+        out = torch.bmm(mixing, flat)
+    else:
+        out = torch.baddbmm(local.flatten(2), mixing, flat)
     return out.unflatten(2, representatives.shape[2:])
 
 
-def representatives_depthwise(x: torch.Tensor, rep_weight: torch.Tensor, stride: int,
-                              padding: int) -> torch.Tensor:
-    """R0 as a depthwise convolution summed within each group: x [B, C_in, H, W] with
-    ``rep_weight`` [N, C_in/N, k, k] (group j's representative filter) -> [B, N, H', W']."""
-    groups, per_group = rep_weight.shape[:2]
-    depthwise = F.conv2d(x, rep_weight.reshape(groups * per_group, 1, *rep_weight.shape[2:]),
-                         None, stride, padding, 1, groups * per_group)
-    return depthwise.unflatten(1, (groups, per_group)).sum(2)
+def _tap_window(tap: int, kernel: int, stride: int, out_h: int, out_w: int) -> tuple:
+    """The slice of the padded input grid that kernel tap ``tap`` reads for every output pixel."""
+    kh, kw = divmod(tap, kernel)
+    return (..., slice(kh, kh + stride * (out_h - 1) + 1, stride),
+            slice(kw, kw + stride * (out_w - 1) + 1, stride))
+
+
+class _Representatives(Function):
+    """R0 by kernel taps: Y[b, j, t] = w_j[:, t] . x_j[b] (a [k^2, C/N] x [C/N, H*W] matrix product
+    per group), then output pixel p sums Y over the k^2 taps at p's shifted positions. It reads x
+    once, where a k x k convolution with one filter per group goes through kernels built for many
+    filters. The backward scatters the gradient back onto the taps and does the two matching
+    matrix products; it never builds autograd's zero-filled gradient per slice."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        batch, _, height, width = x.shape
+        groups, per_group, kernel = weight.shape[:3]
+        out_h = (height + 2 * padding - kernel) // stride + 1
+        out_w = (width + 2 * padding - kernel) // stride + 1
+        taps = weight.reshape(groups, per_group, kernel * kernel).transpose(1, 2)
+        per_tap = torch.matmul(taps, x.reshape(batch, groups, per_group, height * width))
+        per_tap = F.pad(per_tap.unflatten(3, (height, width)), (padding,) * 4)
+        out = per_tap[:, :, 0][_tap_window(0, kernel, stride, out_h, out_w)].clone()
+        for tap in range(1, kernel * kernel):
+            out += per_tap[:, :, tap][_tap_window(tap, kernel, stride, out_h, out_w)]
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = stride, padding
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.geometry
+        batch, _, height, width = x.shape
+        groups, per_group, kernel = weight.shape[:3]
+        out_h, out_w = grad.shape[2:]
+        # Under autocast the gradient may be in a lower precision than the saved tensors.
+        compute = grad.dtype
+        grad_taps = grad.new_zeros(batch, groups, kernel * kernel, height + 2 * padding,
+                                   width + 2 * padding)
+        for tap in range(kernel * kernel):
+            grad_taps[:, :, tap][_tap_window(tap, kernel, stride, out_h, out_w)] = grad
+        grad_taps = grad_taps[..., padding:padding + height, padding:padding + width]
+        grad_taps = grad_taps.reshape(batch, groups, kernel * kernel, height * width)
+        taps = weight.to(compute).reshape(groups, per_group, kernel * kernel)
+        grad_x = torch.matmul(taps, grad_taps).reshape(x.shape).to(x.dtype)
+        inputs = x.to(compute).reshape(batch, groups, per_group, height * width)
+        grad_weight = torch.matmul(grad_taps, inputs.transpose(2, 3)).sum(0)   # [G, k^2, C/N]
+        return (grad_x, grad_weight.transpose(1, 2).reshape(weight.shape).to(weight.dtype),
+                None, None)
+
+
+def representatives_taps(x: torch.Tensor, rep_weight: torch.Tensor, stride: int,
+                         padding: int) -> torch.Tensor:
+    """R0: x [B, C_in, H, W] with ``rep_weight`` [N, C_in/N, k, k] (group j's representative
+    filter) -> [B, N, H', W'], the same as a grouped k x k convolution with one filter per group."""
+    return _Representatives.apply(x, rep_weight, stride, padding)
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """"auto": the fused single convolution on GPUs, the depthwise path elsewhere."""
+    """"auto": the fused single convolution on GPUs, the taps path elsewhere."""
     if impl == "auto":
-        return "fused" if device.type == "cuda" else "depthwise"
+        return "fused" if device.type == "cuda" else "taps"
     return impl
 
 
@@ -96,6 +153,6 @@ class TwoLevelGroupConv2d(GroupedConvGeometry):
             return (coarse.unflatten(1, (self.groups, local_out)) + local).flatten(1, 2)
         local = F.conv2d(x, self.weight[:, :local_out].flatten(0, 1), None, self.stride,
                          self.padding, 1, self.groups)
-        representatives = representatives_depthwise(x, self.weight[:, local_out], self.stride,
-                                                    self.padding)
-        return local + coarse_correction(self.coarse_weight, representatives)
+        representatives = representatives_taps(x, self.weight[:, local_out], self.stride,
+                                               self.padding)
+        return coarse_correction(self.coarse_weight, representatives, local)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twolevel_dist.layers.two_level import coarse_correction, representatives_depthwise
+from twolevel_dist.layers.two_level import coarse_correction, representatives_taps, resolve_impl
 from twolevel_dist.parallel.collectives import (coarse_exchange, exchange_chunks, gather_channels,
                                                 group_size, start_gather_channels, sum_over_ranks)
 
@@ -29,15 +29,16 @@ class _ShardedConv(nn.Module):
 
 
 class ShardedTwoLevelConv2d(_ShardedConv):
-    """GC-2L on rank j: one convolution with weights [C_out/N + 1, C_in/N, k, k] gives the local
-    output and the representative channel; all-gather the representatives (B x 1 x H x W per rank);
-    apply this rank's rows of A0; add.
+    """GC-2L on rank j: the local output (C_out/N filters) and the representative channel (one
+    filter), an all-gather of the representatives (B x 1 x H x W per rank), this rank's rows of A0
+    applied to them, added to the local output.
 
-    ``overlap=True`` computes the representative channel first, starts its all-gather, computes the
-    local filters while it travels, then waits. Otherwise one dense convolution of C_out/N + 1
-    filters computes both ("fused", the default on a rank), unless the single-device layer asked
-    for ``impl="depthwise"``: the representative as a depthwise convolution summed over the
-    rank's channels, beside the local convolution."""
+    Two ways to compute the two convolutions, as on one device (``impl``): "fused", one dense
+    convolution of C_out/N + 1 filters (GPUs), or "taps", the local convolution beside
+    ``representatives_taps`` (CPUs, where the extra filter costs as much as 16). ``overlap=True``
+    (always the taps structure) computes the representative first, starts its all-gather, runs
+    the local convolution while it travels, then waits; backward overlaps the reduce-scatter with
+    the local convolution's backward the same way."""
 
     SHARD_DIMS = {"weight": 0, "coarse_weight": 0}
 
@@ -50,8 +51,7 @@ class ShardedTwoLevelConv2d(_ShardedConv):
 
     def _representative(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's representative channel, [B, 1, H', W']."""
-        return representatives_depthwise(x, self.weight[:, self.local_out], self.stride,
-                                         self.padding)
+        return representatives_taps(x, self.weight[:, self.local_out], self.stride, self.padding)
 
     def _local(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight[0, : self.local_out], None, self.stride, self.padding)
@@ -61,15 +61,13 @@ class ShardedTwoLevelConv2d(_ShardedConv):
             stacked, pending = start_gather_channels(self._representative(x), self.group)
             local = self._local(x)
             representatives = pending.wait(stacked)
-        elif self.impl == "depthwise":
-            local = self._local(x)
-            representatives = gather_channels(self._representative(x), self.group)
-        else:
-            # One dense convolution of C_out/N + 1 filters: on a rank the extra filter costs
-            # little (benchmarks/layers.py), unlike the single-device grouped kernels.
+        elif resolve_impl(self.impl, x.device) == "fused":
             fused = F.conv2d(x, self.weight[0], None, self.stride, self.padding)
             return coarse_exchange(fused, self.coarse_weight, self.group)
-        return local + coarse_correction(self.coarse_weight, representatives)
+        else:
+            representatives = gather_channels(self._representative(x), self.group)
+            local = self._local(x)
+        return coarse_correction(self.coarse_weight, representatives, local)
 
 
 class ShardedGroupConv2d(_ShardedConv):
