@@ -1,8 +1,12 @@
 """The training configuration: a typed schema (Hydra structured config) and the checks that turn
 a bad value into one clear error before anything is written."""
 
+import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Optional
+
+from omegaconf import OmegaConf
 
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import CONV_KINDS
@@ -110,3 +114,107 @@ def validate(cfg: TrainConfig) -> None:
                           "run_dir=<the run's directory>")
     if cfg.resume and not cfg.run_dir:
         raise ConfigError("resume=true needs run_dir=<the directory of the run to continue>")
+
+
+# --- compress: SG-CNN and the self-grouped conversion of a trained SC network ------------------
+
+@dataclass
+class FinetuneConfig:
+    batch_size: int = 128
+    lr: float = 0.01                     # cosine-annealed to 0 over each fine-tuning phase
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    amp: bool = False                    # bf16 autocast
+    channels_last: bool = False
+    max_steps: Optional[int] = None      # cap on the steps of one fine-tuning epoch (smoke runs)
+
+
+@dataclass
+class SelfGroupConfig:
+    groups: int = 4                      # filter groups per layer (k-means clusters)
+    targets: list[float] = field(default_factory=lambda: [0.5, 0.7])   # pruned fractions
+    step: float = 0.1                    # progressive schedule: step, 2 step, ..., target
+    scheme: str = "local_global"         # local_global: fine-tune after every step and at the end
+    local_epochs: int = 1                # fine-tuning after each pruning step (local_global)
+    global_epochs: int = 4               # fine-tuning at each target
+    scope: str = "global"                # one threshold over all layers, or "layer"
+    include_shortcuts: bool = False      # prune 1x1 projection shortcuts too
+    include_linear: bool = True          # self-group the classifier head
+    linear_until: float = 0.6            # ... while the step's sparsity is at most this
+
+
+@dataclass
+class ConvertConfig:
+    conv: str = "gc2l"                   # gc or gc2l
+    groups: int = 4
+    partitions: list[str] = field(default_factory=lambda: ["selfgroup", "contiguous"])
+    epochs: int = 4                      # fine-tuning after the conversion
+
+
+@dataclass
+class CompressConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    checkpoint: Optional[str] = None     # model.pt of a run trained with conv=sc
+    method: str = "sg"                   # sg (SG-CNN pruning) or convert (to GC / GC-2L)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sg: SelfGroupConfig = field(default_factory=SelfGroupConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    seed: int = 0
+    run_dir: Optional[str] = None        # default: outputs/<model>-<method>/<time>
+
+
+COMPRESS_METHODS = ("sg", "convert")
+SG_SCHEMES = ("local_global", "global")
+PARTITIONS = ("selfgroup", "contiguous")
+
+
+def validate_compress(cfg: CompressConfig) -> None:
+    """Checks of a compress config, before anything is loaded or written."""
+    if cfg.method not in COMPRESS_METHODS:
+        raise ConfigError(f"method={cfg.method!r} is not one of {COMPRESS_METHODS} (sg: SG-CNN "
+                          f"pruning; convert: to GC or GC-2L)")
+    if not cfg.checkpoint:
+        raise ConfigError("checkpoint=<model.pt> is required: the consolidated weights of an SC "
+                          "run (python -m twolevel_dist.train conv=sc groups=1 ...)")
+    f = cfg.finetune
+    if f.batch_size < 1 or f.lr <= 0:
+        raise ConfigError(f"finetune.batch_size ({f.batch_size}) must be >= 1 and finetune.lr "
+                          f"({f.lr}) positive")
+    if f.max_steps is not None and f.max_steps < 1:
+        raise ConfigError(f"finetune.max_steps={f.max_steps} must be at least 1 (or null)")
+    if cfg.method == "sg":
+        s = cfg.sg
+        if s.scheme not in SG_SCHEMES:
+            raise ConfigError(f"sg.scheme={s.scheme!r} is not one of {SG_SCHEMES}")
+        if not s.targets or any(not 0 < t < 1 for t in s.targets):
+            raise ConfigError(f"sg.targets={list(s.targets)} must be pruned fractions strictly "
+                              f"between 0 and 1, e.g. [0.5, 0.7]")
+        if s.groups < 1 or s.local_epochs < 0 or s.global_epochs < 0:
+            raise ConfigError("sg.groups must be >= 1, sg.local_epochs and sg.global_epochs >= 0")
+    else:
+        c = cfg.convert
+        if c.conv not in ("gc", "gc2l"):
+            raise ConfigError(f"convert.conv={c.conv!r}: conversion targets gc or gc2l")
+        unknown = [p for p in c.partitions if p not in PARTITIONS]
+        if unknown or not c.partitions:
+            raise ConfigError(f"convert.partitions={list(c.partitions)}: choose from "
+                              f"{PARTITIONS}")
+        if c.groups < 2 or c.epochs < 0:
+            raise ConfigError(f"convert.groups={c.groups} must be >= 2 and convert.epochs "
+                              f"({c.epochs}) >= 0")
+
+
+def _run_id() -> str:
+    """Identical on every rank of one job: torchrun's run id, else SLURM's job id, else a time."""
+    return (os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+            or datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+
+
+def _run_dir(run_dir, model, job) -> str:
+    return run_dir if run_dir else f"outputs/{model}-{job}/{_run_id()}"
+
+
+def register_resolvers() -> None:
+    """``${twolevel_run_dir:${run_dir},<model>,<job>}``: the run directory of an entry point."""
+    OmegaConf.register_new_resolver("twolevel_run_dir", _run_dir, replace=True)

@@ -12,7 +12,6 @@ rank 0 writes logs, metrics, TensorBoard and the consolidated model.
 import logging
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -23,12 +22,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from twolevel_dist.config import TrainConfig, validate
-from twolevel_dist.data import DataError, DeviceLoader, is_streaming, load_arrays
-from twolevel_dist.data.streaming import StreamingEpochLoader
+from twolevel_dist.config import TrainConfig, register_resolvers, validate
+from twolevel_dist.data import DataError
 from twolevel_dist.data.seeding import derive_seed
 from twolevel_dist.engine.checkpoint import (atomic_save, latest_complete_epoch,
                                              load_rank_checkpoint, mark_complete, rank_file)
+from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import (Progress, average_batch_norm_statistics, evaluate,
                                        train_one_epoch)
 from twolevel_dist.engine.metrics import MetricsWriter, truncate_metrics
@@ -41,17 +40,7 @@ from twolevel_dist.parallel import (consolidate_state_dict, env_rank, env_world_
 log = logging.getLogger("twolevel_dist")
 
 
-def _run_id() -> str:
-    """Identical on every rank of one job: torchrun's run id, else SLURM's job id, else a time."""
-    return (os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-            or datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-
-
-def _run_dir(run_dir, model, conv) -> str:
-    return run_dir if run_dir else f"outputs/{model}-{conv}/{_run_id()}"
-
-
-OmegaConf.register_new_resolver("twolevel_run_dir", _run_dir, replace=True)
+register_resolvers()
 OmegaConf.register_new_resolver("twolevel_rank_zero_only",
                                 lambda value: value if env_rank() == 0 else None, replace=True)
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -103,11 +92,9 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
                           f"divisible by the {dp_size} data-parallel replicas")
     _setup_logging(run_dir, rank)
     per_replica = cfg.train.batch_size // dp_size
-    if is_streaming(cfg.dataset.name):
-        train_loader, test_loader = _streaming_loaders(cfg, device, dp_rank, dp_size, per_replica)
-    else:
-        train_loader, test_loader = _in_memory_loaders(cfg, device, rank, world, dp_rank,
-                                                       dp_size, per_replica)
+    train_loader, test_loader = build_loaders(
+        cfg.dataset, seed=cfg.seed, device=device, rank=rank, world=world, dp_rank=dp_rank,
+        dp_size=dp_size, per_replica=per_replica, channels_last=cfg.train.channels_last)
     num_classes = train_loader.num_classes
     sizes = f"{len(train_loader.labels)} train / {len(test_loader.labels)} test images"
 
@@ -216,43 +203,6 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     if world > 1:
         dist.barrier()   # rank 0 hosts the rendezvous store: nobody leaves while others use it
     return record
-
-
-def _in_memory_loaders(cfg, device, rank, world, dp_rank, dp_size, per_replica):
-    """CIFAR-size data on the device as uint8, augmented there. Every rank of a gp group reads the
-    same batches; dp replicas read disjoint shards. Rank 0 loads first, so that the others read
-    its decoded cache instead of decoding in parallel."""
-    def load():
-        return load_arrays(cfg.dataset.name, root=cfg.dataset.root, download=cfg.dataset.download,
-                           seed=cfg.seed, image_size=cfg.dataset.image_size,
-                           num_classes=cfg.dataset.num_classes,
-                           synthetic_train_size=cfg.dataset.train_size,
-                           synthetic_test_size=cfg.dataset.test_size)
-    if rank == 0:
-        train_data, test_data = load()
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        train_data, test_data = load()
-    mean, std = train_data.mean_std()
-    args = dict(device=device, seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size, mean=mean,
-                std=std, channels_last=cfg.train.channels_last)
-    return (DeviceLoader(train_data, per_replica, train=True, **args),
-            DeviceLoader(test_data, per_replica, train=False, **args))
-
-
-def _streaming_loaders(cfg, device, dp_rank, dp_size, per_replica):
-    """ImageNet-size folders streamed through DataLoader workers (random-resized crops)."""
-    if not cfg.dataset.root:
-        raise ConfigError(f"dataset={cfg.dataset.name} needs dataset.root=<folder with train/ and "
-                          f"val/ (or test/) class folders>")
-    root = Path(cfg.dataset.root).expanduser()
-    eval_split = "val" if (root / "val").is_dir() else "test"
-    args = dict(device=device, image_size=cfg.dataset.image_size or 224,
-                workers=cfg.dataset.workers, seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size,
-                channels_last=cfg.train.channels_last)
-    return (StreamingEpochLoader(root, "train", per_replica, train=True, **args),
-            StreamingEpochLoader(root, eval_split, per_replica, train=False, **args))
 
 
 def _save_checkpoint(run_dir, epochs_done, rank, world, model, optimizer, scheduler, meta,

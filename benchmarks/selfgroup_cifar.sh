@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# SG-CNN and the self-grouped conversion on the CIFAR-10 JPEG export (../shared/data), on CPU.
+#   bash benchmarks/selfgroup_cifar.sh [baseline_epochs] [model] [groups]
+# 1. trains the SC baseline (skipped when its model.pt exists: delete the run folder to redo it);
+# 2. SG-CNN: progressive self-grouping pruning to two compression levels, fine-tuned;
+# 3. converts the baseline into GC-2L with N groups, self-grouped and contiguous partitions,
+#    each fine-tuned for the same number of epochs.
+# Environment: CIFAR_JPEG (the archive), SG_ARGS / CONVERT_ARGS (extra overrides).
+# Writes benchmarks/results/selfgroup_<model>.md (runs: benchmarks/results/runs/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EPOCHS=${1:-6}
+MODEL=${2:-wrn10_2}
+NGROUPS=${3:-4}
+ARCHIVE=${CIFAR_JPEG:-../shared/data/cifar10-jpeg.tar.gz}
+RUNS=benchmarks/results/runs
+BASE=$RUNS/selfgroup_${MODEL}_sc
+DATA=(dataset=imagefolder dataset.root="$ARCHIVE")
+if [ ! -f "$BASE/model.pt" ]; then
+    rm -rf "$BASE"
+    .venv/bin/python -m twolevel_dist.train model="$MODEL" conv=sc groups=1 "${DATA[@]}" \
+        train.epochs="$EPOCHS" schedule=cosine tensorboard=false run_dir="$BASE"
+fi

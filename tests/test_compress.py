@@ -1,0 +1,102 @@
+"""The compression entry point end to end: SG-CNN pruning and SC -> GC-2L conversion from a saved
+SC model.pt, the files it writes read back, and bad inputs refused before anything is written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from twolevel_dist.models import build_model, count_parameters
+from twolevel_dist.selfgroup.layers import self_group_model, self_grouped_layers
+
+SMALL = ["model=wrn10_2", "dataset=synthetic", "dataset.train_size=128", "dataset.test_size=64",
+         "finetune.batch_size=32", "finetune.max_steps=2"]
+
+
+def _save_sc(path, conv="sc", groups=1, widen=2):
+    torch.manual_seed(0)
+    model = build_model("wrn", conv=conv, groups=groups, depth=10, widen=widen, dropout=0.0)
+    torch.save({"model": model.state_dict(),
+                "meta": dict(model="wrn", conv=conv, groups=groups)}, path)
+    return model
+
+
+def _compress(run_dir, *overrides, check=True):
+    cmd = [sys.executable, "-m", "twolevel_dist.compress", f"run_dir={run_dir}", *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+def test_sg_prunes_to_each_target_and_writes_loadable_models_and_a_report(tmp_path):
+    _save_sc(tmp_path / "sc.pt")
+    run_dir = tmp_path / "sg"
+    _compress(run_dir, *SMALL, f"checkpoint={tmp_path / 'sc.pt'}", "method=sg",
+              "sg.targets=[0.3,0.6]", "sg.step=0.3", "sg.groups=2", "sg.global_epochs=1")
+    report = json.loads((run_dir / "report.json").read_text())
+    base, light, heavy = report["results"]
+    assert base["result"] == "baseline (SC)" and base["params"] == 303706
+    assert base["params"] > light["params"] > heavy["params"]
+    assert base["macs"] > light["macs"] > heavy["macs"]
+    assert heavy["param_compression"] == pytest.approx(base["params"] / heavy["params"])
+    for row in (light, heavy):
+        # The compact grouped form computes what the masked dense network computes.
+        assert row["compact_test_acc"] == pytest.approx(row["test_acc"], abs=1e-6)
+    assert (run_dir / "report.md").read_text().count("| SG ") == 2
+    # Each saved model loads strictly into a self-grouped build_model and has the reported size.
+    for name, row in (("sg_30.pt", light), ("sg_60.pt", heavy)):
+        saved = torch.load(run_dir / name, weights_only=True)
+        model = self_group_model(build_model("wrn", conv="sc", depth=10, widen=2, dropout=0.0))
+        model.load_state_dict(saved["model"], strict=True)
+        assert count_parameters(model) == row["params"]
+        assert saved["meta"]["conv"] == "sg"
+        masks = [layer.mask for _, layer in self_grouped_layers(model)]
+        assert 0 < sum(int(m.sum()) for m in masks) < sum(m.numel() for m in masks)
+    # One metrics line per fine-tuning epoch: local after each of the 2 steps, global at each.
+    phases = [json.loads(line)["phase"] for line in open(run_dir / "metrics.jsonl")]
+    assert phases == ["local fine-tuning at 0.3", "global fine-tuning at 0.3",
+                      "local fine-tuning at 0.6", "global fine-tuning at 0.6"]
+
+
+def test_convert_builds_gc2l_models_that_load_into_build_model(tmp_path):
+    _save_sc(tmp_path / "sc.pt")
+    run_dir = tmp_path / "convert"
+    _compress(run_dir, *SMALL, f"checkpoint={tmp_path / 'sc.pt'}", "method=convert",
+              "convert.conv=gc2l", "convert.groups=2", "convert.epochs=1")
+    report = json.loads((run_dir / "report.json").read_text())
+    base, selfgroup, contiguous = report["results"]
+    assert selfgroup["importance_kept"] >= contiguous["importance_kept"]
+    reference = build_model("wrn", conv="gc2l", groups=2, depth=10, widen=2, dropout=0.0)
+    assert selfgroup["params"] == contiguous["params"] == count_parameters(reference)
+    for partition in ("selfgroup", "contiguous"):
+        saved = torch.load(run_dir / f"gc2l_N2_{partition}.pt", weights_only=True)
+        reference.load_state_dict(saved["model"], strict=True)
+        assert saved["meta"]["partition"] == partition
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method=sg"], "checkpoint=<model.pt> is required"),
+    (["method=prune", "checkpoint=x.pt"], "method='prune' is not one of"),
+    (["checkpoint=missing.pt"], "no such file"),
+    (["checkpoint={gc}"], "was trained with conv=gc"),
+    (["checkpoint={sc}", "model.widen=4"], "does not fit model=wrn"),
+    (["checkpoint={sc}", "sg.targets=[0.5,1.2]"], "strictly between 0 and 1"),
+    (["checkpoint={sc}", "method=convert", "convert.conv=shuffle"], "targets gc or gc2l"),
+    (["checkpoint={sc}", "method=convert", "convert.groups=3"], "3"),
+])
+def test_bad_inputs_fail_early_with_a_clear_message_and_write_nothing(tmp_path, overrides,
+                                                                      message):
+    _save_sc(tmp_path / "sc.pt")
+    _save_sc(tmp_path / "gc.pt", conv="gc", groups=2)
+    overrides = [o.format(sc=tmp_path / "sc.pt", gc=tmp_path / "gc.pt") for o in overrides]
+    run_dir = tmp_path / "run"
+    out = _compress(run_dir, *SMALL, *overrides, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not run_dir.exists()

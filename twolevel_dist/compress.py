@@ -1,0 +1,310 @@
+"""The compression entry point (Hydra): from a trained SC network to a cheaper one, on one device.
+
+    python -m twolevel_dist.compress checkpoint=<run>/model.pt model=wrn10_2 dataset=cifar10 method=sg
+    python -m twolevel_dist.compress checkpoint=<run>/model.pt model=wrn10_2 dataset=cifar10 \\
+        method=convert convert.conv=gc2l convert.groups=4
+
+method=sg       SG-CNN (Guo et al. 2020): each layer's filters group themselves by k-means on their
+                importance vectors, the least important (group, input channel) connections are
+                pruned step by step to each target fraction, with fine-tuning between steps
+                (scheme local_global) or only at the targets (scheme global). One model per
+                target, evaluated as a masked dense network and in its compact grouped form.
+method=convert  SC -> GC or GC-2L with N groups: the channels of every channel space are
+                partitioned into N equal groups, by importance ("selfgroup") or contiguously,
+                the diagonal blocks become the grouped weights, and the result is fine-tuned.
+                The saved model.pt loads into build_model(..., conv, groups) and into
+                `twolevel_dist.train` runs of that layout.
+
+The run directory gets report.md and report.json (accuracy, parameters, MACs, compression per
+result, and per layer), metrics.jsonl (one line per fine-tuning epoch) and one .pt per result.
+"""
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from twolevel_dist.config import CompressConfig, register_resolvers, validate_compress
+from twolevel_dist.data import DataError
+from twolevel_dist.engine.checkpoint import atomic_save
+from twolevel_dist.engine.loaders import build_loaders
+from twolevel_dist.engine.loop import Progress, evaluate, train_one_epoch
+from twolevel_dist.engine.metrics import MetricsWriter
+from twolevel_dist.errors import ConfigError
+from twolevel_dist.layers import to_layout
+from twolevel_dist.models import build_model
+from twolevel_dist.selfgroup.accounting import layer_report, markdown_table, totals
+from twolevel_dist.layers.group import StandardConv2d
+from twolevel_dist.selfgroup.convert import convert_to_grouped, wrn_channel_graph
+from twolevel_dist.selfgroup.partition import check_groups
+from twolevel_dist.selfgroup.grouping import progressive_schedule, prune_step
+from twolevel_dist.selfgroup.layers import self_group_model, set_mode
+
+log = logging.getLogger("twolevel_dist")
+
+register_resolvers()
+ConfigStore.instance().store(name="compress_schema", node=CompressConfig)
+
+
+def load_sc_checkpoint(path: str, cfg: CompressConfig, num_classes: int) -> torch.nn.Module:
+    """The SC network of a training run's consolidated ``model.pt``, checked against ``cfg.model``."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"checkpoint={path}: no such file; pass the model.pt a training run "
+                          f"wrote (python -m twolevel_dist.train conv=sc groups=1 ...)")
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:       # a truncated or foreign file: say which, not a torch trace
+        raise ConfigError(f"checkpoint={path} is not a readable model.pt ({error})") from None
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise ConfigError(f"checkpoint={path} is not a twolevel_dist model.pt (no 'model' entry)")
+    meta = saved.get("meta", {})
+    if meta.get("conv", "sc") != "sc":
+        raise ConfigError(f"checkpoint={path} was trained with conv={meta['conv']}; compression "
+                          f"starts from a standard-convolution network: train one with conv=sc "
+                          f"groups=1")
+    if meta.get("model", cfg.model.name) != cfg.model.name:
+        raise ConfigError(f"checkpoint={path} holds a {meta['model']!r} network but model.name="
+                          f"{cfg.model.name!r}; pass the model config it was trained with")
+    model = build_model(cfg.model.name, conv="sc", groups=1, num_classes=num_classes,
+                        **cfg.model.build_kwargs())
+    try:
+        model.load_state_dict(saved["model"], strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise ConfigError(
+            f"checkpoint={path} does not fit model={cfg.model.name} {cfg.model.build_kwargs()} "
+            f"with {num_classes} classes ({first}); it was trained with "
+            f"{meta.get('model_kwargs', 'unknown arguments')}: pass that model config") from None
+    return model
+
+
+class Finetuner:
+    """SGD with momentum, the learning rate cosine-annealed to zero over each phase's steps."""
+
+    def __init__(self, cfg: CompressConfig, train_loader, test_loader, device, writer):
+        self.cfg, self.device, self.writer = cfg, device, writer
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.epochs_done = 0
+
+    def evaluate(self, model) -> tuple[float, float]:
+        return evaluate(model, self.test_loader, device=self.device, amp=self.cfg.finetune.amp,
+                        dp_group=None)
+
+    def __call__(self, model, epochs: int, phase: str) -> None:
+        if epochs == 0:
+            return
+        f = self.cfg.finetune
+        steps_per_epoch = len(self.train_loader) if f.max_steps is None else \
+            min(f.max_steps, len(self.train_loader))
+        total = epochs * steps_per_epoch
+        optimizer = torch.optim.SGD(model.parameters(), lr=f.lr, momentum=f.momentum,
+                                    weight_decay=f.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        for epoch in range(epochs):
+            self.train_loader.set_epoch(self.epochs_done)
+            result = train_one_epoch(model, self.train_loader, optimizer, device=self.device,
+                                     amp=f.amp, max_steps=f.max_steps,
+                                     on_step=lambda stats: schedule.step(),
+                                     progress=Progress(True, steps_per_epoch, phase))
+            self.epochs_done += 1
+            test_loss, test_acc = self.evaluate(model)
+            record = dict(epoch=self.epochs_done, step=self.epochs_done, phase=phase,
+                          phase_epoch=epoch + 1, train_loss=result.loss,
+                          train_acc=result.accuracy, test_loss=test_loss, test_acc=test_acc,
+                          epoch_time_s=result.seconds)
+            self.writer.epoch(record)
+            log.info(f"{phase} epoch {epoch + 1}/{epochs}: train loss {result.loss:.4f} | "
+                     f"test acc {test_acc:.2f}% | {result.seconds:.0f} s")
+
+
+def _eval_ms_per_batch(model, loader, reps: int = 5) -> float:
+    """Median forward time of one test batch, in milliseconds (eval mode, no gradient)."""
+    images, _ = next(iter(loader))
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            start = time.perf_counter()
+            model(images)
+            if images.is_cuda:
+                torch.cuda.synchronize()
+            if i:                        # the first call warms up
+                times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _result_row(label: str, model, finetuner, input_size, **extra) -> dict:
+    test_loss, test_acc = finetuner.evaluate(model)
+    cost = totals(model, input_size)
+    return dict(result=label, test_acc=test_acc, test_loss=test_loss,
+                params=cost.kept_params, macs=cost.kept_macs, **extra)
+
+
+def _with_compression(rows: list[dict]) -> list[dict]:
+    base = rows[0]
+    for row in rows:
+        row["param_compression"] = base["params"] / row["params"]
+        row["mac_compression"] = base["macs"] / row["macs"]
+    return rows
+
+
+def run_sg(cfg, model, finetuner, input_size, run_dir, meta) -> tuple[list[dict], dict]:
+    s = cfg.sg
+    rows = [_result_row("baseline (SC)", model, finetuner, input_size)]
+    self_group_model(model, include_linear=s.include_linear)
+    targets = sorted(set(round(float(t), 10) for t in s.targets))
+    schedule = sorted(set(progressive_schedule(targets[-1], s.step)) | set(targets))
+    layers = {}
+    for sparsity in schedule:
+        summary = prune_step(model, sparsity=sparsity, groups=s.groups, seed=cfg.seed,
+                             scope=s.scope, include_shortcuts=s.include_shortcuts,
+                             linear_until=s.linear_until)
+        _, pruned_acc = finetuner.evaluate(model)
+        log.info(f"pruned to {100 * summary.pruned_fraction:.1f}% of the connections (step "
+                 f"{sparsity}): test acc {pruned_acc:.2f}% before fine-tuning")
+        if s.scheme == "local_global":
+            finetuner(model, s.local_epochs, f"local fine-tuning at {sparsity}")
+        if sparsity not in targets:
+            continue
+        final = copy.deepcopy(model)
+        finetuner(final, s.global_epochs, f"global fine-tuning at {sparsity}")
+        masked = _result_row(f"SG {sparsity:.0%} pruned", final, finetuner, input_size,
+                             acc_right_after_pruning=pruned_acc,
+                             masked_ms_per_batch=_eval_ms_per_batch(final,
+                                                                    finetuner.test_loader))
+        set_mode(final, "compact")
+        compact = _result_row("", final, finetuner, input_size)
+        masked.update(compact_test_acc=compact["test_acc"],
+                      compact_ms_per_batch=_eval_ms_per_batch(final, finetuner.test_loader))
+        rows.append(masked)
+        layers[masked["result"]] = [asdict(r) for r in layer_report(final, input_size)]
+        atomic_save({"model": {k: v.cpu() for k, v in final.state_dict().items()},
+                     "meta": dict(meta, conv="sg", sparsity=sparsity, sg=asdict(s))},
+                    run_dir / f"sg_{round(100 * sparsity)}.pt")
+    return rows, layers
+
+
+def run_convert(cfg, model, finetuner, input_size, run_dir, meta) -> tuple[list[dict], dict]:
+    c = cfg.convert
+    rows = [_result_row("baseline (SC)", model, finetuner, input_size)]
+    layers = {}
+    for partition in c.partitions:
+        grouped, report = convert_to_grouped(
+            model, conv=c.conv, groups=c.groups, model_name=cfg.model.name,
+            model_kwargs=cfg.model.build_kwargs(), method=partition, seed=cfg.seed)
+        log.info(report.summary())
+        label = f"{c.conv} N={c.groups}, {partition} partition"
+        _, converted_acc = finetuner.evaluate(grouped)
+        finetuner(grouped, c.epochs, f"fine-tuning {label}")
+        rows.append(_result_row(label, grouped, finetuner, input_size,
+                                acc_right_after_conversion=converted_acc,
+                                importance_kept=report.kept_fraction))
+        layers[label] = [dict(layer=name, importance_kept=kept,
+                              contiguous_importance_kept=report.contiguous_by_layer[name])
+                         for name, kept in report.kept_by_layer.items()]
+        atomic_save({"model": {k: v.cpu() for k, v in grouped.state_dict().items()},
+                     "meta": dict(meta, conv=c.conv, groups=c.groups, partition=partition)},
+                    run_dir / f"{c.conv}_N{c.groups}_{partition}.pt")
+    return rows, layers
+
+
+def write_report(run_dir: Path, cfg: CompressConfig, rows: list[dict], layers: dict) -> None:
+    command = "python -m twolevel_dist.compress " + " ".join(sys.argv[1:])
+    (run_dir / "report.json").write_text(json.dumps(
+        dict(command=command, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+             results=rows, layers=layers), indent=1))
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3f}"
+        return "" if value is None else str(value)
+    lines = [f"# compress: {cfg.method} on {cfg.model.name} {cfg.model.build_kwargs()}, "
+             f"{cfg.dataset.name}", "", f"Command: `{command}`", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    for label, table in layers.items():
+        lines += ["", f"## {label}: per layer", ""]
+        if table and "dense_params" in table[0]:
+            from twolevel_dist.selfgroup.accounting import LayerRow
+            lines.append(markdown_table([LayerRow(**row) for row in table]))
+        else:
+            lines += ["| layer | importance kept | contiguous split |", "|---|---|---|"]
+            lines += [f"| {r['layer']} | {r['importance_kept']:.3f} | "
+                      f"{r['contiguous_importance_kept']:.3f} |" for r in table]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _preflight(cfg: CompressConfig, model: torch.nn.Module) -> None:
+    """The checks that need the model, made before the run writes anything."""
+    if cfg.method == "convert":
+        check_groups(wrn_channel_graph(model), cfg.convert.groups)
+    else:
+        narrowest = min(m.out_channels for m in model.modules()
+                        if isinstance(m, StandardConv2d))
+        if cfg.sg.groups > narrowest:
+            raise ConfigError(f"sg.groups={cfg.sg.groups} exceeds the {narrowest} filters of the "
+                              f"narrowest layer; use at most {narrowest} groups")
+
+
+def run(cfg: CompressConfig, run_dir: Path) -> list[dict]:
+    validate_compress(cfg)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], force=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    train_loader, test_loader = build_loaders(
+        cfg.dataset, seed=cfg.seed, device=device, per_replica=cfg.finetune.batch_size,
+        channels_last=cfg.finetune.channels_last)
+    model = load_sc_checkpoint(cfg.checkpoint, cfg, train_loader.num_classes).to(device)
+    if cfg.finetune.channels_last:
+        to_layout(model, torch.channels_last)
+    input_size = tuple(next(iter(test_loader))[0].shape[1:])
+    _preflight(cfg, model)
+    # Only now, with the inputs known good, does the run leave anything on disk.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger().addHandler(logging.FileHandler(run_dir / "compress.log"))
+    writer = MetricsWriter(run_dir, enabled=True, tensorboard=False)
+    finetuner = Finetuner(cfg, train_loader, test_loader, device, writer)
+    meta = dict(model=cfg.model.name, model_kwargs=repr(sorted(cfg.model.build_kwargs().items())),
+                source=str(cfg.checkpoint))
+    method = run_sg if cfg.method == "sg" else run_convert
+    rows, layers = method(cfg, model, finetuner, input_size, run_dir, meta)
+    rows = _with_compression(rows)
+    writer.close()
+    write_report(run_dir, cfg, rows, layers)
+    for row in rows:
+        log.info(f"{row['result']}: test acc {row['test_acc']:.2f}%, {row['params']:,} "
+                 f"parameters, {row['macs']:,} MACs per image")
+    log.info(f"report: {run_dir / 'report.md'}")
+    return rows
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="compress")
+def main(cfg) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(OmegaConf.to_object(cfg), run_dir)
+    except (ConfigError, DataError) as error:      # a clear message, not a stack trace
+        print(f"error: {error}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()                        # Hydra made it; leave nothing behind
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The train and test loaders of a data set config, for one rank of a (dp, gp) layout."""
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from twolevel_dist.data import DeviceLoader, is_streaming, load_arrays
+from twolevel_dist.data.streaming import StreamingEpochLoader
+from twolevel_dist.errors import ConfigError
+
+
+def build_loaders(dataset, *, seed: int, device: torch.device, rank: int = 0, world: int = 1,
+                  dp_rank: int = 0, dp_size: int = 1, per_replica: int,
+                  channels_last: bool = False):
+    """(train, test) loaders for ``dataset`` (a ``DatasetConfig``): streamed through DataLoader
+    workers for ImageNet-size folders, held on the device otherwise. Every rank of a gp group
+    reads the same batches; dp replicas read disjoint shards of ``per_replica`` images."""
+    if is_streaming(dataset.name):
+        return _streaming_loaders(dataset, seed, device, dp_rank, dp_size, per_replica,
+                                  channels_last)
+    return _in_memory_loaders(dataset, seed, device, rank, world, dp_rank, dp_size, per_replica,
+                              channels_last)
+
+
+def _in_memory_loaders(dataset, seed, device, rank, world, dp_rank, dp_size, per_replica,
+                       channels_last):
+    """CIFAR-size data on the device as uint8, augmented there. Rank 0 loads first, so that the
+    others read its decoded cache instead of decoding in parallel."""
+    def load():
+        return load_arrays(dataset.name, root=dataset.root, download=dataset.download,
+                           seed=seed, image_size=dataset.image_size,
+                           num_classes=dataset.num_classes,
+                           synthetic_train_size=dataset.train_size,
+                           synthetic_test_size=dataset.test_size)
+    if rank == 0:
+        train_data, test_data = load()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        train_data, test_data = load()
+    mean, std = train_data.mean_std()
+    args = dict(device=device, seed=seed, dp_rank=dp_rank, dp_size=dp_size, mean=mean,
+                std=std, channels_last=channels_last)
+    return (DeviceLoader(train_data, per_replica, train=True, **args),
+            DeviceLoader(test_data, per_replica, train=False, **args))
+
+
+def _streaming_loaders(dataset, seed, device, dp_rank, dp_size, per_replica, channels_last):
+    """ImageNet-size folders streamed through DataLoader workers (random-resized crops)."""
+    if not dataset.root:
+        raise ConfigError(f"dataset={dataset.name} needs dataset.root=<folder with train/ and "
+                          f"val/ (or test/) class folders>")
+    root = Path(dataset.root).expanduser()
+    eval_split = "val" if (root / "val").is_dir() else "test"
+    args = dict(device=device, image_size=dataset.image_size or 224, workers=dataset.workers,
+                seed=seed, dp_rank=dp_rank, dp_size=dp_size, channels_last=channels_last)
+    return (StreamingEpochLoader(root, "train", per_replica, train=True, **args),
+            StreamingEpochLoader(root, eval_split, per_replica, train=False, **args))
