@@ -4,7 +4,9 @@
         stand-ins (twolevel_dist.parallel.simulated); the measured compute per rank is reported
         with the communication modelled from the bytes each collective moves (--link).
   real  one torchrun job per N with N ranks (gloo on CPU, NCCL on GPUs), barrier-synchronised,
-        the slowest rank's step per repetition, median over repetitions.
+        the slowest rank's step per repetition, median over repetitions. With
+        ``--collectives local`` the ranks run concurrently with the collectives replaced by
+        local stand-ins: the same run without communication, so the difference is its cost.
 
 Both report the speedup over SC on one rank, and GC-2L's efficiency against the ideal N^2
 (N times fewer parameters per rank, each rank doing 1/N^2 of SC's work).
@@ -83,7 +85,10 @@ def _worker(args) -> None:
     torch.set_num_threads(args.threads)
     device = init_distributed()
     n = dist.get_world_size()
-    mesh = init_mesh(n)
+    # "local": every rank runs its own shard at the same time as the others, but with the
+    # collectives replaced by local stand-ins: what the step costs without communication,
+    # sharing the machine as the real run does.
+    mesh = init_mesh(n) if args.collectives == "real" else simulated_mesh(n, dist.get_rank())
     model = _shard(args.model, args.conv, n, mesh, overlap=args.overlap).to(device)
     step = training_step(model, args.batch, device=device)
 
@@ -114,7 +119,8 @@ def run_real(args) -> list[dict]:
                        f"--nproc_per_node={n}", str(Path(__file__).resolve()), "worker",
                        "--model", args.model, "--conv", conv, "--batch", str(args.batch),
                        "--threads", str(args.threads), "--warmup", str(args.warmup),
-                       "--reps", str(args.reps)] + (["--overlap"] if overlap else [])
+                       "--reps", str(args.reps), "--collectives", args.collectives] + \
+                    (["--overlap"] if overlap else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                                      env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
                 lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -127,7 +133,8 @@ def run_real(args) -> list[dict]:
                 speedup = baseline / result["step_s"] if baseline else float("nan")
                 ideal = n if conv == "sc" else n * n
                 rows.append(dict(model=args.model, conv=conv + ("+overlap" if overlap else ""),
-                                 N=n, batch=args.batch, threads_per_rank=args.threads,
+                                 N=n, batch=args.batch, collectives=args.collectives,
+                                 threads_per_rank=args.threads,
                                  oversubscribed=n * args.threads > cores,
                                  params_per_rank=result["params_per_rank"],
                                  step_s=result["step_s"],
@@ -169,6 +176,9 @@ def main(argv=None) -> int:
         p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
         p.add_argument("--warmup", type=int, default=2)
         p.add_argument("--reps", type=int, default=5)
+        if mode in ("worker", "real"):
+            p.add_argument("--collectives", default="real", choices=("real", "local"),
+                           help="'local': stand-ins instead of the collectives (no communication)")
         if mode == "worker":
             p.add_argument("--conv", required=True)
             p.add_argument("--overlap", action="store_true")
@@ -189,8 +199,9 @@ def main(argv=None) -> int:
         return 0
     rows = run_sim(args) if args.mode == "sim" else run_real(args)
     device = "gpu" if torch.cuda.is_available() else "cpu"
+    local = "_local_collectives" if getattr(args, "collectives", "real") == "local" else ""
     stem = Path(args.out) if args.out else \
-        REPO / "benchmarks" / "results" / f"scaling_{args.mode}_{args.model}_{device}"
+        REPO / "benchmarks" / "results" / f"scaling_{args.mode}_{args.model}_{device}{local}"
     command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     notes = ("Per-rank simulation: measured compute of one rank's shard; communication modelled "
              f"from the counted bytes over the '{args.link}' link model "

@@ -21,3 +21,16 @@ if [ ! -f "$BASE/model.pt" ]; then
     .venv/bin/python -m twolevel_dist.train model="$MODEL" conv=sc groups=1 "${DATA[@]}" \
         train.epochs="$EPOCHS" schedule=cosine tensorboard=false run_dir="$BASE"
 fi
+COMMON=(model="$MODEL" "${DATA[@]}" checkpoint="$BASE/model.pt" finetune.max_steps=${FT_STEPS:-100})
+# SG-CNN: groups of filters per layer, progressive steps of 25% to 50% and 75% pruned.
+rm -rf "$RUNS/selfgroup_${MODEL}_sg"
+.venv/bin/python -m twolevel_dist.compress "${COMMON[@]}" method=sg sg.groups=4 \
+    'sg.targets=[0.5,0.75]' sg.step=0.25 sg.local_epochs=1 sg.global_epochs=2 \
+    run_dir="$RUNS/selfgroup_${MODEL}_sg" ${SG_ARGS:-}
+# SC -> GC-2L with N groups: self-grouped against contiguous channel partitions.
+rm -rf "$RUNS/selfgroup_${MODEL}_convert"
+.venv/bin/python -m twolevel_dist.compress "${COMMON[@]}" method=convert convert.conv=gc2l \
+    convert.groups="$NGROUPS" 'convert.partitions=[selfgroup,contiguous]' convert.epochs=2 \
+    run_dir="$RUNS/selfgroup_${MODEL}_convert" ${CONVERT_ARGS:-}
+.venv/bin/python benchmarks/selfgroup_table.py "$RUNS/selfgroup_${MODEL}" \
+    "benchmarks/results/selfgroup_${MODEL}.md" "bash benchmarks/selfgroup_cifar.sh $*"

@@ -2,13 +2,11 @@
 SC model.pt, the files it writes read back, and bad inputs refused before anything is written."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from test_train import _train, run_entry_point
 from twolevel_dist.models import build_model, count_parameters
 from twolevel_dist.selfgroup.layers import self_group_model, self_grouped_layers
 
@@ -25,12 +23,7 @@ def _save_sc(path, conv="sc", groups=1, widen=2):
 
 
 def _compress(run_dir, *overrides, check=True):
-    cmd = [sys.executable, "-m", "twolevel_dist.compress", f"run_dir={run_dir}", *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check:
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return out
+    return run_entry_point("twolevel_dist.compress", run_dir, *overrides, check=check)
 
 
 def test_sg_prunes_to_each_target_and_writes_loadable_models_and_a_report(tmp_path):
@@ -77,6 +70,20 @@ def test_convert_builds_gc2l_models_that_load_into_build_model(tmp_path):
         saved = torch.load(run_dir / f"gc2l_N2_{partition}.pt", weights_only=True)
         reference.load_state_dict(saved["model"], strict=True)
         assert saved["meta"]["partition"] == partition
+    # Distributed fine-tuning starts from it: 2 ranks, one group each, a learning rate so small
+    # that the consolidated result must still be the converted weights.
+    converted = run_dir / "gc2l_N2_selfgroup.pt"
+    _train(tmp_path / "train", "model=wrn10_2", "conv=gc2l", "groups=2", "train.epochs=1",
+           "train.max_steps=1", "train.batch_size=32", "dataset.train_size=64",
+           "dataset.test_size=32", "tensorboard=false", "optim.lr=1e-12",
+           "optim.weight_decay=0", f"init_from={converted}")
+    trained = torch.load(tmp_path / "train" / "model.pt", weights_only=True)["model"]
+    for key, value in torch.load(converted, weights_only=True)["model"].items():
+        if not key.endswith("num_batches_tracked") and "running" not in key:
+            torch.testing.assert_close(trained[key], value, rtol=1e-6, atol=1e-7)
+    out = _train(tmp_path / "bad", "model=wrn10_2", "conv=gc2l", "groups=4", "train.epochs=1",
+                 f"init_from={converted}", nproc=1, check=False)
+    assert out.returncode == 2 and "does not fit this run's model" in out.stderr
 
 
 @pytest.mark.parametrize("overrides,message", [

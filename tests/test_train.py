@@ -22,15 +22,20 @@ SMALL = ["model=wrn10_2", "train.batch_size=32", "dataset.train_size=256",
          "dataset.test_size=64", "tensorboard=false"]
 
 
-def _train(run_dir, *overrides, nproc=2, check=True):
+def run_entry_point(module, run_dir, *overrides, nproc=1, check=True):
+    """``python -m module`` (torchrun with ``nproc`` > 1) with Hydra overrides; the result."""
     launcher = ([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
                 else [str(PYTHON)])
-    cmd = launcher + ["-m", "twolevel_dist.train", f"run_dir={run_dir}", *overrides]
+    cmd = launcher + ["-m", module, f"run_dir={run_dir}", *overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check:
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
+
+
+def _train(run_dir, *overrides, nproc=2, check=True):
+    return run_entry_point("twolevel_dist.train", run_dir, *overrides, nproc=nproc, check=check)
 
 
 def test_two_rank_run_on_synthetic_data_writes_metrics_checkpoints_and_model(tmp_path):

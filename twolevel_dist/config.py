@@ -81,6 +81,7 @@ class TrainConfig:
     groups: Optional[int] = None         # N; default: the world size
     seed: int = 0
     eval_only: bool = False
+    init_from: Optional[str] = None      # a consolidated model.pt (train or compress) to start from
     resume: bool = False                 # continue from run_dir's latest complete checkpoint
     run_dir: Optional[str] = None        # default: outputs/<model>-<conv>-N<groups>/<run id>
     tensorboard: bool = True

@@ -74,6 +74,23 @@ def _reduce_over(group, *values: float) -> list[float]:
     return t.tolist()
 
 
+def load_consolidated(model: torch.nn.Module, path: str) -> None:
+    """Weights from a consolidated single-device ``model.pt`` (a finished run's, or one that
+    ``twolevel_dist.compress`` converted), checked against the model this run builds."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"init_from={path}: no such file; pass a model.pt")
+    saved = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(saved["model"] if "model" in saved else saved, strict=True)
+    except RuntimeError as error:
+        meta = saved.get("meta", {})
+        raise ConfigError(f"init_from={path} ({meta}) does not fit this run's model: "
+                          f"{str(error).splitlines()[-1].strip()}; build the same model, conv "
+                          f"and groups") from None
+    log.info(f"initialised from {file}")
+
+
 def run(cfg: TrainConfig, run_dir: Path) -> dict:
     validate(cfg)
     world = env_world_size()
@@ -103,6 +120,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     model_kwargs = cfg.model.build_kwargs()
     model = build_model(cfg.model.name, conv=cfg.conv.kind, groups=model_groups,
                         num_classes=num_classes, **model_kwargs)
+    if cfg.init_from:
+        load_consolidated(model, cfg.init_from)
     total_parameters = count_parameters(model)
     model.to(device)
     if cfg.train.channels_last:
