@@ -1,8 +1,10 @@
 """Microbenchmarks of one layer (forward + backward, median of repetitions):
 
-  rank       a GC-2L rank's fused convolution (C_out/N + 1 filters) against GC's local
-             convolution alone (C_out/N filters): the coarse level's compute overhead per rank;
-             and the overlap path (representative and local filters as two convolutions).
+  rank       one rank's GC-2L layer (the engine's ShardedTwoLevelConv2d, its all-gather replaced
+             by a local stand-in) against GC's local convolution alone (C_out/N filters): the
+             coarse level's compute overhead per rank, for the "fused" convolution of C_out/N + 1
+             filters, the "taps" path (local convolution + representatives by kernel taps), and
+             the overlap path (taps, the all-gather started before the local convolution).
   device     single-device group convolution (groups=N) and GC-2L against SC.
 Each in NCHW and channels_last; fp32, plus bf16 where a GPU is present.
 
@@ -20,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, median, time_steps, write_results  # noqa: E402
 
 from twolevel_dist.layers import make_conv, to_layout  # noqa: E402
+from twolevel_dist.parallel.sharded import ShardedTwoLevelConv2d  # noqa: E402
+from twolevel_dist.parallel.simulated import SimulatedGroup  # noqa: E402
 
 
 def _fwd_bwd(fn, x, params):
@@ -61,13 +65,16 @@ def main(argv=None) -> int:
             for n in args.groups:
                 g = c // n
                 x_rank = tensor(args.batch, c // n, args.size, args.size)
-                w_local, w_fused = tensor(g, c // n, k, k), tensor(g + 1, c // n, k, k)
-                w_rep = tensor(1, c // n, k, k)
-                conv = lambda w: (lambda x: F.conv2d(x, w, padding=k // 2))  # noqa: E731
-                local = timed(_fwd_bwd(conv(w_local), x_rank, [w_local]))
-                fused = timed(_fwd_bwd(conv(w_fused), x_rank, [w_fused]))
-                split = timed(_fwd_bwd(lambda x: conv(w_local)(x).sum() + conv(w_rep)(x).sum(),
-                                       x_rank, [w_local, w_rep]))
+                w_local = tensor(g, c // n, k, k)
+                local = timed(_fwd_bwd(lambda x: F.conv2d(x, w_local, padding=k // 2), x_rank,
+                                       [w_local]))
+                rank_ms = {}
+                for path, impl, overlap in (("fused", "fused", False), ("taps", "taps", False),
+                                            ("overlap", "taps", True)):
+                    rank = ShardedTwoLevelConv2d(tensor(1, g + 1, c // n, k, k, grad=False),
+                                                 tensor(g, n, grad=False), 1, k // 2,
+                                                 SimulatedGroup(n), overlap=overlap, impl=impl)
+                    rank_ms[path] = timed(_fwd_bwd(rank, x_rank, list(rank.parameters())))
                 x_full = tensor(args.batch, c, args.size, args.size)
                 modules = {kind: to_layout(make_conv(kind, c, c, k, 1, 1 if kind == "sc" else n)
                                            .to(device=device, dtype=dtype), layout)
@@ -77,8 +84,11 @@ def main(argv=None) -> int:
                 rows.append(dict(
                     dtype=str(dtype).replace("torch.", ""),
                     layout="channels_last" if layout is torch.channels_last else "NCHW",
-                    N=n, rank_gc_local_ms=local, rank_gc2l_fused_ms=fused,
-                    rank_fused_overhead=fused / local - 1, rank_overlap_split_ms=split,
+                    N=n, rank_gc_local_ms=local, rank_gc2l_fused_ms=rank_ms["fused"],
+                    rank_gc2l_taps_ms=rank_ms["taps"],
+                    rank_gc2l_overlap_ms=rank_ms["overlap"],
+                    rank_fused_overhead=rank_ms["fused"] / local - 1,
+                    rank_taps_overhead=rank_ms["taps"] / local - 1,
                     device_sc_ms=device_ms["sc"], device_gc_ms=device_ms["gc"],
                     device_gc2l_ms=device_ms["gc2l"],
                     device_gc_speedup_vs_sc=device_ms["sc"] / device_ms["gc"]))

@@ -5,7 +5,8 @@
 # 2. SG-CNN: progressive self-grouping pruning to two compression levels, fine-tuned;
 # 3. converts the baseline into GC-2L with N groups, self-grouped and contiguous partitions,
 #    each fine-tuned for the same number of epochs.
-# Environment: CIFAR_JPEG (the archive), SG_ARGS / CONVERT_ARGS (extra overrides).
+# Environment: CIFAR_JPEG (the archive), FT_STEPS (steps per fine-tuning epoch, default 200 of
+# the 390 in an epoch: a CPU budget), SG_ARGS / CONVERT_ARGS (extra overrides).
 # Writes benchmarks/results/selfgroup_<model>.md (runs: benchmarks/results/runs/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ if [ ! -f "$BASE/model.pt" ]; then
     .venv/bin/python -m twolevel_dist.train model="$MODEL" conv=sc groups=1 "${DATA[@]}" \
         train.epochs="$EPOCHS" schedule=cosine tensorboard=false run_dir="$BASE"
 fi
-COMMON=(model="$MODEL" "${DATA[@]}" checkpoint="$BASE/model.pt" finetune.max_steps=${FT_STEPS:-100})
+COMMON=(model="$MODEL" "${DATA[@]}" checkpoint="$BASE/model.pt" finetune.max_steps=${FT_STEPS:-200})
 # SG-CNN: groups of filters per layer, progressive steps of 25% to 50% and 75% pruned.
 rm -rf "$RUNS/selfgroup_${MODEL}_sg"
 .venv/bin/python -m twolevel_dist.compress "${COMMON[@]}" method=sg sg.groups=4 \
