@@ -35,3 +35,6 @@ rm -rf "$RUNS/selfgroup_${MODEL}_convert"
     run_dir="$RUNS/selfgroup_${MODEL}_convert" ${CONVERT_ARGS:-}
 .venv/bin/python benchmarks/selfgroup_table.py "$RUNS/selfgroup_${MODEL}" \
     "benchmarks/results/selfgroup_${MODEL}.md" "bash benchmarks/selfgroup_cifar.sh $*"
+for job in sg convert; do     # per-layer tables
+    cp "$RUNS/selfgroup_${MODEL}_$job/report.md" "benchmarks/results/selfgroup_${MODEL}_${job}_layers.md"
+done
