@@ -100,48 +100,60 @@ def _worker(args) -> None:
     dist.all_reduce(times, op=dist.ReduceOp.MAX)        # a step lasts as long as its slowest rank
     calls, nbytes = _comm_of_one_step(step)
     if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(dict(step_s=float(times.median()), calls=calls,
-                                          bytes=nbytes,
+        print("RESULT " + json.dumps(dict(step_s=times.tolist(), calls=calls, bytes=nbytes,
                                           params_per_rank=sum(p.numel() for p in model.parameters()))),
               flush=True)
     dist.destroy_process_group()
 
 
+def _real_job(args, n: int, conv: str, overlap: bool) -> dict:
+    """One torchrun job of ``n`` ranks; its rank 0's RESULT (every step's slowest-rank time)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={n}", str(Path(__file__).resolve()), "worker",
+           "--model", args.model, "--conv", conv, "--batch", str(args.batch),
+           "--threads", str(args.threads), "--warmup", str(args.warmup),
+           "--reps", str(args.reps), "--collectives", args.collectives] + \
+        (["--overlap"] if overlap else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"error: the run {conv} N={n} failed")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def run_real(args) -> list[dict]:
+    """Every configuration once per round, the rounds one after another, so that a slow spell
+    of a shared machine falls on all configurations alike; a configuration's step time is the
+    median over all its rounds' steps."""
+    configs = [(n, conv, overlap) for n in args.groups for conv in args.convs
+               for overlap in ([False, True] if conv == "gc2l" and args.with_overlap else [False])
+               if n > 1 or conv == "sc"]
+    steps = {config: [] for config in configs}
+    results = {}
+    for round_ in range(args.rounds):
+        for config in configs:
+            results[config] = _real_job(args, *config)
+            steps[config] += results[config]["step_s"]
+            print(f"round {round_ + 1}/{args.rounds} {config}: median "
+                  f"{median(results[config]['step_s']):.4f} s", file=sys.stderr, flush=True)
     rows, baseline = [], None
     cores = os.cpu_count()
-    for n in args.groups:
-        for conv in args.convs:
-            for overlap in ([False, True] if conv == "gc2l" and args.with_overlap else [False]):
-                if n == 1 and conv != "sc":
-                    continue
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc_per_node={n}", str(Path(__file__).resolve()), "worker",
-                       "--model", args.model, "--conv", conv, "--batch", str(args.batch),
-                       "--threads", str(args.threads), "--warmup", str(args.warmup),
-                       "--reps", str(args.reps), "--collectives", args.collectives] + \
-                    (["--overlap"] if overlap else [])
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                                     env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-                lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-                if out.returncode != 0 or not lines:
-                    print(out.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"error: the run {conv} N={n} failed")
-                result = json.loads(lines[-1][len("RESULT "):])
-                if n == 1:
-                    baseline = result["step_s"]
-                speedup = baseline / result["step_s"] if baseline else float("nan")
-                ideal = n if conv == "sc" else n * n
-                rows.append(dict(model=args.model, conv=conv + ("+overlap" if overlap else ""),
-                                 N=n, batch=args.batch, collectives=args.collectives,
-                                 threads_per_rank=args.threads,
-                                 oversubscribed=n * args.threads > cores,
-                                 params_per_rank=result["params_per_rank"],
-                                 step_s=result["step_s"],
-                                 comm_MB=sum(result["bytes"].values()) / 1e6,
-                                 speedup_vs_sc1=speedup, ideal=ideal,
-                                 efficiency=speedup / ideal))
-                print(json.dumps(rows[-1]), flush=True)
+    for (n, conv, overlap) in configs:
+        result, step_s = results[(n, conv, overlap)], median(steps[(n, conv, overlap)])
+        if n == 1:
+            baseline = step_s
+        speedup = baseline / step_s if baseline else float("nan")
+        ideal = n if conv == "sc" else n * n
+        rows.append(dict(model=args.model, conv=conv + ("+overlap" if overlap else ""),
+                         N=n, batch=args.batch, collectives=args.collectives,
+                         threads_per_rank=args.threads, oversubscribed=n * args.threads > cores,
+                         params_per_rank=result["params_per_rank"], step_s=step_s,
+                         step_min_s=min(steps[(n, conv, overlap)]),
+                         comm_MB=sum(result["bytes"].values()) / 1e6,
+                         speedup_vs_sc1=speedup, ideal=ideal, efficiency=speedup / ideal))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -193,6 +205,8 @@ def main(argv=None) -> int:
         if mode == "real":
             p.add_argument("--with-overlap", action="store_true",
                            help="also run GC-2L with the all-gather overlapped")
+            p.add_argument("--rounds", type=int, default=3,
+                           help="run every configuration this many times, interleaved")
     args = parser.parse_args(argv)
     if args.mode == "worker":
         _worker(args)
@@ -207,7 +221,8 @@ def main(argv=None) -> int:
              f"from the counted bytes over the '{args.link}' link model "
              "(twolevel_dist/parallel/comm_model.py), without overlap."
              if args.mode == "sim" else
-             "Real ranks: the slowest rank's synchronised step, median over repetitions. "
+             "Real ranks: each step's time is its slowest rank's (barrier-synchronised); the median "
+             f"over {getattr(args, 'rounds', 1)} interleaved rounds of {args.reps} steps each. "
              "'oversubscribed' marks runs with more threads than cores.")
     write_results(stem, rows, f"Scaling ({args.mode}): {args.model}, batch {args.batch}",
                   command, notes)
