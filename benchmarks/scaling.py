@@ -83,6 +83,11 @@ def _worker(args) -> None:
 
     from twolevel_dist.parallel import init_distributed, init_mesh
     torch.set_num_threads(args.threads)
+    if args.bind_cores:
+        # Rank r on cores [r*t, (r+1)*t): set before the process group exists, so that gloo's
+        # threads inherit it and never migrate onto the other rank's core.
+        local, cores = int(os.environ.get("LOCAL_RANK", 0)), os.cpu_count()
+        os.sched_setaffinity(0, {(local * args.threads + i) % cores for i in range(args.threads)})
     device = init_distributed()
     n = dist.get_world_size()
     # "local": every rank runs its own shard at the same time as the others, but with the
@@ -113,7 +118,7 @@ def _real_job(args, n: int, conv: str, overlap: bool) -> dict:
            "--model", args.model, "--conv", conv, "--batch", str(args.batch),
            "--threads", str(args.threads), "--warmup", str(args.warmup),
            "--reps", str(args.reps), "--collectives", args.collectives] + \
-        (["--overlap"] if overlap else [])
+        (["--overlap"] if overlap else []) + (["--bind-cores"] if args.bind_cores else [])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -191,6 +196,8 @@ def main(argv=None) -> int:
         if mode in ("worker", "real"):
             p.add_argument("--collectives", default="real", choices=("real", "local"),
                            help="'local': stand-ins instead of the collectives (no communication)")
+            p.add_argument("--bind-cores", action="store_true",
+                           help="pin each rank (and its communication threads) to its own cores")
         if mode == "worker":
             p.add_argument("--conv", required=True)
             p.add_argument("--overlap", action="store_true")
