@@ -163,7 +163,12 @@ def run_real(args) -> list[dict]:
 
 
 def _plot(rows, path: Path, y: str, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {path.name} (pip install -e '.[bench]')",
+              file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))

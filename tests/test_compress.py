@@ -107,3 +107,20 @@ def test_bad_inputs_fail_early_with_a_clear_message_and_write_nothing(tmp_path, 
     assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert not run_dir.exists()
+
+
+def test_sg_global_only_scheme_fine_tunes_only_at_the_target(tmp_path):
+    _save_sc(tmp_path / "sc.pt")
+    run_dir = tmp_path / "sg"
+    _compress(run_dir, *SMALL, f"checkpoint={tmp_path / 'sc.pt'}", "method=sg",
+              "sg.scheme=global", "sg.targets=[0.5]", "sg.step=0.25", "sg.global_epochs=1",
+              "sg.scope=layer")
+    phases = [json.loads(line)["phase"] for line in open(run_dir / "metrics.jsonl")]
+    assert phases == ["global fine-tuning at 0.5"]          # no local fine-tuning after 0.25
+    saved = torch.load(run_dir / "sg_50.pt", weights_only=True)
+    model = self_group_model(build_model("wrn", conv="sc", depth=10, widen=2, dropout=0.0))
+    model.load_state_dict(saved["model"], strict=True)
+    # scope=layer: every block convolution that takes part is pruned to about half.
+    for name, layer in self_grouped_layers(model):
+        if name.endswith(("conv1", "conv2")):
+            assert 0.4 <= float(layer.mask.float().mean()) <= 0.6, name

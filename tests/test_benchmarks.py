@@ -1,0 +1,69 @@
+"""The scaling benchmark end to end on tiny shapes: its result files are written, read back and
+internally consistent (speedups from the step times, communication from the closed form). Speed
+itself is never asserted."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from twolevel_dist.models import build_model
+from twolevel_dist.parallel.comm_model import expected_comm
+
+SCALING = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
+
+
+def _scaling(*args):
+    out = subprocess.run([sys.executable, str(SCALING), *args], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def _rows(stem: Path) -> list[dict]:
+    with open(stem.with_suffix(".csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _closed_form_megabytes(ranks: int, batch: int) -> float:
+    model = build_model("wrn", conv="gc2l", groups=ranks, depth=10, widen=2, num_classes=10)
+    _, nbytes = expected_comm(model, ranks, batch=batch, image_size=32, num_classes=10)
+    return sum(nbytes.values()) / 1e6
+
+
+def test_real_scaling_writes_consistent_results(tmp_path):
+    # Real ranks under torchrun; their collectives are stand-ins here (the engine's real ones are
+    # tested in test_parallel.py), which keeps this test to a few seconds per job.
+    collectives = "local"
+    stem = tmp_path / "real"
+    _scaling("real", "--model", "wrn10_2", "--batch", "4", "--groups", "1", "2", "--convs", "sc",
+             "gc2l", "--with-overlap", "--collectives", collectives, "--bind-cores",
+             "--rounds", "2", "--reps", "2", "--warmup", "1", "--out", str(stem))
+    rows = _rows(stem)
+    assert [(r["conv"], r["N"]) for r in rows] == [("sc", "1"), ("sc", "2"), ("gc2l", "2"),
+                                                   ("gc2l+overlap", "2")]
+    baseline = float(rows[0]["step_s"])
+    for row in rows:
+        assert row["collectives"] == collectives
+        speedup = float(row["speedup_vs_sc1"])
+        assert speedup == pytest.approx(baseline / float(row["step_s"]), rel=1e-6)
+        assert float(row["efficiency"]) == pytest.approx(speedup / float(row["ideal"]), rel=1e-6)
+        assert 0 < float(row["step_min_s"]) <= float(row["step_s"])
+    # The bytes are counted whether the collectives are real or stand-ins.
+    assert float(rows[2]["comm_MB"]) == pytest.approx(_closed_form_megabytes(2, 4), rel=1e-6)
+    markdown = stem.with_suffix(".md").read_text()
+    assert f"--collectives {collectives}" in markdown and "2 interleaved rounds" in markdown
+
+
+def test_per_rank_simulation_writes_consistent_results(tmp_path):
+    stem = tmp_path / "sim"
+    _scaling("sim", "--model", "wrn10_2", "--batch", "4", "--groups", "1", "2", "--convs", "sc",
+             "gc", "gc2l", "--reps", "1", "--warmup", "1", "--out", str(stem))
+    rows = {(r["conv"], r["N"]): r for r in _rows(stem)}
+    assert set(rows) == {("sc", "1"), ("sc", "2"), ("gc", "2"), ("gc2l", "2")}
+    gc2l = rows[("gc2l", "2")]
+    assert float(gc2l["comm_MB"]) == pytest.approx(_closed_form_megabytes(2, 4), rel=1e-6)
+    assert float(gc2l["total_s"]) == pytest.approx(
+        float(gc2l["compute_s"]) + float(gc2l["comm_model_s"]), rel=1e-6)
+    assert float(rows[("gc", "2")]["params_per_rank"]) < float(gc2l["params_per_rank"])
