@@ -1,5 +1,7 @@
 """Each convolution kind against a direct computation written here with torch.nn.functional."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,3 +202,24 @@ def test_representatives_by_taps_under_bfloat16_autocast():
     assert x.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
     expected = F.conv2d(x.detach(), weight.detach(), None, 1, 1, 1, 4)
     torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=1e-1)
+
+
+def test_representatives_by_taps_on_every_small_geometry():
+    # Edge cases of the tap windows: taps that fall wholly in the padding, 1x1 images, strides
+    # larger than the kernel.
+    checked = 0
+    for kernel, stride, size in itertools.product([1, 3, 5], [1, 2, 3], range(1, 10)):
+        for padding in sorted({0, kernel // 2}):
+            if size + 2 * padding < kernel:
+                continue
+            x = torch.randn(2, 6, size, size, dtype=torch.float64, requires_grad=True)
+            weight = torch.randn(3, 2, kernel, kernel, dtype=torch.float64, requires_grad=True)
+            expected = F.conv2d(x, weight, None, stride, padding, 1, 3)
+            got = representatives_taps(x, weight, stride, padding)
+            torch.testing.assert_close(got, expected)
+            grad = torch.randn_like(expected)
+            for a, b in zip(torch.autograd.grad(got, (x, weight), grad),
+                            torch.autograd.grad(expected, (x, weight), grad)):
+                torch.testing.assert_close(a, b)
+            checked += 1
+    assert checked == 117

@@ -39,6 +39,8 @@ def coarse_correction(coarse_weight: torch.Tensor, representatives: torch.Tensor
     ``local`` [B, O, H, W] if given. A (b)addbmm over the batch, so the result is written
     contiguous ([B, O, H*W]) in one pass with no copy of the large tensors, as the layers after it
     (BatchNorm above all) want; einsum and a broadcast matmul return it permuted or copy it."""
+    if local is not None and local.is_contiguous():
+        return _AddCoarse.apply(local, coarse_weight, representatives)
     flat = representatives.flatten(2)
     mixing = coarse_weight.expand(flat.shape[0], *coarse_weight.shape)
     if local is None:
@@ -48,32 +50,72 @@ def coarse_correction(coarse_weight: torch.Tensor, representatives: torch.Tensor
     return out.unflatten(2, representatives.shape[2:])
 
 
-def _tap_window(tap: int, kernel: int, stride: int, out_h: int, out_w: int) -> tuple:
-    """The slice of the padded input grid that kernel tap ``tap`` reads for every output pixel."""
-    kh, kw = divmod(tap, kernel)
-    return (..., slice(kh, kh + stride * (out_h - 1) + 1, stride),
-            slice(kw, kw + stride * (out_w - 1) + 1, stride))
+class _AddCoarse(Function):
+    """local += A0 (representatives), in local's own storage: a convolution's output, which its
+    backward does not keep, so no activation-sized tensor is allocated or copied (autograd's
+    in-place ops on a view of it would add copies of their own in backward)."""
+
+    @staticmethod
+    def forward(ctx, local, coarse_weight, representatives):
+        flat = representatives.flatten(2)
+        mixing = coarse_weight.expand(flat.shape[0], *coarse_weight.shape)
+        local.view(local.shape[0], local.shape[1], -1).baddbmm_(mixing.to(local.dtype),
+                                                                 flat.to(local.dtype))
+        ctx.mark_dirty(local)
+        ctx.save_for_backward(coarse_weight, representatives)
+        return local
+
+    @staticmethod
+    def backward(ctx, grad):
+        coarse_weight, representatives = ctx.saved_tensors
+        flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)       # [B, O, H*W]
+        flat_reps = representatives.flatten(2).to(grad.dtype)           # [B, N, H*W]
+        grad_coarse = torch.bmm(flat_grad, flat_reps.transpose(1, 2)).sum(0)
+        mixing = coarse_weight.t().to(grad.dtype).expand(grad.shape[0], *coarse_weight.t().shape)
+        grad_reps = torch.bmm(mixing, flat_grad).view_as(representatives)
+        return (grad, grad_coarse.to(coarse_weight.dtype),
+                grad_reps.to(representatives.dtype))
+
+
+def _tap_windows(tap: int, kernel: int, stride: int, padding: int, in_hw, out_hw) -> tuple:
+    """For kernel tap ``tap``: (output window, input window), the output pixels whose receptive
+    field puts this tap inside the image and the input pixels it reads there (padding reads
+    zeros, so it is simply left out)."""
+    out_slices, in_slices = [], []
+    for offset, size_in, size_out in zip(divmod(tap, kernel), in_hw, out_hw):
+        first = max(0, -((offset - padding) // stride))               # ceil((p - offset) / s)
+        last = min(size_out - 1, (size_in - 1 - offset + padding) // stride)
+        if last < first:                       # this tap never lands inside the image
+            out_slices.append(slice(0, 0))
+            in_slices.append(slice(0, 0))
+            continue
+        start = first * stride + offset - padding
+        out_slices.append(slice(first, last + 1))
+        in_slices.append(slice(start, start + (last - first) * stride + 1, stride))
+    return (..., *out_slices), (..., *in_slices)
 
 
 class _Representatives(Function):
     """R0 by kernel taps: Y[b, j, t] = w_j[:, t] . x_j[b] (a [k^2, C/N] x [C/N, H*W] matrix product
     per group), then output pixel p sums Y over the k^2 taps at p's shifted positions. It reads x
     once, where a k x k convolution with one filter per group goes through kernels built for many
-    filters. The backward scatters the gradient back onto the taps and does the two matching
+    filters. The backward places the gradient back onto the taps and does the two matching
     matrix products; it never builds autograd's zero-filled gradient per slice."""
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding):
         batch, _, height, width = x.shape
         groups, per_group, kernel = weight.shape[:3]
-        out_h = (height + 2 * padding - kernel) // stride + 1
-        out_w = (width + 2 * padding - kernel) // stride + 1
+        out_hw = ((height + 2 * padding - kernel) // stride + 1,
+                  (width + 2 * padding - kernel) // stride + 1)
         taps = weight.reshape(groups, per_group, kernel * kernel).transpose(1, 2)
         per_tap = torch.matmul(taps, x.reshape(batch, groups, per_group, height * width))
-        per_tap = F.pad(per_tap.unflatten(3, (height, width)), (padding,) * 4)
-        out = per_tap[:, :, 0][_tap_window(0, kernel, stride, out_h, out_w)].clone()
-        for tap in range(1, kernel * kernel):
-            out += per_tap[:, :, tap][_tap_window(tap, kernel, stride, out_h, out_w)]
+        per_tap = per_tap.unflatten(3, (height, width))                  # [B, N, k^2, H, W]
+        out = per_tap.new_zeros(batch, groups, *out_hw)
+        for tap in range(kernel * kernel):
+            out_window, in_window = _tap_windows(tap, kernel, stride, padding,
+                                                 (height, width), out_hw)
+            out[out_window] += per_tap[:, :, tap][in_window]
         ctx.save_for_backward(x, weight)
         ctx.geometry = stride, padding
         return out
@@ -84,15 +126,14 @@ class _Representatives(Function):
         stride, padding = ctx.geometry
         batch, _, height, width = x.shape
         groups, per_group, kernel = weight.shape[:3]
-        out_h, out_w = grad.shape[2:]
         # Under autocast the gradient may be in a lower precision than the saved tensors.
         compute = grad.dtype
-        grad_taps = grad.new_zeros(batch, groups, kernel * kernel, height + 2 * padding,
-                                   width + 2 * padding)
+        grad_taps = grad.new_zeros(batch, groups, kernel * kernel, height, width)
         for tap in range(kernel * kernel):
-            grad_taps[:, :, tap][_tap_window(tap, kernel, stride, out_h, out_w)] = grad
-        grad_taps = grad_taps[..., padding:padding + height, padding:padding + width]
-        grad_taps = grad_taps.reshape(batch, groups, kernel * kernel, height * width)
+            out_window, in_window = _tap_windows(tap, kernel, stride, padding, (height, width),
+                                                 grad.shape[2:])
+            grad_taps[:, :, tap][in_window] = grad[out_window]
+        grad_taps = grad_taps.view(batch, groups, kernel * kernel, height * width)
         taps = weight.to(compute).reshape(groups, per_group, kernel * kernel)
         grad_x = torch.matmul(taps, grad_taps).reshape(x.shape).to(x.dtype)
         inputs = x.to(compute).reshape(batch, groups, per_group, height * width)
