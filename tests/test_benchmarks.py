@@ -38,11 +38,10 @@ def test_real_scaling_writes_consistent_results(tmp_path):
     collectives = "local"
     stem = tmp_path / "real"
     _scaling("real", "--model", "wrn10_2", "--batch", "4", "--groups", "1", "2", "--convs", "sc",
-             "gc2l", "--with-overlap", "--collectives", collectives, "--bind-cores",
+             "gc2l", "--collectives", collectives, "--bind-cores",
              "--rounds", "2", "--reps", "2", "--warmup", "1", "--out", str(stem))
     rows = _rows(stem)
-    assert [(r["conv"], r["N"]) for r in rows] == [("sc", "1"), ("sc", "2"), ("gc2l", "2"),
-                                                   ("gc2l+overlap", "2")]
+    assert [(r["conv"], r["N"]) for r in rows] == [("sc", "1"), ("sc", "2"), ("gc2l", "2")]
     baseline = float(rows[0]["step_s"])
     for row in rows:
         assert row["collectives"] == collectives

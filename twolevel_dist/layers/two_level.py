@@ -142,6 +142,7 @@ class _Representatives(Function):
                 None, None)
 
 
+@torch.compiler.disable   # a few small kernels: tracing its k^2 windows only lengthens compiles
 def representatives_taps(x: torch.Tensor, rep_weight: torch.Tensor, stride: int,
                          padding: int) -> torch.Tensor:
     """R0: x [B, C_in, H, W] with ``rep_weight`` [N, C_in/N, k, k] (group j's representative
