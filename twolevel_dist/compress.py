@@ -38,19 +38,19 @@ from omegaconf import OmegaConf
 
 from twolevel_dist.config import CompressConfig, register_resolvers, validate_compress
 from twolevel_dist.data import DataError
-from twolevel_dist.engine.checkpoint import atomic_save
+from twolevel_dist.engine.checkpoint import atomic_save, read_model_file
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import Progress, evaluate, train_one_epoch
 from twolevel_dist.engine.metrics import MetricsWriter
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import to_layout
-from twolevel_dist.models import build_model
-from twolevel_dist.selfgroup.accounting import layer_report, markdown_table, totals
 from twolevel_dist.layers.group import StandardConv2d
+from twolevel_dist.models import build_model
+from twolevel_dist.selfgroup.accounting import LayerRow, layer_report, markdown_table, totals
 from twolevel_dist.selfgroup.convert import convert_to_grouped, wrn_channel_graph
-from twolevel_dist.selfgroup.partition import check_groups
 from twolevel_dist.selfgroup.grouping import progressive_schedule, prune_step
 from twolevel_dist.selfgroup.layers import self_group_model, set_mode
+from twolevel_dist.selfgroup.partition import check_groups
 
 log = logging.getLogger("twolevel_dist")
 
@@ -60,14 +60,8 @@ ConfigStore.instance().store(name="compress_schema", node=CompressConfig)
 
 def load_sc_checkpoint(path: str, cfg: CompressConfig, num_classes: int) -> torch.nn.Module:
     """The SC network of a training run's consolidated ``model.pt``, checked against ``cfg.model``."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"checkpoint={path}: no such file; pass the model.pt a training run "
-                          f"wrote (python -m twolevel_dist.train conv=sc groups=1 ...)")
-    try:
-        saved = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:       # a truncated or foreign file: say which, not a torch trace
-        raise ConfigError(f"checkpoint={path} is not a readable model.pt ({error})") from None
+    saved = read_model_file(path, "checkpoint", "pass the model.pt a training run wrote "
+                                                "(python -m twolevel_dist.train conv=sc groups=1 ...)")
     if not isinstance(saved, dict) or "model" not in saved:
         raise ConfigError(f"checkpoint={path} is not a twolevel_dist model.pt (no 'model' entry)")
     meta = saved.get("meta", {})
@@ -187,8 +181,7 @@ def run_sg(cfg, model, finetuner, input_size, run_dir, meta) -> tuple[list[dict]
                              masked_ms_per_batch=_eval_ms_per_batch(final,
                                                                     finetuner.test_loader))
         set_mode(final, "compact")
-        compact = _result_row("", final, finetuner, input_size)
-        masked.update(compact_test_acc=compact["test_acc"],
+        masked.update(compact_test_acc=finetuner.evaluate(final)[1],
                       compact_ms_per_batch=_eval_ms_per_batch(final, finetuner.test_loader))
         rows.append(masked)
         layers[masked["result"]] = [asdict(r) for r in layer_report(final, input_size)]
@@ -240,7 +233,6 @@ def write_report(run_dir: Path, cfg: CompressConfig, rows: list[dict], layers: d
     for label, table in layers.items():
         lines += ["", f"## {label}: per layer", ""]
         if table and "dense_params" in table[0]:
-            from twolevel_dist.selfgroup.accounting import LayerRow
             lines.append(markdown_table([LayerRow(**row) for row in table]))
         else:
             lines += ["| layer | importance kept | contiguous split |", "|---|---|---|"]

@@ -26,7 +26,8 @@ from twolevel_dist.config import TrainConfig, register_resolvers, validate
 from twolevel_dist.data import DataError
 from twolevel_dist.data.seeding import derive_seed
 from twolevel_dist.engine.checkpoint import (atomic_save, latest_complete_epoch,
-                                             load_rank_checkpoint, mark_complete, rank_file)
+                                             load_rank_checkpoint, mark_complete, rank_file,
+                                             read_model_file)
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import (Progress, average_batch_norm_statistics, evaluate,
                                        train_one_epoch)
@@ -77,10 +78,7 @@ def _reduce_over(group, *values: float) -> list[float]:
 def load_consolidated(model: torch.nn.Module, path: str) -> None:
     """Weights from a consolidated single-device ``model.pt`` (a finished run's, or one that
     ``twolevel_dist.compress`` converted), checked against the model this run builds."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"init_from={path}: no such file; pass a model.pt")
-    saved = torch.load(file, map_location="cpu", weights_only=True)
+    saved = read_model_file(path, "init_from", "pass a model.pt")
     try:
         model.load_state_dict(saved["model"] if "model" in saved else saved, strict=True)
     except RuntimeError as error:
@@ -88,7 +86,7 @@ def load_consolidated(model: torch.nn.Module, path: str) -> None:
         raise ConfigError(f"init_from={path} ({meta}) does not fit this run's model: "
                           f"{str(error).splitlines()[-1].strip()}; build the same model, conv "
                           f"and groups") from None
-    log.info(f"initialised from {file}")
+    log.info(f"initialised from {path}")
 
 
 def run(cfg: TrainConfig, run_dir: Path) -> dict:
