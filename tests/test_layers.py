@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import CONV_KINDS, make_conv, straight_through_one_hot
-from twolevel_dist.layers.two_level import representatives_taps
+from twolevel_dist.layers.two_level import (InputGradSum, TwoLevelGroupConv2d, local_convolution,
+                                            representatives_taps)
 
 torch.manual_seed(0)
 KINDS = sorted(CONV_KINDS)
@@ -202,6 +203,49 @@ def test_representatives_by_taps_under_bfloat16_autocast():
     assert x.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
     expected = F.conv2d(x.detach(), weight.detach(), None, 1, 1, 1, 4)
     torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=1e-1)
+
+
+@pytest.mark.parametrize("first", ["local", "representatives"])
+def test_the_two_x_gradients_meet_in_either_order(first):
+    # Separate backward calls force the order: the first parks its x-gradient (x.grad stays
+    # empty), the second returns the sum, which must equal autograd's own sum of the two.
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64, requires_grad=True)
+    local_weight = torch.randn(9, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    rep_weight = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad_sum = InputGradSum()
+    outputs = {"local": local_convolution(x, local_weight, 2, 1, 3, grad_sum),
+               "representatives": representatives_taps(x, rep_weight, 2, 1, grad_sum)}
+    grads = {name: torch.randn_like(out) for name, out in outputs.items()}
+    second = "representatives" if first == "local" else "local"
+    outputs[first].backward(grads[first])
+    assert x.grad is None
+    outputs[second].backward(grads[second])
+    expected = (F.conv2d(x, local_weight, None, 2, 1, 1, 3),
+                F.conv2d(x, rep_weight, None, 2, 1, 1, 3))
+    grad_x, grad_local, grad_rep = torch.autograd.grad(
+        expected, (x, local_weight, rep_weight), (grads["local"], grads["representatives"]))
+    torch.testing.assert_close(x.grad, grad_x)
+    torch.testing.assert_close(local_weight.grad, grad_local)
+    torch.testing.assert_close(rep_weight.grad, grad_rep)
+
+
+def test_gc2l_taps_layer_trains_under_bfloat16_autocast():
+    # bf16 keeps 8 bits: compare whole tensors against the fp32 run by relative error.
+    layer = TwoLevelGroupConv2d(16, 16, 3, 1, 2, impl="taps")
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    low = (out.detach().float(), x.grad, layer.weight.grad, layer.coarse_weight.grad)
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    layer.zero_grad()
+    expected = layer(x_ref)
+    expected.square().sum().backward()
+    for got, want in zip(low, (expected.detach(), x_ref.grad, layer.weight.grad,
+                               layer.coarse_weight.grad)):
+        assert ((got - want).norm() / want.norm()).item() < 2e-2
 
 
 def test_representatives_by_taps_on_every_small_geometry():

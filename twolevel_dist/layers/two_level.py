@@ -20,6 +20,8 @@ convolution's time). Both read the same fused weight.
 """
 
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,6 +52,15 @@ def coarse_correction(coarse_weight: torch.Tensor, representatives: torch.Tensor
     return out.unflatten(2, representatives.shape[2:])
 
 
+def coarse_weight_grad(grad: torch.Tensor, representatives: torch.Tensor) -> torch.Tensor:
+    """The gradient of A0 [O, N] from the output gradient [B, O, H, W] and the representatives
+    [B, N, H, W]: the sum over the batch of [N, H*W] x [H*W, O], in this order because a product
+    with N (a handful) output rows runs about twice as fast as one with N output columns."""
+    flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)
+    flat_reps = representatives.flatten(2).to(grad.dtype)
+    return torch.bmm(flat_reps, flat_grad.transpose(1, 2)).sum(0).t()
+
+
 class _AddCoarse(Function):
     """local += A0 (representatives), in local's own storage: a convolution's output, which its
     backward does not keep, so no activation-sized tensor is allocated or copied (autograd's
@@ -69,30 +80,83 @@ class _AddCoarse(Function):
     def backward(ctx, grad):
         coarse_weight, representatives = ctx.saved_tensors
         flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)       # [B, O, H*W]
-        flat_reps = representatives.flatten(2).to(grad.dtype)           # [B, N, H*W]
-        grad_coarse = torch.bmm(flat_grad, flat_reps.transpose(1, 2)).sum(0)
+        grad_coarse = coarse_weight_grad(grad, representatives)
         mixing = coarse_weight.t().to(grad.dtype).expand(grad.shape[0], *coarse_weight.t().shape)
         grad_reps = torch.bmm(mixing, flat_grad).view_as(representatives)
         return (grad, grad_coarse.to(coarse_weight.dtype),
                 grad_reps.to(representatives.dtype))
 
 
-def _tap_windows(tap: int, kernel: int, stride: int, padding: int, in_hw, out_hw) -> tuple:
-    """For kernel tap ``tap``: (output window, input window), the output pixels whose receptive
+@functools.lru_cache(maxsize=None)
+def _tap_windows(kernel: int, stride: int, padding: int, in_hw: tuple, out_hw: tuple) -> tuple:
+    """For each kernel tap: (output window, input window), the output pixels whose receptive
     field puts this tap inside the image and the input pixels it reads there (padding reads
-    zeros, so it is simply left out)."""
-    out_slices, in_slices = [], []
-    for offset, size_in, size_out in zip(divmod(tap, kernel), in_hw, out_hw):
-        first = max(0, -((offset - padding) // stride))               # ceil((p - offset) / s)
-        last = min(size_out - 1, (size_in - 1 - offset + padding) // stride)
-        if last < first:                       # this tap never lands inside the image
-            out_slices.append(slice(0, 0))
-            in_slices.append(slice(0, 0))
-            continue
-        start = first * stride + offset - padding
-        out_slices.append(slice(first, last + 1))
-        in_slices.append(slice(start, start + (last - first) * stride + 1, stride))
-    return (..., *out_slices), (..., *in_slices)
+    zeros, so it is simply left out). Cached: a network has a handful of geometries."""
+    windows = []
+    for tap in range(kernel * kernel):
+        out_slices, in_slices = [], []
+        for offset, size_in, size_out in zip(divmod(tap, kernel), in_hw, out_hw):
+            first = max(0, -((offset - padding) // stride))           # ceil((p - offset) / s)
+            last = min(size_out - 1, (size_in - 1 - offset + padding) // stride)
+            if last < first:                   # this tap never lands inside the image
+                out_slices.append(slice(0, 0))
+                in_slices.append(slice(0, 0))
+                continue
+            start = first * stride + offset - padding
+            out_slices.append(slice(first, last + 1))
+            in_slices.append(slice(start, start + (last - first) * stride + 1, stride))
+        windows.append(((..., *out_slices), (..., *in_slices)))
+    return tuple(windows)
+
+
+class InputGradSum:
+    """The x-gradient of the local convolution and of R0, which read the same x, summed in place:
+    the first of the two backwards to run parks its gradient here and returns none for x, the
+    second adds its own into it and returns the sum. That saves autograd's separate add, a full
+    pass over x per layer. Correct in either order; in the layers' order (R0's backward runs
+    after the convolution's) R0 accumulates its matrix product straight into the convolution's
+    gradient. Both outputs must reach the loss, as they do in GC-2L (A0 mixes every
+    representative into the output): a gradient parked by a backward whose partner never runs
+    would be lost."""
+
+    def __init__(self):
+        self._parked = None
+
+    def take(self) -> torch.Tensor | None:
+        parked, self._parked = self._parked, None
+        return parked
+
+    def park(self, grad: torch.Tensor) -> None:
+        self._parked = grad
+
+
+class _LocalConvolution(Function):
+    """F.conv2d whose x-gradient goes through an ``InputGradSum``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, groups, grad_sum):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = stride, padding, groups
+        ctx.grad_sum = grad_sum
+        return F.conv2d(x, weight, None, stride, padding, 1, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, groups = ctx.geometry
+        # Under autocast the convolution ran in the gradient's (lower) precision.
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, x.to(grad.dtype), weight.to(grad.dtype), None, [stride] * 2, [padding] * 2,
+            [1, 1], False, [0, 0], groups, [ctx.needs_input_grad[0], True, False])
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+            parked = ctx.grad_sum.take()
+            if parked is None:
+                ctx.grad_sum.park(grad_x)
+                grad_x = None
+            else:
+                grad_x.add_(parked)
+        return grad_x, grad_weight.to(weight.dtype), None, None, None, None
 
 
 class _Representatives(Function):
@@ -103,7 +167,7 @@ class _Representatives(Function):
     matrix products; it never builds autograd's zero-filled gradient per slice."""
 
     @staticmethod
-    def forward(ctx, x, weight, stride, padding):
+    def forward(ctx, x, weight, stride, padding, grad_sum):
         batch, _, height, width = x.shape
         groups, per_group, kernel = weight.shape[:3]
         out_hw = ((height + 2 * padding - kernel) // stride + 1,
@@ -112,12 +176,13 @@ class _Representatives(Function):
         per_tap = torch.matmul(taps, x.reshape(batch, groups, per_group, height * width))
         per_tap = per_tap.unflatten(3, (height, width))                  # [B, N, k^2, H, W]
         out = per_tap.new_zeros(batch, groups, *out_hw)
-        for tap in range(kernel * kernel):
-            out_window, in_window = _tap_windows(tap, kernel, stride, padding,
-                                                 (height, width), out_hw)
-            out[out_window] += per_tap[:, :, tap][in_window]
+        for tap, (out_window, in_window) in enumerate(
+                _tap_windows(kernel, stride, padding, (height, width), out_hw)):
+            # add_ on the view: ``out[w] += v`` would also write the sum back through __setitem__.
+            out[out_window].add_(per_tap[:, :, tap][in_window])
         ctx.save_for_backward(x, weight)
         ctx.geometry = stride, padding
+        ctx.grad_sum = grad_sum
         return out
 
     @staticmethod
@@ -129,25 +194,47 @@ class _Representatives(Function):
         # Under autocast the gradient may be in a lower precision than the saved tensors.
         compute = grad.dtype
         grad_taps = grad.new_zeros(batch, groups, kernel * kernel, height, width)
-        for tap in range(kernel * kernel):
-            out_window, in_window = _tap_windows(tap, kernel, stride, padding, (height, width),
-                                                 grad.shape[2:])
+        for tap, (out_window, in_window) in enumerate(
+                _tap_windows(kernel, stride, padding, (height, width), tuple(grad.shape[2:]))):
             grad_taps[:, :, tap][in_window] = grad[out_window]
-        grad_taps = grad_taps.view(batch, groups, kernel * kernel, height * width)
-        taps = weight.to(compute).reshape(groups, per_group, kernel * kernel)
-        grad_x = torch.matmul(taps, grad_taps).reshape(x.shape).to(x.dtype)
+        grad_taps = grad_taps.view(batch * groups, kernel * kernel, height * width)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            parked = None if ctx.grad_sum is None else ctx.grad_sum.take()
+            # [B*N, C/N, k^2] x [B*N, k^2, H*W], added into the partner's gradient if it is there.
+            taps = weight.reshape(groups, per_group, kernel * kernel)
+            taps = taps.expand(batch, *taps.shape).reshape(batch * groups, per_group, -1)
+            if parked is None:
+                grad_x = torch.bmm(taps.to(compute), grad_taps).view(x.shape).to(x.dtype)
+                if ctx.grad_sum is not None:
+                    ctx.grad_sum.park(grad_x)
+                    grad_x = None
+            else:
+                parked.view(batch * groups, per_group, -1).baddbmm_(taps.to(parked.dtype),
+                                                                    grad_taps.to(parked.dtype))
+                grad_x = parked
         inputs = x.to(compute).reshape(batch, groups, per_group, height * width)
-        grad_weight = torch.matmul(grad_taps, inputs.transpose(2, 3)).sum(0)   # [G, k^2, C/N]
+        grad_weight = torch.matmul(grad_taps.view(batch, groups, kernel * kernel, -1),
+                                   inputs.transpose(2, 3)).sum(0)            # [G, k^2, C/N]
         return (grad_x, grad_weight.transpose(1, 2).reshape(weight.shape).to(weight.dtype),
-                None, None)
+                None, None, None)
 
 
 @torch.compiler.disable   # a few small kernels: tracing its k^2 windows only lengthens compiles
-def representatives_taps(x: torch.Tensor, rep_weight: torch.Tensor, stride: int,
-                         padding: int) -> torch.Tensor:
+def representatives_taps(x: torch.Tensor, rep_weight: torch.Tensor, stride: int, padding: int,
+                         grad_sum: InputGradSum | None = None) -> torch.Tensor:
     """R0: x [B, C_in, H, W] with ``rep_weight`` [N, C_in/N, k, k] (group j's representative
-    filter) -> [B, N, H', W'], the same as a grouped k x k convolution with one filter per group."""
-    return _Representatives.apply(x, rep_weight, stride, padding)
+    filter) -> [B, N, H', W'], the same as a grouped k x k convolution with one filter per group.
+    With ``grad_sum``, its x-gradient meets ``local_convolution``'s there."""
+    return _Representatives.apply(x, rep_weight, stride, padding, grad_sum)
+
+
+@torch.compiler.disable   # it shares state with representatives_taps between the backwards
+def local_convolution(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                      groups: int, grad_sum: InputGradSum) -> torch.Tensor:
+    """GC's convolution, F.conv2d(x, weight, stride, padding, groups), whose x-gradient is
+    summed with R0's in ``grad_sum``."""
+    return _LocalConvolution.apply(x, weight, stride, padding, groups, grad_sum)
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -193,8 +280,9 @@ class TwoLevelGroupConv2d(GroupedConvGeometry):
             local, representatives = fused[:, :, :local_out], fused[:, :, local_out]
             coarse = coarse_correction(self.coarse_weight, representatives)  # [B, C_out, H, W]
             return (coarse.unflatten(1, (self.groups, local_out)) + local).flatten(1, 2)
-        local = F.conv2d(x, self.weight[:, :local_out].flatten(0, 1), None, self.stride,
-                         self.padding, 1, self.groups)
+        grad_sum = InputGradSum()
+        local = local_convolution(x, self.weight[:, :local_out].flatten(0, 1), self.stride,
+                                  self.padding, self.groups, grad_sum)
         representatives = representatives_taps(x, self.weight[:, local_out], self.stride,
-                                               self.padding)
+                                               self.padding, grad_sum)
         return coarse_correction(self.coarse_weight, representatives, local)

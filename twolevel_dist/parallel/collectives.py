@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
-from twolevel_dist.layers.two_level import coarse_correction
+from twolevel_dist.layers.two_level import coarse_correction, coarse_weight_grad
 from twolevel_dist.parallel.simulated import SimulatedGroup
 
 ProcessGroup = dist.ProcessGroup
@@ -233,8 +233,7 @@ class _CoarseExchange(Function):
     @staticmethod
     def backward(ctx, grad):
         coarse_weight, representatives = ctx.saved_tensors
-        flat, reps = grad.flatten(2), representatives.flatten(2)  # [B, C_out/N | N, H*W]
-        grad_coarse = torch.bmm(flat, reps.transpose(1, 2)).sum(0)
+        grad_coarse = coarse_weight_grad(grad, representatives)
         grad_representatives = coarse_correction(coarse_weight.t(), grad)
         world = group_size(ctx.group)
         own, _ = _reduce_scatter_dim0(_channels_to_stacked(grad_representatives, world), ctx.group)

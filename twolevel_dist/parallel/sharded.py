@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twolevel_dist.layers.two_level import coarse_correction, representatives_taps, resolve_impl
+from twolevel_dist.layers.two_level import (InputGradSum, coarse_correction, local_convolution,
+                                            representatives_taps, resolve_impl)
 from twolevel_dist.parallel.collectives import (coarse_exchange, exchange_chunks, gather_channels,
                                                 group_size, start_gather_channels, sum_over_ranks)
 
@@ -49,24 +50,28 @@ class ShardedTwoLevelConv2d(_ShardedConv):
         self.local_out = self.weight.shape[1] - 1
         self.overlap, self.impl = overlap, impl
 
-    def _representative(self, x: torch.Tensor) -> torch.Tensor:
+    def _representative(self, x: torch.Tensor, grad_sum: InputGradSum) -> torch.Tensor:
         """This rank's representative channel, [B, 1, H', W']."""
-        return representatives_taps(x, self.weight[:, self.local_out], self.stride, self.padding)
+        return representatives_taps(x, self.weight[:, self.local_out], self.stride, self.padding,
+                                    grad_sum)
 
-    def _local(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight[0, : self.local_out], None, self.stride, self.padding)
+    def _local(self, x: torch.Tensor, grad_sum: InputGradSum) -> torch.Tensor:
+        return local_convolution(x, self.weight[0, : self.local_out], self.stride, self.padding,
+                                 1, grad_sum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.overlap:
-            stacked, pending = start_gather_channels(self._representative(x), self.group)
-            local = self._local(x)
-            representatives = pending.wait(stacked)
-        elif resolve_impl(self.impl, x.device) == "fused":
+        if not self.overlap and resolve_impl(self.impl, x.device) == "fused":
             fused = F.conv2d(x, self.weight[0], None, self.stride, self.padding)
             return coarse_exchange(fused, self.coarse_weight, self.group)
+        grad_sum = InputGradSum()
+        if self.overlap:
+            stacked, pending = start_gather_channels(self._representative(x, grad_sum),
+                                                     self.group)
+            local = self._local(x, grad_sum)
+            representatives = pending.wait(stacked)
         else:
-            representatives = gather_channels(self._representative(x), self.group)
-            local = self._local(x)
+            representatives = gather_channels(self._representative(x, grad_sum), self.group)
+            local = self._local(x, grad_sum)
         return coarse_correction(self.coarse_weight, representatives, local)
 
 
