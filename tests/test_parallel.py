@@ -13,8 +13,8 @@ from distributed import run_on_ranks
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import ShuffleGroupConv2d, TwoLevelGroupConv2d
 from twolevel_dist.models import build_model
-from twolevel_dist.parallel import (consolidate_state_dict, count_collectives, init_mesh,
-                                    parallelize, shard_state_dict)
+from twolevel_dist.parallel import (collectives, consolidate_state_dict, count_collectives,
+                                    init_mesh, parallelize, shard_state_dict)
 from twolevel_dist.parallel.rules import _shard_shuffle
 
 WRN = ("wrn", dict(depth=10, widen=2, num_classes=10), 32)
@@ -53,7 +53,14 @@ def _reference_step(single, xs, ys, train):
     return replicas, logits, losses
 
 
-def _matches_unsharded(dp, gp, cases):
+def _use_transport(transport):
+    """"direct": gloo's all-gathers and reduce-scatters travel as all-to-all (the default);
+    "native": as gloo's own collectives, the path every other backend takes."""
+    collectives.DIRECT_EXCHANGE_BACKENDS = ("gloo",) if transport == "direct" else ()
+
+
+def _matches_unsharded(dp, gp, cases, transport="direct"):
+    _use_transport(transport)
     mesh = init_mesh(gp, dp)
     dp_rank = mesh["dp"].get_local_rank()
     checked = []
@@ -114,15 +121,23 @@ def test_matches_unsharded(dp, gp, cases):
     assert all(len(r) == len(cases) for r in results)
 
 
+def test_matches_unsharded_through_the_backends_own_collectives():
+    cases = _cases(GC2L, models=(WRN,), modes=(True,)) + _cases(ALL_SCHEMES[2:], models=(WRN,),
+                                                                  modes=(True,))
+    results = run_on_ranks(4, _matches_unsharded, 1, 4, cases, "native")
+    assert all(len(r) == len(cases) for r in results)
+
+
 DIST_FUNCTIONS = ["all_gather_single", "all_gather_into_tensor", "reduce_scatter_single",
                   "reduce_scatter_tensor", "all_reduce",
                   "all_to_all_single", "all_gather", "broadcast", "reduce", "reduce_scatter",
                   "all_to_all", "scatter", "gather", "send", "recv", "isend", "irecv", "barrier"]
 
 
-def _count_collectives(overlap):
+def _count_collectives(overlap, transport):
     """Counts every torch.distributed call (by patching the module) and the engine's own counter
     during one forward and one backward of a GC-2L WRN on 4 ranks."""
+    _use_transport(transport)
     mesh = init_mesh(4)
     torch.manual_seed(0)
     model = build_model("wrn", conv="gc2l", groups=4, depth=10, widen=2)
@@ -161,14 +176,17 @@ def _count_collectives(overlap):
                 parameter_shapes_communicated=sorted(set(shapes) & param_shapes))
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_one_all_gather_per_gc2l_layer_and_nothing_else(overlap):
-    for r in run_on_ranks(4, _count_collectives, overlap):
+@pytest.mark.parametrize("overlap,transport",
+                         [(False, "direct"), (True, "direct"), (False, "native"), (True, "native")])
+def test_one_all_gather_per_gc2l_layer_and_nothing_else(overlap, transport):
+    for r in run_on_ranks(4, _count_collectives, overlap, transport):
         layers = r["layers"]
         assert layers == 9   # 3 stages x (2 convolutions) + 3 projection shortcuts
         gather, scatter = (("all_gather_single", "reduce_scatter_single")
                            if hasattr(dist, "all_gather_single")
                            else ("all_gather_into_tensor", "reduce_scatter_tensor"))
+        if transport == "direct":       # on gloo each is one all-to-all
+            gather = scatter = "all_to_all_single"
         assert r["forward"] == {gather: layers, "all_reduce": 1}
         assert r["backward"] == {scatter: layers}
         assert r["forward_stats"] == {"all_gather": layers, "all_reduce": 1}

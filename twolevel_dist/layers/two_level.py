@@ -87,6 +87,14 @@ class _AddCoarse(Function):
                 grad_reps.to(representatives.dtype))
 
 
+def _shifted_windows(padded: torch.Tensor, kernel: int, out_hw) -> torch.Tensor:
+    """The k x k windows of ``padded`` [M, Hp, Wp] as a view [M, k, k, H', W']: entry
+    (m, dy, dx, y, x) is padded[m, y + dy, x + dx]. No loop and no copy."""
+    rows, cols = padded.shape[1:]
+    return padded.as_strided((padded.shape[0], kernel, kernel, *out_hw),
+                             (rows * cols, cols, 1, cols, 1))
+
+
 @functools.lru_cache(maxsize=None)
 def _tap_windows(kernel: int, stride: int, padding: int, in_hw: tuple, out_hw: tuple) -> tuple:
     """For each kernel tap: (output window, input window), the output pixels whose receptive
@@ -193,16 +201,26 @@ class _Representatives(Function):
         groups, per_group, kernel = weight.shape[:3]
         # Under autocast the gradient may be in a lower precision than the saved tensors.
         compute = grad.dtype
-        grad_taps = grad.new_zeros(batch, groups, kernel * kernel, height, width)
-        for tap, (out_window, in_window) in enumerate(
-                _tap_windows(kernel, stride, padding, (height, width), tuple(grad.shape[2:]))):
-            grad_taps[:, :, tap][in_window] = grad[out_window]
-        grad_taps = grad_taps.view(batch * groups, kernel * kernel, height * width)
+        # Input pixel i gets, through tap t, the gradient of output pixel (i - t + p) / s where
+        # that is a whole pixel: spread the gradient out by the stride, zero-pad it by k - 1 - p,
+        # and the k^2 windows of the result are the taps' gradients in reversed tap order.
+        out_h, out_w = grad.shape[2:]
+        spread = grad.reshape(batch * groups, out_h, out_w)
+        if stride > 1:
+            spread = grad.new_zeros(batch * groups, stride * (out_h - 1) + 1,
+                                    stride * (out_w - 1) + 1)
+            spread[:, ::stride, ::stride] = grad.reshape(batch * groups, out_h, out_w)
+        lead = kernel - 1 - padding              # F.pad crops where this is negative
+        padded = F.pad(spread, (lead, width + kernel - 1 - lead - spread.shape[2],
+                                lead, height + kernel - 1 - lead - spread.shape[1]))
+        grad_taps = _shifted_windows(padded, kernel, (height, width)).reshape(
+            batch * groups, kernel * kernel, height * width)
+        flipped = weight.flip((-2, -1))              # the taps in the gradient's order
         grad_x = None
         if ctx.needs_input_grad[0]:
             parked = None if ctx.grad_sum is None else ctx.grad_sum.take()
             # [B*N, C/N, k^2] x [B*N, k^2, H*W], added into the partner's gradient if it is there.
-            taps = weight.reshape(groups, per_group, kernel * kernel)
+            taps = flipped.reshape(groups, per_group, kernel * kernel)
             taps = taps.expand(batch, *taps.shape).reshape(batch * groups, per_group, -1)
             if parked is None:
                 grad_x = torch.bmm(taps.to(compute), grad_taps).view(x.shape).to(x.dtype)
@@ -216,8 +234,8 @@ class _Representatives(Function):
         inputs = x.to(compute).reshape(batch, groups, per_group, height * width)
         grad_weight = torch.matmul(grad_taps.view(batch, groups, kernel * kernel, -1),
                                    inputs.transpose(2, 3)).sum(0)            # [G, k^2, C/N]
-        return (grad_x, grad_weight.transpose(1, 2).reshape(weight.shape).to(weight.dtype),
-                None, None, None)
+        grad_weight = grad_weight.transpose(1, 2).reshape(weight.shape).flip((-2, -1))
+        return grad_x, grad_weight.to(weight.dtype), None, None, None
 
 
 @torch.compiler.disable   # a few small kernels: tracing its k^2 windows only lengthens compiles
