@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from twolevel_dist.config import ModelConfig  # noqa: E402
+from twolevel_dist.layers import to_layout  # noqa: E402
 from twolevel_dist.models import build_model  # noqa: E402
 
 
@@ -45,11 +46,17 @@ def time_steps(step, warmup: int, reps: int, sync=lambda: None) -> list[float]:
     return times
 
 
-def training_step(model, batch: int, image_size: int = 32, num_classes: int = 10, device="cpu"):
-    """A closure doing one SGD step (forward, backward, optimizer) on a fixed random batch."""
+def training_step(model, batch: int, image_size: int = 32, num_classes: int = 10, device="cpu",
+                  channels_last: bool = False):
+    """A closure doing one SGD step (forward, backward, optimizer) on a fixed random batch; with
+    ``channels_last``, the images and the convolution weights in that layout, as
+    ``train.channels_last=true`` has them."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+        to_layout(model, torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():

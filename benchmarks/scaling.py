@@ -39,6 +39,10 @@ def _shard(model_name, conv, n, mesh, overlap=False):
     return model if n == 1 else parallelize(model, mesh, overlap=overlap)
 
 
+def _layout(args) -> str:
+    return "channels_last" if args.channels_last else "NCHW"
+
+
 def _comm_of_one_step(step):
     with count_collectives() as stats:
         step()
@@ -59,7 +63,7 @@ def run_sim(args) -> list[dict]:
             except ValueError as error:       # e.g. shuffle needs N^2 | C_out
                 print(f"skip {conv} N={n}: {error}", file=sys.stderr)
                 continue
-            step = training_step(model, args.batch)
+            step = training_step(model, args.batch, channels_last=args.channels_last)
             compute = median(time_steps(step, args.warmup, args.reps))
             calls, nbytes = _comm_of_one_step(step)
             comm = modelled_seconds(calls, nbytes, n, link)
@@ -69,6 +73,7 @@ def run_sim(args) -> list[dict]:
             speedup = baseline / total if baseline else float("nan")
             ideal = n if conv == "sc" else n * n
             rows.append(dict(model=args.model, conv=conv, N=n, batch=args.batch,
+                             layout=_layout(args),
                              params_per_rank=sum(p.numel() for p in model.parameters()),
                              compute_s=compute, comm_MB=sum(nbytes.values()) / 1e6,
                              comm_model_s=comm, total_s=total, speedup_vs_sc1=speedup,
@@ -95,7 +100,7 @@ def _worker(args) -> None:
     # sharing the machine as the real run does.
     mesh = init_mesh(n) if args.collectives == "real" else simulated_mesh(n, dist.get_rank())
     model = _shard(args.model, args.conv, n, mesh, overlap=args.overlap).to(device)
-    step = training_step(model, args.batch, device=device)
+    step = training_step(model, args.batch, device=device, channels_last=args.channels_last)
 
     def sync():
         if device.type == "cuda":
@@ -118,7 +123,8 @@ def _real_job(args, n: int, conv: str, overlap: bool) -> dict:
            "--model", args.model, "--conv", conv, "--batch", str(args.batch),
            "--threads", str(args.threads), "--warmup", str(args.warmup),
            "--reps", str(args.reps), "--collectives", args.collectives] + \
-        (["--overlap"] if overlap else []) + (["--bind-cores"] if args.bind_cores else [])
+        (["--overlap"] if overlap else []) + (["--bind-cores"] if args.bind_cores else []) + \
+        (["--channels-last"] if args.channels_last else [])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -152,7 +158,7 @@ def run_real(args) -> list[dict]:
         speedup = baseline / step_s if baseline else float("nan")
         ideal = n if conv == "sc" else n * n
         rows.append(dict(model=args.model, conv=conv + ("+overlap" if overlap else ""),
-                         N=n, batch=args.batch, collectives=args.collectives,
+                         N=n, batch=args.batch, layout=_layout(args), collectives=args.collectives,
                          threads_per_rank=args.threads, oversubscribed=n * args.threads > cores,
                          params_per_rank=result["params_per_rank"], step_s=step_s,
                          step_min_s=min(steps[(n, conv, overlap)]),
@@ -198,6 +204,8 @@ def main(argv=None) -> int:
         p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
         p.add_argument("--warmup", type=int, default=2)
         p.add_argument("--reps", type=int, default=5)
+        p.add_argument("--channels-last", action="store_true",
+                       help="images and convolution weights channels-last, for every scheme")
         if mode in ("worker", "real"):
             p.add_argument("--collectives", default="real", choices=("real", "local"),
                            help="'local': stand-ins instead of the collectives (no communication)")
@@ -226,8 +234,9 @@ def main(argv=None) -> int:
     rows = run_sim(args) if args.mode == "sim" else run_real(args)
     device = "gpu" if torch.cuda.is_available() else "cpu"
     local = "_local_collectives" if getattr(args, "collectives", "real") == "local" else ""
-    stem = Path(args.out) if args.out else \
-        REPO / "benchmarks" / "results" / f"scaling_{args.mode}_{args.model}_{device}{local}"
+    layout = "_channels_last" if args.channels_last else ""
+    stem = Path(args.out) if args.out else REPO / "benchmarks" / "results" / \
+        f"scaling_{args.mode}_{args.model}_{device}{layout}{local}"
     command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     notes = ("Per-rank simulation: measured compute of one rank's shard; communication modelled "
              f"from the counted bytes over the '{args.link}' link model "

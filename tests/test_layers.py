@@ -206,10 +206,11 @@ def test_representatives_by_taps_under_bfloat16_autocast():
 
 
 @pytest.mark.parametrize("first", ["local", "representatives"])
-def test_the_two_x_gradients_meet_in_either_order(first):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_the_two_x_gradients_meet_in_either_order(first, layout):
     # Separate backward calls force the order: the first parks its x-gradient (x.grad stays
     # empty), the second returns the sum, which must equal autograd's own sum of the two.
-    x = torch.randn(2, 6, 7, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64).to(memory_format=layout).requires_grad_()
     local_weight = torch.randn(9, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     rep_weight = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     grad_sum = InputGradSum()
@@ -227,6 +228,24 @@ def test_the_two_x_gradients_meet_in_either_order(first):
     torch.testing.assert_close(x.grad, grad_x)
     torch.testing.assert_close(local_weight.grad, grad_local)
     torch.testing.assert_close(rep_weight.grad, grad_rep)
+
+
+@pytest.mark.parametrize("groups,stride,kernel", [(2, 1, 3), (4, 2, 3), (1, 1, 3), (2, 2, 1)])
+def test_gc2l_taps_layer_in_channels_last_equals_nchw(groups, stride, kernel):
+    # The coarse level has its own channels-last code (pixels as matrix rows): same outputs and
+    # gradients as on NCHW, and the output stays channels-last, as the convolution's would.
+    layer = TwoLevelGroupConv2d(8, 8, kernel, stride, groups, impl="taps").double()
+    x = torch.randn(3, 8, 9, 9, dtype=torch.float64, requires_grad=True)
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    out = layer(x)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(out, (x, *layer.parameters()), grad)
+    out_cl = layer(x_cl)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, out)
+    for got, want in zip(torch.autograd.grad(out_cl, (x_cl, *layer.parameters()), grad),
+                         expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_gc2l_taps_layer_trains_under_bfloat16_autocast():
@@ -248,15 +267,17 @@ def test_gc2l_taps_layer_trains_under_bfloat16_autocast():
         assert ((got - want).norm() / want.norm()).item() < 2e-2
 
 
-def test_representatives_by_taps_on_every_small_geometry():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_representatives_by_taps_on_every_small_geometry(layout):
     # Edge cases of the tap windows: taps that fall wholly in the padding, 1x1 images, strides
-    # larger than the kernel.
+    # larger than the kernel; in both layouts, which R0 reads each in its own way.
     checked = 0
     for kernel, stride, size in itertools.product([1, 3, 5], [1, 2, 3], range(1, 10)):
         for padding in sorted({0, kernel // 2}):
             if size + 2 * padding < kernel:
                 continue
-            x = torch.randn(2, 6, size, size, dtype=torch.float64, requires_grad=True)
+            x = torch.randn(2, 6, size, size, dtype=torch.float64).to(memory_format=layout)
+            x.requires_grad_()
             weight = torch.randn(3, 2, kernel, kernel, dtype=torch.float64, requires_grad=True)
             expected = F.conv2d(x, weight, None, stride, padding, 1, 3)
             got = representatives_taps(x, weight, stride, padding)

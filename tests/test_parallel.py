@@ -11,11 +11,13 @@ import torch.nn.functional as F
 
 from distributed import run_on_ranks
 from twolevel_dist.errors import ConfigError
-from twolevel_dist.layers import ShuffleGroupConv2d, TwoLevelGroupConv2d
+from twolevel_dist.layers import ShuffleGroupConv2d, TwoLevelGroupConv2d, to_layout
 from twolevel_dist.models import build_model
 from twolevel_dist.parallel import (collectives, consolidate_state_dict, count_collectives,
                                     init_mesh, parallelize, shard_state_dict)
 from twolevel_dist.parallel.rules import _shard_shuffle
+from twolevel_dist.parallel.sharded import ShardedTwoLevelConv2d
+from twolevel_dist.parallel.simulated import simulated_mesh
 
 WRN = ("wrn", dict(depth=10, widen=2, num_classes=10), 32)
 MOBILENET = ("mobilenet_v2", dict(width_mult=0.25, dropout=0.0, num_classes=10), 64)
@@ -282,3 +284,28 @@ def test_torchrun_demo_runs_sharded_on_four_cpu_ranks():
     assert "dp=1 x gp=4" in out.stdout
     assert "per rank [20942, 20942, 20942, 20942]" in out.stdout
     assert "all_gather_calls=9, all_reduce_calls=1, reduce_scatter_calls=9" in out.stdout
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sharded_gc2l_in_channels_last_equals_nchw(overlap):
+    # One rank's shard (per-rank simulation, no processes): with channels-last images and weights
+    # the coarse level takes its own code path; the numbers must not change.
+    torch.manual_seed(0)
+    model = build_model("wrn", conv="gc2l", groups=2, depth=10, widen=2)
+    shard = parallelize(model, simulated_mesh(2), overlap=overlap)
+    shard_cl = to_layout(copy.deepcopy(shard), torch.channels_last)
+    layouts = []
+    for module in shard_cl.modules():
+        if isinstance(module, ShardedTwoLevelConv2d):
+            module.register_forward_hook(lambda m, i, o: layouts.append(
+                o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()))
+    x = torch.randn(4, 3, 16, 16)
+    out, out_cl = shard(x), shard_cl(x.contiguous(memory_format=torch.channels_last))
+    assert len(layouts) == 9 and all(layouts)
+    torch.testing.assert_close(out_cl, out, **TOLERANCE[torch.float32])
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_cl.backward(grad)
+    for (name, p), p_cl in zip(shard.named_parameters(), shard_cl.parameters()):
+        torch.testing.assert_close(p_cl.grad, p.grad, **TOLERANCE[torch.float32],
+                                   msg=lambda m: f"{name}: {m}")

@@ -35,13 +35,26 @@ from twolevel_dist.layers.init import he_normal_
 IMPLEMENTATIONS = ("auto", "fused", "taps")
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` [B, C, H, W] is laid out channels-last (and not also plain contiguous, as
+    tensors with one channel or one pixel are)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _pixel_rows(t: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B*H*W, C], one row per pixel: a view of a channels-last tensor (and of
+    the all-gathered representatives, whose pixels are contiguous per channel)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
 def coarse_correction(coarse_weight: torch.Tensor, representatives: torch.Tensor,
                       local: torch.Tensor | None = None) -> torch.Tensor:
     """A0 applied to the representatives, [O, N] x [B, N, H, W] -> [B, O, H, W] (a 1x1 conv), plus
     ``local`` [B, O, H, W] if given. A (b)addbmm over the batch, so the result is written
     contiguous ([B, O, H*W]) in one pass with no copy of the large tensors, as the layers after it
-    (BatchNorm above all) want; einsum and a broadcast matmul return it permuted or copy it."""
-    if local is not None and local.is_contiguous():
+    (BatchNorm above all) want; einsum and a broadcast matmul return it permuted or copy it.
+    A channels-last ``local`` is added to in its own layout, as one [B*H*W, N] x [N, O] product."""
+    if local is not None and (local.is_contiguous() or _channels_last(local)):
         return _AddCoarse.apply(local, coarse_weight, representatives)
     flat = representatives.flatten(2)
     mixing = coarse_weight.expand(flat.shape[0], *coarse_weight.shape)
@@ -56,6 +69,8 @@ def coarse_weight_grad(grad: torch.Tensor, representatives: torch.Tensor) -> tor
     """The gradient of A0 [O, N] from the output gradient [B, O, H, W] and the representatives
     [B, N, H, W]: the sum over the batch of [N, H*W] x [H*W, O], in this order because a product
     with N (a handful) output rows runs about twice as fast as one with N output columns."""
+    if _channels_last(grad):
+        return (_pixel_rows(representatives).to(grad.dtype).t() @ _pixel_rows(grad)).t()
     flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)
     flat_reps = representatives.flatten(2).to(grad.dtype)
     return torch.bmm(flat_reps, flat_grad.transpose(1, 2)).sum(0).t()
@@ -68,10 +83,13 @@ class _AddCoarse(Function):
 
     @staticmethod
     def forward(ctx, local, coarse_weight, representatives):
-        flat = representatives.flatten(2)
-        mixing = coarse_weight.expand(flat.shape[0], *coarse_weight.shape)
-        local.view(local.shape[0], local.shape[1], -1).baddbmm_(mixing.to(local.dtype),
-                                                                 flat.to(local.dtype))
+        mixing, reps = coarse_weight.to(local.dtype), representatives.to(local.dtype)
+        if _channels_last(local):
+            _pixel_rows(local).addmm_(_pixel_rows(reps), mixing.t())
+        else:
+            flat = reps.flatten(2)
+            local.view(local.shape[0], local.shape[1], -1).baddbmm_(
+                mixing.expand(flat.shape[0], *mixing.shape), flat)
         ctx.mark_dirty(local)
         ctx.save_for_backward(coarse_weight, representatives)
         return local
@@ -79,10 +97,16 @@ class _AddCoarse(Function):
     @staticmethod
     def backward(ctx, grad):
         coarse_weight, representatives = ctx.saved_tensors
-        flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)       # [B, O, H*W]
         grad_coarse = coarse_weight_grad(grad, representatives)
-        mixing = coarse_weight.t().to(grad.dtype).expand(grad.shape[0], *coarse_weight.t().shape)
-        grad_reps = torch.bmm(mixing, flat_grad).view_as(representatives)
+        mixing = coarse_weight.to(grad.dtype)
+        if _channels_last(grad):
+            batch, _, height, width = grad.shape
+            grad_reps = (_pixel_rows(grad) @ mixing).view(batch, height, width, -1)
+            grad_reps = grad_reps.permute(0, 3, 1, 2)
+        else:
+            flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)   # [B, O, H*W]
+            grad_reps = torch.bmm(mixing.t().expand(grad.shape[0], *mixing.t().shape), flat_grad)
+            grad_reps = grad_reps.view(representatives.shape)
         return (grad, grad_coarse.to(coarse_weight.dtype),
                 grad_reps.to(representatives.dtype))
 
@@ -167,23 +191,44 @@ class _LocalConvolution(Function):
         return grad_x, grad_weight.to(weight.dtype), None, None, None, None
 
 
+def _group_rows(t: torch.Tensor, groups: int) -> torch.Tensor | None:
+    """The matrices R0's products read from a [B, C, H, W] tensor (x, or its gradient): a view
+    [B*G, C/G, H*W] of a contiguous tensor, a view [G, B*H*W, C/G] of a channels-last one;
+    None where its memory is laid out neither way."""
+    batch, channels, height, width = t.shape
+    if t.is_contiguous():
+        return t.view(batch * groups, channels // groups, height * width)
+    if _channels_last(t):
+        return _pixel_rows(t).view(-1, groups, channels // groups).transpose(0, 1)
+    return None
+
+
 class _Representatives(Function):
     """R0 by kernel taps: Y[b, j, t] = w_j[:, t] . x_j[b] (a [k^2, C/N] x [C/N, H*W] matrix product
     per group), then output pixel p sums Y over the k^2 taps at p's shifted positions. It reads x
     once, where a k x k convolution with one filter per group goes through kernels built for many
     filters. The backward places the gradient back onto the taps and does the two matching
-    matrix products; it never builds autograd's zero-filled gradient per slice."""
+    matrix products; it never builds autograd's zero-filled gradient per slice. A channels-last x
+    is read in its own layout, its pixels as the rows of one product per group."""
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding, grad_sum):
+        if _group_rows(x, weight.shape[0]) is None:
+            x = x.contiguous()
         batch, _, height, width = x.shape
         groups, per_group, kernel = weight.shape[:3]
         out_hw = ((height + 2 * padding - kernel) // stride + 1,
                   (width + 2 * padding - kernel) // stride + 1)
-        taps = weight.reshape(groups, per_group, kernel * kernel).transpose(1, 2)
-        per_tap = torch.matmul(taps, x.reshape(batch, groups, per_group, height * width))
-        per_tap = per_tap.unflatten(3, (height, width))                  # [B, N, k^2, H, W]
-        out = per_tap.new_zeros(batch, groups, *out_hw)
+        taps = weight.reshape(groups, per_group, kernel * kernel)
+        rows = _group_rows(x, groups)
+        if _channels_last(x):        # [G, k^2, B*H*W], viewed as [G, B, k^2, H, W]
+            per_tap = torch.bmm(taps.transpose(1, 2), rows.transpose(1, 2))
+            per_tap = per_tap.view(groups, -1, batch, height, width).transpose(1, 2)
+            out = per_tap.new_zeros(groups, batch, *out_hw)
+        else:                        # [B, G, k^2, H, W]
+            per_tap = torch.matmul(taps.transpose(1, 2), rows.view(batch, groups, per_group, -1))
+            per_tap = per_tap.unflatten(3, (height, width))
+            out = per_tap.new_zeros(batch, groups, *out_hw)
         for tap, (out_window, in_window) in enumerate(
                 _tap_windows(kernel, stride, padding, (height, width), out_hw)):
             # add_ on the view: ``out[w] += v`` would also write the sum back through __setitem__.
@@ -191,7 +236,7 @@ class _Representatives(Function):
         ctx.save_for_backward(x, weight)
         ctx.geometry = stride, padding
         ctx.grad_sum = grad_sum
-        return out
+        return out.transpose(0, 1) if _channels_last(x) else out
 
     @staticmethod
     def backward(ctx, grad):
@@ -199,6 +244,7 @@ class _Representatives(Function):
         stride, padding = ctx.geometry
         batch, _, height, width = x.shape
         groups, per_group, kernel = weight.shape[:3]
+        channels_last = _channels_last(x)
         # Under autocast the gradient may be in a lower precision than the saved tensors.
         compute = grad.dtype
         # Input pixel i gets, through tap t, the gradient of output pixel (i - t + p) / s where
@@ -213,27 +259,46 @@ class _Representatives(Function):
         lead = kernel - 1 - padding              # F.pad crops where this is negative
         padded = F.pad(spread, (lead, width + kernel - 1 - lead - spread.shape[2],
                                 lead, height + kernel - 1 - lead - spread.shape[1]))
-        grad_taps = _shifted_windows(padded, kernel, (height, width)).reshape(
-            batch * groups, kernel * kernel, height * width)
-        flipped = weight.flip((-2, -1))              # the taps in the gradient's order
+        windows = _shifted_windows(padded, kernel, (height, width))   # [B*G, k, k, H, W]
+        taps = weight.flip((-2, -1)).reshape(groups, per_group, -1).to(compute)  # gradient's order
+        rows = _group_rows(x, groups).to(compute)
+        if channels_last:     # [G, k^2, B*H*W]: the products run over the pixels as rows
+            grad_taps = windows.view(batch, groups, kernel, kernel, height, width)
+            grad_taps = grad_taps.permute(1, 2, 3, 0, 4, 5).reshape(groups, kernel ** 2, -1)
+            pixel_taps, taps = grad_taps.transpose(1, 2), taps.transpose(1, 2)
+
+            def grad_x_into(out=None):
+                return torch.bmm(pixel_taps, taps) if out is None else \
+                    out.baddbmm_(pixel_taps, taps)
+            grad_weight = torch.bmm(grad_taps, rows)                          # [G, k^2, C/G]
+        else:                 # [B*G, k^2, H*W]; one product per image and group
+            grad_taps = windows.reshape(batch * groups, kernel * kernel, height * width)
+            taps = taps.expand(batch, *taps.shape).reshape(batch * groups, per_group, -1)
+
+            def grad_x_into(out=None):
+                return torch.bmm(taps, grad_taps) if out is None else out.baddbmm_(taps, grad_taps)
+            grad_weight = torch.bmm(grad_taps, rows.transpose(1, 2))
+            grad_weight = grad_weight.view(batch, groups, kernel * kernel, -1).sum(0)
         grad_x = None
         if ctx.needs_input_grad[0]:
             parked = None if ctx.grad_sum is None else ctx.grad_sum.take()
-            # [B*N, C/N, k^2] x [B*N, k^2, H*W], added into the partner's gradient if it is there.
-            taps = flipped.reshape(groups, per_group, kernel * kernel)
-            taps = taps.expand(batch, *taps.shape).reshape(batch * groups, per_group, -1)
-            if parked is None:
-                grad_x = torch.bmm(taps.to(compute), grad_taps).view(x.shape).to(x.dtype)
-                if ctx.grad_sum is not None:
+            target = None if parked is None or parked.dtype != compute else \
+                _group_rows(parked, groups)
+            if target is not None:   # added into the partner's gradient, in place
+                grad_x_into(target)
+                grad_x = parked
+            else:
+                fresh = grad_x_into()
+                if channels_last:
+                    fresh = fresh.view(groups, batch, height, width, per_group)
+                    fresh = fresh.permute(1, 0, 4, 2, 3).reshape(x.shape)
+                grad_x = fresh.view(x.shape).to(x.dtype) if not channels_last else \
+                    fresh.to(x.dtype)
+                if parked is not None:
+                    grad_x = parked.add_(grad_x)
+                elif ctx.grad_sum is not None:
                     ctx.grad_sum.park(grad_x)
                     grad_x = None
-            else:
-                parked.view(batch * groups, per_group, -1).baddbmm_(taps.to(parked.dtype),
-                                                                    grad_taps.to(parked.dtype))
-                grad_x = parked
-        inputs = x.to(compute).reshape(batch, groups, per_group, height * width)
-        grad_weight = torch.matmul(grad_taps.view(batch, groups, kernel * kernel, -1),
-                                   inputs.transpose(2, 3)).sum(0)            # [G, k^2, C/N]
         grad_weight = grad_weight.transpose(1, 2).reshape(weight.shape).flip((-2, -1))
         return grad_x, grad_weight.to(weight.dtype), None, None, None
 
