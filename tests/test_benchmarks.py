@@ -1,6 +1,6 @@
-"""The scaling benchmark end to end on tiny shapes: its result files are written, read back and
-internally consistent (speedups from the step times, communication from the closed form). Speed
-itself is never asserted."""
+"""The benchmarks end to end on tiny shapes: their result files are written, read back and
+internally consistent (speedups from the step times, communication from the closed form, every
+transport measured). Speed itself is never asserted."""
 
 import csv
 import subprocess
@@ -12,13 +12,17 @@ import pytest
 from twolevel_dist.models import build_model
 from twolevel_dist.parallel.comm_model import expected_comm
 
-SCALING = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script, *args):
+    out = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
 
 
 def _scaling(*args):
-    out = subprocess.run([sys.executable, str(SCALING), *args], capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    _run("scaling.py", *args)
 
 
 def _rows(stem: Path) -> list[dict]:
@@ -44,7 +48,7 @@ def test_real_scaling_writes_consistent_results(tmp_path):
     assert [(r["conv"], r["N"]) for r in rows] == [("sc", "1"), ("sc", "2"), ("gc2l", "2")]
     baseline = float(rows[0]["step_s"])
     for row in rows:
-        assert row["collectives"] == collectives
+        assert row["collectives"] == collectives and row["layout"] == "NCHW"
         speedup = float(row["speedup_vs_sc1"])
         assert speedup == pytest.approx(baseline / float(row["step_s"]), rel=1e-6)
         assert float(row["efficiency"]) == pytest.approx(speedup / float(row["ideal"]), rel=1e-6)
@@ -58,11 +62,26 @@ def test_real_scaling_writes_consistent_results(tmp_path):
 def test_per_rank_simulation_writes_consistent_results(tmp_path):
     stem = tmp_path / "sim"
     _scaling("sim", "--model", "wrn10_2", "--batch", "4", "--groups", "1", "2", "--convs", "sc",
-             "gc", "gc2l", "--reps", "1", "--warmup", "1", "--out", str(stem))
+             "gc", "gc2l", "--reps", "1", "--warmup", "1", "--channels-last", "--out", str(stem))
     rows = {(r["conv"], r["N"]): r for r in _rows(stem)}
     assert set(rows) == {("sc", "1"), ("sc", "2"), ("gc", "2"), ("gc2l", "2")}
+    assert {r["layout"] for r in rows.values()} == {"channels_last"}
     gc2l = rows[("gc2l", "2")]
     assert float(gc2l["comm_MB"]) == pytest.approx(_closed_form_megabytes(2, 4), rel=1e-6)
     assert float(gc2l["total_s"]) == pytest.approx(
         float(gc2l["compute_s"]) + float(gc2l["comm_model_s"]), rel=1e-6)
     assert float(rows[("gc", "2")]["params_per_rank"]) < float(gc2l["params_per_rank"])
+
+
+def test_transport_benchmark_measures_both_transports_of_both_exchanges(tmp_path):
+    stem = tmp_path / "transport"
+    _run("transport.py", "--ranks", "2", "--kb", "1", "4", "--rounds", "1", "--reps", "2",
+         "--warmup", "1", "--overlap-ms", "0.2", "--out", str(stem))
+    rows = _rows(stem)
+    assert sorted((r["op"], r["transport"], r["KB_per_rank"]) for r in rows) == sorted(
+        (op, transport, kb) for op in ("all_gather", "reduce_scatter")
+        for transport in ("native", "direct") for kb in ("1", "4"))
+    for row in rows:
+        assert row["N"] == "2" and float(row["wall_ms"]) > 0
+        assert float(row["overlapped_wall_ms"]) > 0 and float(row["backend_threads_cpu_ms"]) >= 0
+    assert "transport.py --ranks 2" in stem.with_suffix(".md").read_text()

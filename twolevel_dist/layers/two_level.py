@@ -15,8 +15,10 @@ stride, one grouped convolution can compute all of them (C_out + N output channe
 the "fused" path, used on GPUs. On CPUs the convolution kernels block output channels by 16, so
 C_out/N + 1 filters per group cost as much as C_out/N + 16, and a one-filter convolution is no
 cheaper; the "taps" path computes GC's aligned convolution and gets the representatives from
-``representatives_taps`` (one small matrix product per kernel tap, about a tenth of the local
-convolution's time). Both read the same fused weight.
+``representatives_taps`` (one matrix product with k^2 rows per group, then k^2 shifted sums;
+about a tenth of the local convolution's time). Both read the same fused weight. On the taps path the two x-gradients meet
+in place (``InputGradSum``), and channels-last tensors are read and written in their own layout,
+the pixels as the rows of the small matrix products, so neither layout copies an activation.
 """
 
 

@@ -8,6 +8,9 @@ the matching collective (Megatron-LM's ``mappings.py`` pattern).
 - ``exchange_chunks``   forward all-to-all of equal chunks along dim 0; backward the same
                         all-to-all (it is its own adjoint in that layout).
 
+On gloo the all-gathers and reduce-scatters travel as one all-to-all each (cheaper there for the
+small per-layer tensors, ``DIRECT_EXCHANGE_BACKENDS``); other backends use their own collectives.
+
 The process group is always passed explicitly; a size-1 group skips communication; buffers are
 allocated on the input's device. A ``SimulatedGroup`` (``parallel.simulated``) makes every
 collective a local stand-in of the same shape, for the per-rank simulation. Every call is recorded in the active ``CommStats`` counters, so
@@ -109,10 +112,11 @@ class _ThenWork:
 
 
 # On gloo, one all-to-all moves GC-2L's small per-layer tensors more cheaply than gloo's own
-# all-gather and reduce-scatter: measured by benchmarks/transport.py on 2 CPU ranks, the
-# reduce-scatter takes 0.4-0.8 ms alone against 0.7-1.6 ms, and while it overlaps compute its
-# gloo threads (which share the ranks' cores) spend about half the CPU time. Both therefore travel
-# as one direct exchange there, moving the same bytes; NCCL and other backends use their own.
+# collectives: measured by benchmarks/transport.py on 2 CPU ranks at 8-128 KB per rank
+# (results/transport_N2_cpu.md), the reduce-scatter takes 0.26-0.62 ms alone against 0.74-1.43 ms,
+# and while it overlaps compute the gloo threads, which share the ranks' cores, spend less than half
+# the CPU time; the all-gather costs as much or less. Both therefore travel as one direct exchange
+# there, moving the same bytes; NCCL and other backends use their own collectives.
 DIRECT_EXCHANGE_BACKENDS = ("gloo",)
 
 
