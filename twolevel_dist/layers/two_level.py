@@ -291,12 +291,11 @@ class _Representatives(Function):
                 grad_x = parked
             else:
                 fresh = grad_x_into()
-                if channels_last:
+                if channels_last:   # [G, B*H*W, C/G] -> [B, G, C/G, H, W]
                     fresh = fresh.view(groups, batch, height, width, per_group)
-                    fresh = fresh.permute(1, 0, 4, 2, 3).reshape(x.shape)
-                grad_x = fresh.view(x.shape).to(x.dtype) if not channels_last else \
-                    fresh.to(x.dtype)
-                if parked is not None:
+                    fresh = fresh.permute(1, 0, 4, 2, 3)
+                grad_x = fresh.reshape(x.shape).to(x.dtype)
+                if parked is not None:  # the partner's gradient in another layout or precision
                     grad_x = parked.add_(grad_x)
                 elif ctx.grad_sum is not None:
                     ctx.grad_sum.park(grad_x)
