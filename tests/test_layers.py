@@ -248,6 +248,19 @@ def test_gc2l_taps_layer_in_channels_last_equals_nchw(groups, stride, kernel):
         torch.testing.assert_close(got, want)
 
 
+def test_gc2l_taps_layer_with_frozen_weights_still_passes_the_input_gradient():
+    # A frozen layer (fine-tuning what comes before it): no weight gradient is asked for.
+    layer = TwoLevelGroupConv2d(8, 8, 3, 1, 2, impl="taps").double().requires_grad_(False)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    reference = TwoLevelGroupConv2d(8, 8, 3, 1, 2, impl="fused").double().requires_grad_(False)
+    reference.load_state_dict(layer.state_dict())
+    reference(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert layer.weight.grad is None and layer.coarse_weight.grad is None
+
+
 def test_gc2l_taps_layer_trains_under_bfloat16_autocast():
     # bf16 keeps 8 bits: compare whole tensors against the fp32 run by relative error.
     layer = TwoLevelGroupConv2d(16, 16, 3, 1, 2, impl="taps")

@@ -181,7 +181,8 @@ class _LocalConvolution(Function):
         # Under autocast the convolution ran in the gradient's (lower) precision.
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad, x.to(grad.dtype), weight.to(grad.dtype), None, [stride] * 2, [padding] * 2,
-            [1, 1], False, [0, 0], groups, [ctx.needs_input_grad[0], True, False])
+            [1, 1], False, [0, 0], groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                            False])
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
             parked = ctx.grad_sum.take()
@@ -190,7 +191,9 @@ class _LocalConvolution(Function):
                 grad_x = None
             else:
                 grad_x.add_(parked)
-        return grad_x, grad_weight.to(weight.dtype), None, None, None, None
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_x, grad_weight, None, None, None, None
 
 
 def _group_rows(t: torch.Tensor, groups: int) -> torch.Tensor | None:
