@@ -16,9 +16,10 @@ the "fused" path, used on GPUs. On CPUs the convolution kernels block output cha
 C_out/N + 1 filters per group cost as much as C_out/N + 16, and a one-filter convolution is no
 cheaper; the "taps" path computes GC's aligned convolution and gets the representatives from
 ``representatives_taps`` (one matrix product with k^2 rows per group, then k^2 shifted sums;
-about a tenth of the local convolution's time). Both read the same fused weight. On the taps path the two x-gradients meet
-in place (``InputGradSum``), and channels-last tensors are read and written in their own layout,
-the pixels as the rows of the small matrix products, so neither layout copies an activation.
+about a tenth of the local convolution's time). Both read the same fused weight. On the taps
+path the two x-gradients meet in place (``InputGradSum``), and channels-last tensors are read
+and written in their own layout, the pixels as the rows of the small matrix products, so neither
+layout copies an activation.
 """
 
 
@@ -157,11 +158,18 @@ class InputGradSum:
         self._parked = None
 
     def take(self) -> torch.Tensor | None:
+        """The partner's parked gradient (to accumulate into in place), or None."""
         parked, self._parked = self._parked, None
         return parked
 
-    def park(self, grad: torch.Tensor) -> None:
-        self._parked = grad
+    def meet(self, grad: torch.Tensor) -> torch.Tensor | None:
+        """What a backward returns for x, given its own gradient: None after parking it if the
+        partner has not run yet, otherwise the sum of the two."""
+        parked = self.take()
+        if parked is None:
+            self._parked = grad
+            return None
+        return parked.add_(grad)
 
 
 class _LocalConvolution(Function):
@@ -184,13 +192,7 @@ class _LocalConvolution(Function):
             [1, 1], False, [0, 0], groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                             False])
         if grad_x is not None:
-            grad_x = grad_x.to(x.dtype)
-            parked = ctx.grad_sum.take()
-            if parked is None:
-                ctx.grad_sum.park(grad_x)
-                grad_x = None
-            else:
-                grad_x.add_(parked)
+            grad_x = ctx.grad_sum.meet(grad_x.to(x.dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight, None, None, None, None
@@ -218,15 +220,17 @@ class _Representatives(Function):
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding, grad_sum):
-        if _group_rows(x, weight.shape[0]) is None:
-            x = x.contiguous()
-        batch, _, height, width = x.shape
         groups, per_group, kernel = weight.shape[:3]
+        rows = _group_rows(x, groups)
+        if rows is None:
+            x = x.contiguous()
+            rows = _group_rows(x, groups)
+        channels_last = _channels_last(x)
+        batch, _, height, width = x.shape
         out_hw = ((height + 2 * padding - kernel) // stride + 1,
                   (width + 2 * padding - kernel) // stride + 1)
         taps = weight.reshape(groups, per_group, kernel * kernel)
-        rows = _group_rows(x, groups)
-        if _channels_last(x):        # [G, k^2, B*H*W], viewed as [G, B, k^2, H, W]
+        if channels_last:            # [G, k^2, B*H*W], viewed as [G, B, k^2, H, W]
             per_tap = torch.bmm(taps.transpose(1, 2), rows.transpose(1, 2))
             per_tap = per_tap.view(groups, -1, batch, height, width).transpose(1, 2)
             out = per_tap.new_zeros(groups, batch, *out_hw)
@@ -241,7 +245,7 @@ class _Representatives(Function):
         ctx.save_for_backward(x, weight)
         ctx.geometry = stride, padding
         ctx.grad_sum = grad_sum
-        return out.transpose(0, 1) if _channels_last(x) else out
+        return out.transpose(0, 1) if channels_last else out
 
     @staticmethod
     def backward(ctx, grad):
@@ -258,9 +262,10 @@ class _Representatives(Function):
         out_h, out_w = grad.shape[2:]
         spread = grad.reshape(batch * groups, out_h, out_w)
         if stride > 1:
+            flat = spread
             spread = grad.new_zeros(batch * groups, stride * (out_h - 1) + 1,
                                     stride * (out_w - 1) + 1)
-            spread[:, ::stride, ::stride] = grad.reshape(batch * groups, out_h, out_w)
+            spread[:, ::stride, ::stride] = flat
         lead = kernel - 1 - padding              # F.pad crops where this is negative
         padded = F.pad(spread, (lead, width + kernel - 1 - lead - spread.shape[2],
                                 lead, height + kernel - 1 - lead - spread.shape[1]))
@@ -301,8 +306,7 @@ class _Representatives(Function):
                 if parked is not None:  # the partner's gradient in another layout or precision
                     grad_x = parked.add_(grad_x)
                 elif ctx.grad_sum is not None:
-                    ctx.grad_sum.park(grad_x)
-                    grad_x = None
+                    grad_x = ctx.grad_sum.meet(grad_x)
         grad_weight = grad_weight.transpose(1, 2).reshape(weight.shape).flip((-2, -1))
         return grad_x, grad_weight.to(weight.dtype), None, None, None
 

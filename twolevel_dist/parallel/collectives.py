@@ -100,13 +100,13 @@ class _ThenWork:
     """An asynchronous collective and what completes it locally once it has arrived (a sum);
     holds the buffers the collective reads until then."""
 
-    def __init__(self, work, finish=None, *buffers):
-        self._work, self._finish, self._buffers = work, finish, buffers
+    def __init__(self, work, then=None, *buffers):
+        self._work, self._then, self._buffers = work, then, buffers
 
     def wait(self) -> bool:
         self._work.wait()
-        if self._finish is not None:
-            self._finish()
+        if self._then is not None:
+            self._then()
         self._buffers = ()
         return True
 
@@ -124,12 +124,12 @@ def _direct_exchange(group) -> bool:
     return dist.get_backend(group) in DIRECT_EXCHANGE_BACKENDS
 
 
-def _finish(work, finish, async_op: bool, *buffers):
-    """Complete now (synchronous) or hand back a work that completes on ``wait``."""
+def _finish(work, then, async_op: bool, *buffers):
+    """Run ``then`` now (synchronous) or hand back a work that runs it on ``wait``."""
     if async_op:
-        return _ThenWork(work, finish, *buffers)
-    if finish is not None:
-        finish()
+        return _ThenWork(work, then, *buffers)
+    if then is not None:
+        then()
     return None
 
 
