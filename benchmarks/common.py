@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from twolevel_dist.config import ModelConfig  # noqa: E402
+from twolevel_dist.engine.device import autocast  # noqa: E402
 from twolevel_dist.layers import to_layout  # noqa: E402
 from twolevel_dist.models import build_model  # noqa: E402
 
@@ -47,10 +48,11 @@ def time_steps(step, warmup: int, reps: int, sync=lambda: None) -> list[float]:
 
 
 def training_step(model, batch: int, image_size: int = 32, num_classes: int = 10, device="cpu",
-                  channels_last: bool = False):
+                  channels_last: bool = False, amp: bool = False):
     """A closure doing one SGD step (forward, backward, optimizer) on a fixed random batch; with
     ``channels_last``, the images and the convolution weights in that layout, as
-    ``train.channels_last=true`` has them."""
+    ``train.channels_last=true`` has them; with ``amp``, the forward under bf16 autocast, as
+    ``train.amp=true``."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
@@ -61,9 +63,16 @@ def training_step(model, batch: int, image_size: int = 32, num_classes: int = 10
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
+        with autocast(torch.device(device), amp):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
         optimizer.step()
     return step
+
+
+def default_device() -> torch.device:
+    """The benchmarks run where training would: this machine's GPU if it has one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def median(values) -> float:

@@ -3,8 +3,9 @@
   rank       one rank's GC-2L layer (the engine's ShardedTwoLevelConv2d, its all-gather replaced
              by a local stand-in) against GC's local convolution alone (C_out/N filters): the
              coarse level's compute overhead per rank, for the "fused" convolution of C_out/N + 1
-             filters, the "taps" path (local convolution + representatives by kernel taps), and
-             the overlap path (taps, the all-gather started before the local convolution).
+             filters, the same padded to a multiple of 8 filters ("fused_pad8"), the "taps" path
+             (local convolution + representatives by kernel taps), and the overlap path (taps,
+             the all-gather started before the local convolution).
   device     single-device group convolution (groups=N) and GC-2L against SC.
 Each in NCHW and channels_last; fp32, plus bf16 where a GPU is present.
 
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, median, time_steps, write_results  # noqa: E402
+from common import REPO, default_device, median, time_steps, write_results  # noqa: E402
 
+from twolevel_dist.engine.device import configure_backends, synchronize  # noqa: E402
 from twolevel_dist.layers import make_conv, to_layout  # noqa: E402
+from twolevel_dist.parallel.collectives import coarse_exchange  # noqa: E402
 from twolevel_dist.parallel.sharded import ShardedTwoLevelConv2d  # noqa: E402
 from twolevel_dist.parallel.simulated import SimulatedGroup  # noqa: E402
 
@@ -45,12 +48,16 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--device", default=None, help="default: the GPU if there is one")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device) if args.device else default_device()
+    configure_backends(device)
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def sync():
+        synchronize(device)
     c, k, rows = args.channels, args.kernel, []
 
     def timed(step):
@@ -75,6 +82,12 @@ def main(argv=None) -> int:
                                                  tensor(g, n, grad=False), 1, k // 2,
                                                  SimulatedGroup(n), overlap=overlap, impl=impl)
                     rank_ms[path] = timed(_fwd_bwd(rank, x_rank, list(rank.parameters())))
+                # The fused convolution with its filter count padded to a multiple of 8 (zero
+                # filters whose outputs are dropped), the shape tensor cores favour.
+                w_pad, coarse = tensor(-(-(g + 1) // 8) * 8, c // n, k, k), tensor(g, n)
+                rank_ms["fused_pad8"] = timed(_fwd_bwd(
+                    lambda x: coarse_exchange(F.conv2d(x, w_pad, padding=k // 2)[:, : g + 1],
+                                              coarse, SimulatedGroup(n)), x_rank, [w_pad, coarse]))
                 x_full = tensor(args.batch, c, args.size, args.size)
                 modules = {kind: to_layout(make_conv(kind, c, c, k, 1, 1 if kind == "sc" else n)
                                            .to(device=device, dtype=dtype), layout)
@@ -87,6 +100,7 @@ def main(argv=None) -> int:
                     N=n, rank_gc_local_ms=local, rank_gc2l_fused_ms=rank_ms["fused"],
                     rank_gc2l_taps_ms=rank_ms["taps"],
                     rank_gc2l_overlap_ms=rank_ms["overlap"],
+                    rank_gc2l_fused_pad8_ms=rank_ms["fused_pad8"],
                     rank_fused_overhead=rank_ms["fused"] / local - 1,
                     rank_taps_overhead=rank_ms["taps"] / local - 1,
                     device_sc_ms=device_ms["sc"], device_gc_ms=device_ms["gc"],

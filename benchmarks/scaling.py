@@ -25,18 +25,33 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, median, model_from_config, time_steps, training_step, write_results  # noqa: E402
+from common import (REPO, default_device, median, model_from_config, time_steps,  # noqa: E402
+                    training_step, write_results)
 
-from twolevel_dist.parallel import count_collectives, parallelize  # noqa: E402
+from twolevel_dist.engine.device import configure_backends, synchronize  # noqa: E402
+from twolevel_dist.parallel import all_reduce_values, count_collectives, parallelize  # noqa: E402
 from twolevel_dist.parallel.comm_model import LINKS, LinkModel, modelled_seconds  # noqa: E402
 from twolevel_dist.parallel.simulated import simulated_mesh  # noqa: E402
 
 SCHEMES = ("sc", "gc", "gc2l", "shuffle")
 
 
-def _shard(model_name, conv, n, mesh, overlap=False):
+def _shard(model_name, conv, n, mesh, overlap, device):
+    """Rank ``mesh``'s shard of the network at N = ``n`` on ``device`` (N = 1: the whole one).
+    ``overlap`` is explicit (not by device), so that every row says which GC-2L path it ran."""
     model = model_from_config(model_name, conv, 1 if conv == "sc" else n)
-    return model if n == 1 else parallelize(model, mesh, overlap=overlap)
+    return model.to(device) if n == 1 else parallelize(model, mesh, overlap=overlap,
+                                                       device=device)
+
+
+def _variants(convs, with_overlap: bool):
+    """(conv, overlap) pairs to run: GC-2L twice with --with-overlap (without, then with)."""
+    return [(conv, overlap) for conv in convs
+            for overlap in ([False, True] if conv == "gc2l" and with_overlap else [False])]
+
+
+def _label(conv: str, overlap: bool) -> str:
+    return conv + ("+overlap" if overlap else "")
 
 
 def _layout(args) -> str:
@@ -51,20 +66,24 @@ def _comm_of_one_step(step):
 
 def run_sim(args) -> list[dict]:
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    configure_backends(device)
     link = LINKS[args.link] if args.bandwidth is None else LinkModel(
         "custom", args.bandwidth, args.latency)
     rows, baseline = [], None
     for n in args.groups:
-        for conv in args.convs:
+        for conv, overlap in _variants(args.convs, args.with_overlap):
             if n == 1 and conv != "sc":
                 continue                      # N = 1 is the SC baseline
             try:
-                model = _shard(args.model, conv, n, simulated_mesh(n))
+                model = _shard(args.model, conv, n, simulated_mesh(n), overlap, device)
             except ValueError as error:       # e.g. shuffle needs N^2 | C_out
                 print(f"skip {conv} N={n}: {error}", file=sys.stderr)
                 continue
-            step = training_step(model, args.batch, channels_last=args.channels_last)
-            compute = median(time_steps(step, args.warmup, args.reps))
+            step = training_step(model, args.batch, device=device,
+                                 channels_last=args.channels_last, amp=args.amp)
+            compute = median(time_steps(step, args.warmup, args.reps,
+                                        lambda: synchronize(device)))
             calls, nbytes = _comm_of_one_step(step)
             comm = modelled_seconds(calls, nbytes, n, link)
             if n == 1:
@@ -72,8 +91,9 @@ def run_sim(args) -> list[dict]:
             total = compute + comm
             speedup = baseline / total if baseline else float("nan")
             ideal = n if conv == "sc" else n * n
-            rows.append(dict(model=args.model, conv=conv, N=n, batch=args.batch,
-                             layout=_layout(args),
+            rows.append(dict(model=args.model, conv=_label(conv, overlap), N=n,
+                             batch=args.batch, device=device.type,
+                             precision="bf16" if args.amp else "fp32", layout=_layout(args),
                              params_per_rank=sum(p.numel() for p in model.parameters()),
                              compute_s=compute, comm_MB=sum(nbytes.values()) / 1e6,
                              comm_model_s=comm, total_s=total, speedup_vs_sc1=speedup,
@@ -94,23 +114,25 @@ def _worker(args) -> None:
         local, cores = int(os.environ.get("LOCAL_RANK", 0)), os.cpu_count()
         os.sched_setaffinity(0, {(local * args.threads + i) % cores for i in range(args.threads)})
     device = init_distributed()
+    configure_backends(device)
     n = dist.get_world_size()
     # "local": every rank runs its own shard at the same time as the others, but with the
     # collectives replaced by local stand-ins: what the step costs without communication,
     # sharing the machine as the real run does.
     mesh = init_mesh(n) if args.collectives == "real" else simulated_mesh(n, dist.get_rank())
-    model = _shard(args.model, args.conv, n, mesh, overlap=args.overlap).to(device)
-    step = training_step(model, args.batch, device=device, channels_last=args.channels_last)
+    model = _shard(args.model, args.conv, n, mesh, args.overlap, device)
+    step = training_step(model, args.batch, device=device, channels_last=args.channels_last,
+                         amp=args.amp)
 
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         dist.barrier()
-    times = torch.tensor(time_steps(step, args.warmup, args.reps, sync))
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)        # a step lasts as long as its slowest rank
+    # A step lasts as long as its slowest rank.
+    times = all_reduce_values(time_steps(step, args.warmup, args.reps, sync), device=device,
+                              group=dist.group.WORLD, op="max").tolist()
     calls, nbytes = _comm_of_one_step(step)
     if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(dict(step_s=times.tolist(), calls=calls, bytes=nbytes,
+        print("RESULT " + json.dumps(dict(step_s=times, calls=calls, bytes=nbytes,
                                           params_per_rank=sum(p.numel() for p in model.parameters()))),
               flush=True)
     dist.destroy_process_group()
@@ -124,7 +146,7 @@ def _real_job(args, n: int, conv: str, overlap: bool) -> dict:
            "--threads", str(args.threads), "--warmup", str(args.warmup),
            "--reps", str(args.reps), "--collectives", args.collectives] + \
         (["--overlap"] if overlap else []) + (["--bind-cores"] if args.bind_cores else []) + \
-        (["--channels-last"] if args.channels_last else [])
+        (["--channels-last"] if args.channels_last else []) + (["--amp"] if args.amp else [])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -138,8 +160,8 @@ def run_real(args) -> list[dict]:
     """Every configuration once per round, the rounds one after another, so that a slow spell
     of a shared machine falls on all configurations alike; a configuration's step time is the
     median over all its rounds' steps."""
-    configs = [(n, conv, overlap) for n in args.groups for conv in args.convs
-               for overlap in ([False, True] if conv == "gc2l" and args.with_overlap else [False])
+    configs = [(n, conv, overlap) for n in args.groups
+               for conv, overlap in _variants(args.convs, args.with_overlap)
                if n > 1 or conv == "sc"]
     steps = {config: [] for config in configs}
     results = {}
@@ -157,8 +179,9 @@ def run_real(args) -> list[dict]:
             baseline = step_s
         speedup = baseline / step_s if baseline else float("nan")
         ideal = n if conv == "sc" else n * n
-        rows.append(dict(model=args.model, conv=conv + ("+overlap" if overlap else ""),
-                         N=n, batch=args.batch, layout=_layout(args), collectives=args.collectives,
+        rows.append(dict(model=args.model, conv=_label(conv, overlap), N=n, batch=args.batch,
+                         precision="bf16" if args.amp else "fp32", layout=_layout(args),
+                         collectives=args.collectives,
                          threads_per_rank=args.threads, oversubscribed=n * args.threads > cores,
                          params_per_rank=result["params_per_rank"], step_s=step_s,
                          step_min_s=min(steps[(n, conv, overlap)]),
@@ -206,6 +229,7 @@ def main(argv=None) -> int:
         p.add_argument("--reps", type=int, default=5)
         p.add_argument("--channels-last", action="store_true",
                        help="images and convolution weights channels-last, for every scheme")
+        p.add_argument("--amp", action="store_true", help="bf16 autocast, for every scheme")
         if mode in ("worker", "real"):
             p.add_argument("--collectives", default="real", choices=("real", "local"),
                            help="'local': stand-ins instead of the collectives (no communication)")
@@ -222,9 +246,13 @@ def main(argv=None) -> int:
             p.add_argument("--link", default="nvlink", choices=sorted(LINKS))
             p.add_argument("--bandwidth", type=float, default=None, help="GB/s, overrides --link")
             p.add_argument("--latency", type=float, default=5.0, help="us, with --bandwidth")
-        if mode == "real":
+        if mode in ("sim", "real"):
             p.add_argument("--with-overlap", action="store_true",
-                           help="also run GC-2L with the all-gather overlapped")
+                           help="also run GC-2L with the all-gather overlapped (the taps path)")
+        if mode == "sim":
+            p.add_argument("--device", default=str(default_device()),
+                           help="where the rank's shard runs (default: the GPU if there is one)")
+        if mode == "real":
             p.add_argument("--rounds", type=int, default=3,
                            help="run every configuration this many times, interleaved")
     args = parser.parse_args(argv)
@@ -232,11 +260,13 @@ def main(argv=None) -> int:
         _worker(args)
         return 0
     rows = run_sim(args) if args.mode == "sim" else run_real(args)
-    device = "gpu" if torch.cuda.is_available() else "cpu"
+    on_gpu = getattr(args, "device", "cuda" if torch.cuda.is_available() else "cpu")
+    device = "gpu" if on_gpu.startswith("cuda") else "cpu"
     local = "_local_collectives" if getattr(args, "collectives", "real") == "local" else ""
     layout = "_channels_last" if args.channels_last else ""
+    precision = "_bf16" if args.amp else ""
     stem = Path(args.out) if args.out else REPO / "benchmarks" / "results" / \
-        f"scaling_{args.mode}_{args.model}_{device}{layout}{local}"
+        f"scaling_{args.mode}_{args.model}_{device}{layout}{precision}{local}"
     command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     notes = ("Per-rank simulation: measured compute of one rank's shard; communication modelled "
              f"from the counted bytes over the '{args.link}' link model "

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, write_results  # noqa: E402
 
-from twolevel_dist.parallel import collectives  # noqa: E402
+from twolevel_dist.parallel import all_reduce_values, collectives  # noqa: E402
 
 OPS = ("all_gather", "reduce_scatter")
 TRANSPORTS = {"native": (), "direct": ("gloo",)}
@@ -92,9 +92,9 @@ def _worker(args) -> None:
                         walls.append((time.perf_counter() - wall0) / args.reps * 1e3)
                         cpus.append((_threads_cpu_ms(main_tid) - cpu0) / args.reps)
                     measured[mode] = statistics.median(walls), statistics.median(cpus)
-                result = torch.tensor([measured["alone"][0], measured["overlapped"][0],
-                                       measured["alone"][1], measured["overlapped"][1]])
-                dist.all_reduce(result, op=dist.ReduceOp.MAX)      # the slowest rank
+                result = all_reduce_values(                         # the slowest rank
+                    [measured["alone"][0], measured["overlapped"][0], measured["alone"][1],
+                     measured["overlapped"][1]], device=device, group=group, op="max")
                 rows.append(dict(op=op, transport=transport, KB_per_rank=kb, N=world,
                                  wall_ms=result[0].item(), overlapped_wall_ms=result[1].item(),
                                  compute_ms=args.overlap_ms,

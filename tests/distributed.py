@@ -16,11 +16,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, out_dir, fn, args):
+def _entry(rank, world, port, out_dir, fn, args, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         result = fn(*args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -30,9 +30,12 @@ def _entry(rank, world, port, out_dir, fn, args):
         dist.destroy_process_group()
 
 
-def run_on_ranks(world: int, fn, *args) -> list:
-    """``fn(*args)`` on ``world`` freshly spawned ranks; returns the ranks' results in order."""
+def run_on_ranks(world: int, fn, *args, backend: str = "gloo") -> list:
+    """``fn(*args)`` on ``world`` freshly spawned ranks; returns the ranks' results in order.
+    ``backend="cuda:gloo"`` serves CUDA tensors only: on one GPU it stands in for NCCL, under
+    which a CPU tensor in a collective fails."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world, free_port(), out_dir, fn, args), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, free_port(), out_dir, fn, args, backend), nprocs=world,
+                 join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world)]

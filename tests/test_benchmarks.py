@@ -62,12 +62,19 @@ def test_real_scaling_writes_consistent_results(tmp_path):
 def test_per_rank_simulation_writes_consistent_results(tmp_path):
     stem = tmp_path / "sim"
     _scaling("sim", "--model", "wrn10_2", "--batch", "4", "--groups", "1", "2", "--convs", "sc",
-             "gc", "gc2l", "--reps", "1", "--warmup", "1", "--channels-last", "--out", str(stem))
+             "gc", "gc2l", "--with-overlap", "--amp", "--reps", "1", "--warmup", "1",
+             "--channels-last", "--out", str(stem))
     rows = {(r["conv"], r["N"]): r for r in _rows(stem)}
-    assert set(rows) == {("sc", "1"), ("sc", "2"), ("gc", "2"), ("gc2l", "2")}
-    assert {r["layout"] for r in rows.values()} == {"channels_last"}
+    assert set(rows) == {("sc", "1"), ("sc", "2"), ("gc", "2"), ("gc2l", "2"),
+                         ("gc2l+overlap", "2")}
+    assert {(r["layout"], r["precision"], r["device"]) for r in rows.values()} == {
+        ("channels_last", "bf16", "cpu")}
     gc2l = rows[("gc2l", "2")]
-    assert float(gc2l["comm_MB"]) == pytest.approx(_closed_form_megabytes(2, 4), rel=1e-6)
+    # Under bf16 autocast the representatives and logits travel in bf16: half the closed form's
+    # float32 bytes. The overlap path moves the same.
+    assert float(gc2l["comm_MB"]) == pytest.approx(_closed_form_megabytes(2, 4) / 2, rel=1e-6)
+    assert float(rows[("gc2l+overlap", "2")]["comm_MB"]) == pytest.approx(
+        float(gc2l["comm_MB"]), rel=1e-6)
     assert float(gc2l["total_s"]) == pytest.approx(
         float(gc2l["compute_s"]) + float(gc2l["comm_model_s"]), rel=1e-6)
     assert float(rows[("gc", "2")]["params_per_rank"]) < float(gc2l["params_per_rank"])

@@ -61,7 +61,7 @@ def _use_transport(transport):
     collectives.DIRECT_EXCHANGE_BACKENDS = ("gloo",) if transport == "direct" else ()
 
 
-def _matches_unsharded(dp, gp, cases, transport="direct"):
+def _matches_unsharded(dp, gp, cases, transport="direct", device="cpu"):
     _use_transport(transport)
     mesh = init_mesh(gp, dp)
     dp_rank = mesh["dp"].get_local_rank()
@@ -71,8 +71,8 @@ def _matches_unsharded(dp, gp, cases, transport="direct"):
         TOL = TOLERANCE[dtype]
         torch.manual_seed(1234)
         groups = 1 if conv == "sc" else max(gp, 2)
-        single = build_model(name, conv=conv, groups=groups, **kwargs)
-        xs, ys = _batch(dp, size)
+        single = build_model(name, conv=conv, groups=groups, **kwargs).to(device)
+        xs, ys = (tuple(t.to(device) for t in ts) for ts in _batch(dp, size))
         sharded = parallelize(copy.deepcopy(single), mesh, overlap=overlap).train(train)
         opt = _sgd(sharded.parameters())
         logits = sharded(xs[dp_rank])
@@ -94,7 +94,8 @@ def _matches_unsharded(dp, gp, cases, transport="direct"):
         for key in ref_state:
             torch.testing.assert_close(state[key], ref_state[key], **TOL,
                                        msg=lambda m: f"{label} {key}: {m}")
-        build_model(name, conv=conv, groups=groups, **kwargs).load_state_dict(state, strict=True)
+        build_model(name, conv=conv, groups=groups, **kwargs).to(device).load_state_dict(
+            state, strict=True)
         checked.append(label)
     return checked
 

@@ -26,7 +26,6 @@ import logging
 import math
 import statistics
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from omegaconf import OmegaConf
 from twolevel_dist.config import CompressConfig, register_resolvers, validate_compress
 from twolevel_dist.data import DataError
 from twolevel_dist.engine.checkpoint import atomic_save, read_model_file
+from twolevel_dist.engine.device import clock, configure_backends, resolve_amp
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import Progress, evaluate, train_one_epoch
 from twolevel_dist.engine.metrics import MetricsWriter
@@ -46,6 +46,7 @@ from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import to_layout
 from twolevel_dist.layers.group import StandardConv2d
 from twolevel_dist.models import build_model
+from twolevel_dist.parallel import local_device
 from twolevel_dist.selfgroup.accounting import LayerRow, layer_report, markdown_table, totals
 from twolevel_dist.selfgroup.convert import convert_to_grouped, wrn_channel_graph
 from twolevel_dist.selfgroup.grouping import progressive_schedule, prune_step
@@ -90,12 +91,12 @@ class Finetuner:
 
     def __init__(self, cfg: CompressConfig, train_loader, test_loader, device, writer):
         self.cfg, self.device, self.writer = cfg, device, writer
+        self.amp = resolve_amp(cfg.finetune.amp, device)
         self.train_loader, self.test_loader = train_loader, test_loader
         self.epochs_done = 0
 
     def evaluate(self, model) -> tuple[float, float]:
-        return evaluate(model, self.test_loader, device=self.device, amp=self.cfg.finetune.amp,
-                        dp_group=None)
+        return evaluate(model, self.test_loader, device=self.device, amp=self.amp, dp_group=None)
 
     def __call__(self, model, epochs: int, phase: str) -> None:
         if epochs == 0:
@@ -111,8 +112,8 @@ class Finetuner:
         for epoch in range(epochs):
             self.train_loader.set_epoch(self.epochs_done)
             result = train_one_epoch(model, self.train_loader, optimizer, device=self.device,
-                                     amp=f.amp, max_steps=f.max_steps,
-                                     on_step=lambda stats: schedule.step(),
+                                     amp=self.amp, max_steps=f.max_steps,
+                                     on_step=lambda step: schedule.step(),
                                      progress=Progress(True, steps_per_epoch, phase))
             self.epochs_done += 1
             test_loss, test_acc = self.evaluate(model)
@@ -132,12 +133,10 @@ def _eval_ms_per_batch(model, loader, reps: int = 5) -> float:
     times = []
     with torch.no_grad():
         for i in range(reps + 1):
-            start = time.perf_counter()
+            start = clock(images.device)
             model(images)
-            if images.is_cuda:
-                torch.cuda.synchronize()
             if i:                        # the first call warms up
-                times.append(time.perf_counter() - start)
+                times.append(clock(images.device) - start)
     return 1000 * statistics.median(times)
 
 
@@ -257,7 +256,8 @@ def run(cfg: CompressConfig, run_dir: Path) -> list[dict]:
     validate_compress(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], force=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
+    configure_backends(device)
     torch.manual_seed(cfg.seed)
     train_loader, test_loader = build_loaders(
         cfg.dataset, seed=cfg.seed, device=device, per_replica=cfg.finetune.batch_size,

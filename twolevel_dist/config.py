@@ -41,7 +41,9 @@ class DatasetConfig:
 @dataclass
 class ConvConfig:
     kind: str = "gc2l"
-    overlap: bool = False                # overlap GC-2L's all-gather with the local filters
+    # GC-2L across ranks: overlap the all-gather with the local filters (the taps path). null:
+    # by device, on for CPU ranks, off on GPUs (the fused convolution); see README.
+    overlap: Optional[bool] = None
 
 
 @dataclass
@@ -64,10 +66,18 @@ class TrainLoopConfig:
     epochs: int = 200
     max_steps: Optional[int] = None      # stop after this many optimizer steps in all
     batch_size: int = 128                # global batch: split over the dp replicas
-    amp: bool = False                    # bf16 autocast on GPU
+    amp: Optional[bool] = None           # bf16 autocast; null: on for GPUs, off for CPUs
+    tf32: bool = True                    # GPUs: TF32 matrix products and convolutions
     channels_last: bool = False
     compile: bool = False
     log_every: int = 20
+
+
+@dataclass
+class DistConfig:
+    # The longest a rank waits for the others in one collective or in the rendezvous (rank 0's
+    # first data preparation included) before the job fails instead of hanging.
+    timeout_s: float = 1800
 
 
 @dataclass
@@ -78,6 +88,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     groups: Optional[int] = None         # N; default: the world size
     seed: int = 0
     eval_only: bool = False
@@ -104,6 +115,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be at least 1")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps} must be at least 1 (or null)")
+    if cfg.dist.timeout_s <= 0:
+        raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s} must be positive (seconds a "
+                          f"rank waits for the others before the job fails)")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive")
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:
@@ -125,7 +139,7 @@ class FinetuneConfig:
     lr: float = 0.01                     # cosine-annealed to 0 over each fine-tuning phase
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    amp: bool = False                    # bf16 autocast
+    amp: Optional[bool] = None           # bf16 autocast; null: on for GPUs, off for CPUs
     channels_last: bool = False
     max_steps: Optional[int] = None      # cap on the steps of one fine-tuning epoch (smoke runs)
 

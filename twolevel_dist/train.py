@@ -28,6 +28,7 @@ from twolevel_dist.data.seeding import derive_seed
 from twolevel_dist.engine.checkpoint import (atomic_save, latest_complete_epoch,
                                              load_rank_checkpoint, mark_complete, rank_file,
                                              read_model_file)
+from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import (Progress, average_batch_norm_statistics, evaluate,
                                        train_one_epoch)
@@ -35,8 +36,9 @@ from twolevel_dist.engine.metrics import MetricsWriter, truncate_metrics
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import to_layout
 from twolevel_dist.models import build_model, count_parameters
-from twolevel_dist.parallel import (consolidate_state_dict, env_rank, env_world_size,
-                                    init_distributed, init_mesh, parallelize, unwrap)
+from twolevel_dist.parallel import (all_reduce_values, consolidate_state_dict, env_rank,
+                                    env_world_size, init_distributed, init_mesh, local_device,
+                                    parallelize, unwrap)
 
 log = logging.getLogger("twolevel_dist")
 
@@ -68,13 +70,6 @@ def _layout(cfg: TrainConfig, world: int) -> tuple[int, int]:
     return model_groups, gp
 
 
-def _reduce_over(group, *values: float) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t.tolist()
-
-
 def load_consolidated(model: torch.nn.Module, path: str) -> None:
     """Weights from a consolidated single-device ``model.pt`` (a finished run's, or one that
     ``twolevel_dist.compress`` converted), checked against the model this run builds."""
@@ -92,10 +87,11 @@ def load_consolidated(model: torch.nn.Module, path: str) -> None:
 def run(cfg: TrainConfig, run_dir: Path) -> dict:
     validate(cfg)
     world = env_world_size()
-    if world > 1:
-        device = init_distributed()
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Under a launcher the process group exists even for one rank (the same path as many).
+    launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    device = init_distributed(cfg.dist.timeout_s) if launched else local_device()
+    configure_backends(device, tf32=cfg.train.tf32)
+    amp = resolve_amp(cfg.train.amp, device)
     rank = dist.get_rank() if world > 1 else 0
     model_groups, gp = _layout(cfg, world)
     mesh = init_mesh(gp) if world > 1 else None
@@ -121,11 +117,13 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     if cfg.init_from:
         load_consolidated(model, cfg.init_from)
     total_parameters = count_parameters(model)
-    model.to(device)
     if cfg.train.channels_last:
         to_layout(model, torch.channels_last)
+    # Sharded on the CPU, then moved: only this rank's shard ever reaches its GPU.
     if mesh is not None:
-        model = parallelize(model, mesh, overlap=cfg.conv.overlap)
+        model = parallelize(model, mesh, overlap=cfg.conv.overlap, device=device)
+    else:
+        model.to(device)
     torch.manual_seed(derive_seed(cfg.seed, "rank", rank))    # dropout masks differ per rank
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
@@ -150,7 +148,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        set_rng_state(state["rng"], device)
         epochs_done, global_step = state["epochs_done"], state["global_step"]
         if rank == 0:
             truncate_metrics(run_dir, epochs_done)   # drop epochs logged after that checkpoint
@@ -162,8 +160,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
              f"{cfg.dataset.name}: {sizes}; "
              f"run directory {run_dir}")
     if cfg.eval_only:
-        test_loss, test_acc = evaluate(step_model, test_loader, device=device,
-                                       amp=cfg.train.amp, dp_group=dp_group)
+        test_loss, test_acc = evaluate(step_model, test_loader, device=device, amp=amp,
+                                       dp_group=dp_group)
         log.info(f"eval: test loss {test_loss:.4f}, test accuracy {test_acc:.2f}%")
         if world > 1:
             dist.barrier()
@@ -178,25 +176,26 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         train_loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
 
-        def on_step(stats):
-            nonlocal global_step
-            global_step += 1
-            if rank == 0 and global_step % cfg.train.log_every == 0:
-                writer.scalars("train", dict(loss=stats["loss"].item(), lr=lr,
+        def log_step(stats, lr=lr):
+            if rank == 0:
+                writer.scalars("train", dict(loss=stats["loss"], lr=lr,
                                              images_per_s=stats["images_per_s"] * dp_size,
                                              step_time_s=stats["step_time_s"],
-                                             comm_bytes_per_step=stats["comm_bytes"]),
-                               global_step)
+                                             comm_bytes_per_step=stats["comm_bytes_per_step"]),
+                               stats["step"])
 
-        result = train_one_epoch(step_model, train_loader, optimizer, device=device,
-                                 amp=cfg.train.amp, max_steps=remaining, on_step=on_step,
+        result = train_one_epoch(step_model, train_loader, optimizer, device=device, amp=amp,
+                                 max_steps=remaining, first_step=global_step,
+                                 log_every=cfg.train.log_every, on_log=log_step,
                                  progress=Progress(rank == 0, len(train_loader), f"epoch {epoch + 1}"))
+        global_step += result.steps
         average_batch_norm_statistics(model, dp_group)
-        test_loss, test_acc = evaluate(step_model, test_loader, device=device, amp=cfg.train.amp,
+        test_loss, test_acc = evaluate(step_model, test_loader, device=device, amp=amp,
                                        dp_group=dp_group)
         scheduler.step()
-        loss_sum, correct, samples = _reduce_over(dp_group, result.loss * result.samples,
-                                                  result.accuracy * result.samples, result.samples)
+        loss_sum, correct, samples = all_reduce_values(
+            [result.loss * result.samples, result.accuracy * result.samples, result.samples],
+            device=device, group=dp_group).tolist()
         record = dict(epoch=epoch + 1, step=global_step, train_loss=loss_sum / samples,
                       train_acc=correct / samples, test_loss=test_loss, test_acc=test_acc, lr=lr,
                       epoch_time_s=result.seconds,
@@ -208,7 +207,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
                  f"{test_loss:.4f} acc {test_acc:.2f}% | {record['images_per_s']:,.0f} img/s, "
                  f"{result.seconds:.1f} s")
         _save_checkpoint(run_dir, epoch + 1, rank, world, model, optimizer, scheduler, meta,
-                         global_step)
+                         global_step, device)
     writer.close()
 
     full_state = consolidate_state_dict(model, mesh) if mesh is not None else model.state_dict()
@@ -223,11 +222,11 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
 
 
 def _save_checkpoint(run_dir, epochs_done, rank, world, model, optimizer, scheduler, meta,
-                     global_step) -> None:
+                     global_step, device) -> None:
     """Every rank writes its shard atomically; rank 0 marks the epoch complete only after all
     ranks have written, so a job killed mid-write never leaves a "latest" that cannot load."""
     atomic_save(dict(model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), rng=torch.get_rng_state(),
+                     scheduler=scheduler.state_dict(), rng=rng_state(device),
                      epochs_done=epochs_done, global_step=global_step, meta=meta),
                 rank_file(run_dir, epochs_done, rank))
     if world > 1:

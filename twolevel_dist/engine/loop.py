@@ -1,16 +1,15 @@
 """One training epoch and one evaluation, reading top to bottom. Rank-0 gating is explicit:
 only the caller decides who prints and writes."""
 
-import contextlib
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from twolevel_dist.parallel import count_collectives
+from twolevel_dist.engine.device import autocast, clock
+from twolevel_dist.parallel import all_reduce_values, count_collectives
 
 
 @dataclass
@@ -21,12 +20,6 @@ class EpochResult:
     seconds: float
     steps: int
     comm_bytes_per_step: float
-
-
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class Progress:
@@ -46,22 +39,27 @@ class Progress:
             print("\r\033[K", end="", flush=True)
 
 
-def train_one_epoch(model, loader, optimizer, *, device, amp, max_steps, on_step,
+def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=None,
+                    first_step: int = 0, log_every: int = 20, on_log=None, on_step=None,
                     progress: Progress) -> EpochResult:
-    """Trains until the loader ends or ``max_steps`` optimizer steps; ``on_step(step_stats)`` is
-    called after each step (the caller logs). Loss and accuracy are over this replica's samples."""
+    """Trains until the loader ends or ``max_steps`` optimizer steps. ``on_step(global_step)``
+    runs after every step (e.g. a per-step schedule); every ``log_every`` steps the device is
+    synchronised once and ``on_log(stats)`` gets the loss and the mean step time, images/s and
+    bytes communicated of the steps since the last report (the caller logs). Nothing else waits
+    for the device, so a GPU runs ahead of the Python loop. Loss and accuracy are over this
+    replica's samples; ``amp`` is a resolved bool (``engine.device.resolve_amp``)."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     samples = steps = 0
     comm_bytes = 0
-    start = time.perf_counter()
+    start = window_start = clock(device)
+    window_steps = window_images = window_bytes = 0
     for images, labels in loader:
         if max_steps is not None and steps >= max_steps:
             break
-        step_start = time.perf_counter()
         with count_collectives() as comm:
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -72,12 +70,22 @@ def train_one_epoch(model, loader, optimizer, *, device, amp, max_steps, on_step
         samples += labels.numel()
         steps += 1
         comm_bytes += comm.total_bytes()
-        step_time = time.perf_counter() - step_start
-        on_step(dict(loss=loss, step_time_s=step_time, images_per_s=labels.numel() / step_time,
-                     comm_bytes=comm.total_bytes(), comm_calls=comm.total_calls()))
-        progress.update(steps, loss.item(), labels.numel() / step_time)
+        window_steps, window_images = window_steps + 1, window_images + labels.numel()
+        window_bytes += comm.total_bytes()
+        if on_step is not None:
+            on_step(first_step + steps)
+        if log_every and steps % log_every == 0:
+            now = clock(device)
+            stats = dict(step=first_step + steps, loss=loss.item(),
+                         step_time_s=(now - window_start) / window_steps,
+                         images_per_s=window_images / (now - window_start),
+                         comm_bytes_per_step=window_bytes / window_steps)
+            progress.update(steps, stats["loss"], stats["images_per_s"])
+            if on_log is not None:
+                on_log(stats)
+            window_start, window_steps, window_images, window_bytes = now, 0, 0, 0
     progress.close()
-    seconds = time.perf_counter() - start
+    seconds = clock(device) - start
     return EpochResult(loss=(loss_sum / max(samples, 1)).item(),
                        accuracy=100.0 * correct.item() / max(samples, 1), samples=samples,
                        seconds=seconds, steps=steps,
@@ -85,20 +93,18 @@ def train_one_epoch(model, loader, optimizer, *, device, amp, max_steps, on_step
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, device, amp, dp_group) -> tuple[float, float]:
+def evaluate(model, loader, *, device, amp: bool, dp_group) -> tuple[float, float]:
     """Mean loss and accuracy (percent) over the whole test set: each dp replica evaluates its
     shard, and the sums are added once over the dp group (every gp rank has the same logits)."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)   # loss sum, correct, count
     for images, labels in loader:
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(images)
         totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         totals[1] += (logits.argmax(1) == labels).sum()
         totals[2] += labels.numel()
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(totals, group=dp_group)
-    loss_sum, correct, count = totals.tolist()
+    loss_sum, correct, count = all_reduce_values(totals, device=device, group=dp_group).tolist()
     return loss_sum / count, 100.0 * correct / count
 
 

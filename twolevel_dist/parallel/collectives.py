@@ -120,8 +120,12 @@ class _ThenWork:
 DIRECT_EXCHANGE_BACKENDS = ("gloo",)
 
 
-def _direct_exchange(group) -> bool:
-    return dist.get_backend(group) in DIRECT_EXCHANGE_BACKENDS
+def _direct_exchange(group, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` travels as one all-to-all: when the backend serving its device (the
+    group's only backend, or the one named for that device in "cpu:gloo,cuda:nccl") is listed."""
+    config = str(dist.get_backend(group))
+    by_device = dict(part.split(":") for part in config.split(",")) if ":" in config else {}
+    return by_device.get(tensor.device.type, config) in DIRECT_EXCHANGE_BACKENDS
 
 
 def _finish(work, then, async_op: bool, *buffers):
@@ -143,7 +147,7 @@ def _all_gather_flat_buffer(x: torch.Tensor, group: ProcessGroup, async_op: bool
         # Stand-in: every rank's slot holds this rank's tensor (same shape, same bytes written).
         out.view((world,) + tuple(x.shape)).copy_(x.unsqueeze(0).expand((world,) + tuple(x.shape)))
         return out, _DoneWork() if async_op else None
-    if _direct_exchange(group):
+    if _direct_exchange(group, x):
         # Every rank sends its tensor to every rank: chunk j of the result came from rank j.
         copies = x.unsqueeze(0).expand((world,) + tuple(x.shape)).flatten(0, 1).contiguous()
         work = dist.all_to_all_single(out, copies, group=group, async_op=async_op)
@@ -167,7 +171,7 @@ def _reduce_scatter_dim0(x: torch.Tensor, group: ProcessGroup, async_op: bool = 
         out = x.sum(0)                   # stand-in: the sum over ranks of this rank's slots
         return out, _DoneWork() if async_op else None
     out = torch.empty(tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    if _direct_exchange(group):
+    if _direct_exchange(group, x):
         # Slot j goes to rank j; what arrives (every rank's slot for this one) is summed here.
         received = torch.empty_like(x)
         work = dist.all_to_all_single(received, x, group=group, async_op=async_op)
@@ -283,12 +287,14 @@ class _CoarseExchange(Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # Under autocast the forward ran in the gradient's (lower) precision; A0 is stored in
+        # float32 and gets its gradient in float32.
         coarse_weight, representatives = ctx.saved_tensors
-        grad_coarse = coarse_weight_grad(grad, representatives)
-        grad_representatives = coarse_correction(coarse_weight.t(), grad)
+        grad_coarse = coarse_weight_grad(grad, representatives).to(coarse_weight.dtype)
+        grad_representatives = coarse_correction(coarse_weight.t().to(grad.dtype), grad)
         world = group_size(ctx.group)
         own, _ = _reduce_scatter_dim0(_channels_to_stacked(grad_representatives, world), ctx.group)
-        return torch.cat([grad, own], dim=1), grad_coarse, None
+        return torch.cat([grad, own.to(grad.dtype)], dim=1), grad_coarse, None
 
 
 def coarse_exchange(fused: torch.Tensor, coarse_weight: torch.Tensor, group) -> torch.Tensor:

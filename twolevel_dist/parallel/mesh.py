@@ -60,16 +60,43 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_distributed() -> torch.device:
+DEFAULT_TIMEOUT_S = 1800
+
+
+def local_device() -> torch.device:
+    """This process's device: its GPU when there is one, else the CPU. torchrun and SLURM's
+    ``--gpus-per-node`` show every local GPU to every rank (rank r takes GPU LOCAL_RANK); SLURM's
+    ``--gpus-per-task`` (or a CUDA_VISIBLE_DEVICES per task) shows each rank only its own, which
+    is then GPU 0 whatever LOCAL_RANK is."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    visible, local_rank = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible:
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank} but this process sees only {visible} GPUs: launch at most "
+            f"{visible} ranks per node (torchrun --nproc_per_node={visible}), or give each task "
+            f"its own GPU (srun --gpus-per-task=1)")
+    return torch.device("cuda", local_rank)
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend(s) for ranks on ``device``. On GPUs NCCL carries the model's
+    collectives and gloo serves any CPU tensor (as torchtitan does): NCCL alone takes CUDA
+    tensors only, and a CPU scalar reduced on it fails."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
     """Initialise torch.distributed from torchrun's environment (or SLURM's, see
-    ``apply_slurm_env``) if it is not already, and return this rank's device: NCCL on the local
-    GPU when there is one, gloo on the CPU otherwise."""
+    ``apply_slurm_env``) if it is not already, and return this rank's device (``local_device``).
+    ``timeout_s`` bounds how long a rank waits for the others in one collective (and in the
+    rendezvous): a hung or crashed peer fails the job after that long instead of blocking it."""
     apply_slurm_env()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = local_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if not dist.is_initialized():
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
                    if v not in os.environ]
@@ -78,11 +105,11 @@ def init_distributed() -> torch.device:
                 f"torch.distributed is not initialised and {', '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} not set; launch with torchrun "
                 f"(e.g. torchrun --standalone --nproc_per_node=4 ...) or srun under SLURM")
-        _init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _init_process_group(backend_for(device), timedelta(seconds=timeout_s))
     return device
 
 
-def _init_process_group(backend: str) -> None:
+def _init_process_group(backend: str, timeout: timedelta) -> None:
     """``init_process_group`` over a store whose keys are private to this restart attempt.
 
     After torchrun restarts the workers (--max-restarts), the rendezvous store can still hold the
@@ -92,11 +119,10 @@ def _init_process_group(backend: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not agent_hosts_store,
-                          timeout=timedelta(minutes=30))
+                          is_master=rank == 0 and not agent_hosts_store, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"twolevel/attempt_{attempt}", store),
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world, timeout=timeout)
 
 
 def init_mesh(groups: int, dp: int | None = None) -> DeviceMesh:
@@ -117,5 +143,7 @@ def init_mesh(groups: int, dp: int | None = None) -> DeviceMesh:
     if dp * groups != world:
         raise ConfigError(f"dp x groups = {dp} x {groups} = {dp * groups} does not equal the "
                           f"world size {world}; leave dp unset to use world // groups")
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    # Plain gloo: CPU ranks. Any other backend ("cpu:gloo,cuda:nccl", "nccl", a CUDA-only gloo)
+    # serves the GPUs, where the mesh's tensors live.
+    device_type = "cpu" if dist.get_backend() == "gloo" else "cuda"
     return init_device_mesh(device_type, (dp, groups), mesh_dim_names=("dp", "gp"))

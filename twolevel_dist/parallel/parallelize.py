@@ -4,12 +4,14 @@ the shard is wrapped in DDP over the dp dimension only, so gradients are average
 and never cross the ranks of one model.
 """
 
+import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.parallel.rules import SHARD_DIMS_ATTR, rule_for, shard_dims
+from twolevel_dist.parallel.sharded import resolve_overlap
 
 
 def _shard_tree(module: nn.Module, rank: int, world: int, group, overlap: bool, path: str = ""):
@@ -26,12 +28,17 @@ def _shard_tree(module: nn.Module, rank: int, world: int, group, overlap: bool, 
             _shard_tree(child, rank, world, group, overlap, child_path)
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, *, overlap: bool = False,
-                broadcast_buffers: bool = False) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh, *, overlap: bool | None = None,
+                device: torch.device | None = None, broadcast_buffers: bool = False) -> nn.Module:
     """Turn ``model`` (in place) into this rank's shard; wrap it in DDP over "dp" if dp > 1.
 
+    The shard is built where the model lives (its device, dtype and memory format, ``meta``
+    included); with ``device`` it is then moved there, so a large model can be sharded on the
+    CPU and only its shard sent to the GPU (what ``train`` does).
+
     Input: the full batch of images (of this dp replica) on every rank of a gp group. Output: the
-    full logits on every rank. ``overlap`` overlaps each GC-2L all-gather with the local filters.
+    full logits on every rank. ``overlap`` overlaps each GC-2L all-gather with the local filters;
+    None chooses by device (``parallel.sharded.resolve_overlap``: on for CPUs, off for GPUs).
     BatchNorm running statistics stay per dp replica unless ``broadcast_buffers`` (DDP's per-step
     broadcast from replica 0); the training loop averages them over dp before evaluating."""
     if tuple(mesh.mesh_dim_names or ()) != ("dp", "gp"):
@@ -41,10 +48,15 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, overlap: bool = False,
         raise ConfigError("parallelize takes the single-device model from build_model, not a DDP "
                           "wrapper")
     gp_mesh, dp_mesh = mesh["gp"], mesh["dp"]
+    # Where the shard will run decides GC-2L's path, not where it is built.
+    target = device if device is not None else next(model.parameters()).device
+    overlap = resolve_overlap(overlap, torch.device(target))
     if gp_mesh.size() > 1:
         _shard_tree(model, gp_mesh.get_local_rank(), gp_mesh.size(), gp_mesh.get_group(), overlap)
     for module in model.modules():
         setattr(module, SHARD_DIMS_ATTR, shard_dims(module) if gp_mesh.size() > 1 else {})
+    if device is not None:
+        model.to(device)
     if dp_mesh.size() > 1:
         model = DistributedDataParallel(model, process_group=dp_mesh.get_group(),
                                         broadcast_buffers=broadcast_buffers)

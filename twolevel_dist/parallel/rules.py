@@ -4,6 +4,10 @@ A rule takes ``(module, rank, world, group, overlap)`` and returns the replaceme
 channel-wise layers (stem, depthwise conv, BatchNorm) become the same layer on C/N channels;
 the replaced convolutions become ``parallel.sharded`` modules. Modules without parameters (ReLU,
 pooling, dropout, containers) stay as they are: they act on whatever channels the rank holds.
+
+Every new module is built where the old one lives: each of its tensors is a copy of the old
+tensor's slice, so it keeps that tensor's device, dtype and memory format (a model on ``cuda``,
+in float64, channels-last or on ``meta`` is sharded in place, as it is).
 """
 
 import torch
@@ -15,7 +19,7 @@ from twolevel_dist.layers import (DepthwiseConv2d, FullyLearnableGroupConv2d, Gr
                                   TwoLevelGroupConv2d)
 from twolevel_dist.parallel.sharded import (ShardedGroupConv2d, ShardedLinearHead,
                                             ShardedShuffleConv2d, ShardedTwoLevelConv2d,
-                                            SplitStandardConv2d)
+                                            SplitStandardConv2d, own_copy)
 
 CHANNELWISE_SHARD_DIMS = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0,
                           "num_batches_tracked": None}
@@ -25,6 +29,16 @@ SHARD_DIMS_ATTR = "_twolevel_shard_dims"
 def shard_slice(tensor: torch.Tensor, dim: int | None, rank: int, world: int) -> torch.Tensor:
     """Rank ``rank``'s equal slice of ``tensor`` along ``dim`` (the whole tensor if ``dim`` is None)."""
     return tensor if dim is None else tensor.chunk(world, dim)[rank]
+
+
+def _adopt_slices(new: nn.Module, old: nn.Module, rank: int, world: int) -> nn.Module:
+    """Give ``new`` (built on ``meta``: no storage, no initialisation) rank ``rank``'s slice of
+    every parameter and buffer of ``old``, copied in old's device, dtype and memory format."""
+    for name, param in old.named_parameters(recurse=False):
+        setattr(new, name, own_copy(shard_slice(param, CHANNELWISE_SHARD_DIMS[name], rank, world)))
+    for name, buffer in old.named_buffers(recurse=False):
+        setattr(new, name, shard_slice(buffer, CHANNELWISE_SHARD_DIMS[name], rank, world).clone())
+    return new
 
 
 def _require_groups(module, world: int) -> None:
@@ -79,27 +93,23 @@ def _channelwise_conv(m: nn.Conv2d, rank, world, group, overlap):
     if m.out_channels % world:
         raise ConfigError(f"{m.kind} convolution with {m.out_channels} output channels cannot be "
                           f"split over {world} ranks; use a number of groups that divides it")
-    depthwise = isinstance(m, DepthwiseConv2d)
     local = m.out_channels // world
-    if depthwise:
-        new = DepthwiseConv2d(local, m.kernel_size[0], m.stride[0])
-    else:
-        new = StemConv2d(m.in_channels, local, m.kernel_size[0], m.stride[0])
-    with torch.no_grad():
-        new.weight.copy_(shard_slice(m.weight, 0, rank, world))
-    return new
+    with torch.device("meta"):
+        if isinstance(m, DepthwiseConv2d):
+            new = DepthwiseConv2d(local, m.kernel_size[0], m.stride[0])
+        else:
+            new = StemConv2d(m.in_channels, local, m.kernel_size[0], m.stride[0])
+    return _adopt_slices(new, m, rank, world)
 
 
 def _batch_norm(m: nn.BatchNorm2d, rank, world, group, overlap):
     if m.num_features % world:
         raise ConfigError(f"BatchNorm over {m.num_features} channels cannot be split over "
                           f"{world} ranks; use a number of groups that divides it")
-    new = type(m)(m.num_features // world, eps=m.eps, momentum=m.momentum, affine=m.affine,
-                  track_running_stats=m.track_running_stats)
-    state = {k: shard_slice(v, CHANNELWISE_SHARD_DIMS[k], rank, world)
-             for k, v in m.state_dict().items()}
-    new.load_state_dict(state)
-    return new
+    with torch.device("meta"):
+        new = type(m)(m.num_features // world, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                      track_running_stats=m.track_running_stats)
+    return _adopt_slices(new, m, rank, world)
 
 
 def _linear_head(m: nn.Linear, rank, world, group, overlap):

@@ -2,6 +2,7 @@
 
 Each module keeps the parameter names of its single-device original, holding the slice that rank j
 owns; ``SHARD_DIMS`` names the dimension of the full tensor it was cut from (``None``: replicated).
+Each parameter is a copy of the slice it is given, in the slice's device, dtype and memory format.
 """
 
 import torch
@@ -14,6 +15,19 @@ from twolevel_dist.parallel.collectives import (coarse_exchange, exchange_chunks
                                                 group_size, start_gather_channels, sum_over_ranks)
 
 
+def resolve_overlap(overlap: bool | None, device: torch.device) -> bool:
+    """``conv.overlap`` unset (None): on for CPU ranks, where the taps path with the all-gather
+    overlapped was faster in every measured case; off elsewhere, so that GPUs run the fused
+    convolution (one cuDNN call) and NCCL's own collectives."""
+    return device.type == "cpu" if overlap is None else overlap
+
+
+def own_copy(tensor: torch.Tensor) -> nn.Parameter:
+    """A parameter holding a copy of ``tensor`` (a slice of the single-device parameter) in its
+    device, dtype and memory format."""
+    return nn.Parameter(tensor.detach().clone())
+
+
 class _ShardedConv(nn.Module):
     """Common state: this rank's weight slice, stride, padding and the gp process group."""
 
@@ -21,7 +35,7 @@ class _ShardedConv(nn.Module):
 
     def __init__(self, weight: torch.Tensor, stride: int, padding: int, group):
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone())
+        self.weight = own_copy(weight)
         self.stride, self.padding, self.group = stride, padding, group
         self.world = group_size(group)
 
@@ -39,16 +53,17 @@ class ShardedTwoLevelConv2d(_ShardedConv):
     ``representatives_taps`` (CPUs, where the extra filter costs as much as 16). ``overlap=True``
     (always the taps structure) computes the representative first, starts its all-gather, runs
     the local convolution while it travels, then waits; backward overlaps the reduce-scatter with
-    the local convolution's backward the same way."""
+    the local convolution's backward the same way. ``overlap=None`` chooses by the weight's
+    device (``resolve_overlap``)."""
 
     SHARD_DIMS = {"weight": 0, "coarse_weight": 0}
 
-    def __init__(self, weight, coarse_weight, stride, padding, group, overlap: bool = False,
-                 impl: str = "auto"):
+    def __init__(self, weight, coarse_weight, stride, padding, group,
+                 overlap: bool | None = None, impl: str = "auto"):
         super().__init__(weight, stride, padding, group)   # weight: [1, C_out/N + 1, C_in/N, k, k]
-        self.coarse_weight = nn.Parameter(coarse_weight.detach().clone())   # [C_out/N, N]
+        self.coarse_weight = own_copy(coarse_weight)   # [C_out/N, N]
         self.local_out = self.weight.shape[1] - 1
-        self.overlap, self.impl = overlap, impl
+        self.overlap, self.impl = resolve_overlap(overlap, weight.device), impl
 
     def _representative(self, x: torch.Tensor, grad_sum: InputGradSum) -> torch.Tensor:
         """This rank's representative channel, [B, 1, H', W']."""
@@ -114,13 +129,14 @@ class ShardedLinearHead(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.weight = own_copy(weight)
+        self.bias = None if bias is None else own_copy(bias)
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = sum_over_ranks(F.linear(x, self.weight), self.group)
-        return logits if self.bias is None else logits + self.bias
+        # In the logits' dtype, as nn.Linear's bias under autocast (not promoted to float32).
+        return logits if self.bias is None else logits + self.bias.to(logits.dtype)
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}"
