@@ -344,6 +344,36 @@ def test_cifar_corrupt_pickle_names_the_file(tmp_path):
     assert str(broken) in str(info.value) and "dataset.download=true" in str(info.value)
 
 
+class _Payload:
+    """Pickles as a call of ``pathlib.Path.touch`` on ``marker``: code that runs while loading."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_cifar_pickle_carrying_code_is_refused_and_the_code_never_runs(tmp_path, protocol):
+    write_cifar10(tmp_path)
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    rows = np.zeros((20, 3072), np.uint8)
+    with open(path, "wb") as f:
+        pickle.dump({b"labels": [0] * 20, b"data": rows, b"extra": _Payload(marker)}, f,
+                    protocol=protocol)
+    with pytest.raises(DataError) as info:
+        load_cifar(tmp_path, "cifar10")
+    assert not marker.exists()                       # the payload did not run
+    assert str(path) in str(info.value) and "which no CIFAR pickle holds" in str(info.value)
+    assert "could run code" in str(info.value)
+    # The same file without the payload, in either protocol (numpy arrays included), loads.
+    with open(path, "wb") as f:
+        pickle.dump({b"labels": [0] * 20, b"data": rows}, f, protocol=protocol)
+    load_cifar(tmp_path, "cifar10")
+
+
 def test_cifar_wrong_data_shape_is_reported(tmp_path):
     write_cifar10(tmp_path)
     path = tmp_path / "cifar-10-batches-py" / "test_batch"

@@ -179,10 +179,33 @@ def _missing_files(root: Path, spec: CifarSpec) -> list[Path]:
     return [folder / n for n in names if not (folder / n).is_file()]
 
 
+# Everything the official CIFAR pickles hold beyond dicts, lists, strings, bytes and numbers: numpy
+# arrays (rebuilt by these functions, under numpy 1's and numpy 2's module names) and the bytes
+# decoder that Python 3's protocol-2 pickles use. A pickle can name any importable callable and
+# run it while loading; these are the only ones a CIFAR file may name.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the CIFAR format holds and refuses any other global,
+    so a doctored file cannot run code while it is read."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which no CIFAR pickle holds (refused: loading it "
+                f"could run code)")
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path, spec: CifarSpec) -> dict:
     try:
         with open(path, "rb") as f:
-            content = pickle.load(f, encoding="bytes")
+            content = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as error:  # unpickling raises many types (UnpicklingError, EOFError, ...)
         raise DataError(
             f"{spec.name}: cannot read {path} as a CIFAR pickle ({type(error).__name__}: {error}). "
