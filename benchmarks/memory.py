@@ -65,7 +65,6 @@ GPUS = {"24GB": 24.0, "80GB": 80.0, "141GB": 141.0}
 HEADROOM_GB = 2.0
 FRAGMENTATION = 0.10
 CATEGORIES = ("params", "grads", "optimizer", "buffers", "weight_casts", "activations")
-ORDERS = ("zero_grad_first", "train_loop")
 # Tolerances stated in the notes and asserted by tests/test_memory.py.
 FAKE_VS_REAL_REL = 1e-3          # peak, fake tensors against real ones (same tracker)
 ALLOCATOR_EXCESS_MAX = 0.15      # the CPU allocator's peak over the tracker's (kernel scratch)
@@ -258,19 +257,15 @@ def _autocast(dtype: str):
     return torch.autocast("cpu", dtype=DTYPES[dtype])
 
 
-def _step(model, optimizer, images, labels, dtype: str, order: str = "zero_grad_first",
+def _step(model, optimizer, images, labels, dtype: str,
           tracker: MemoryTracker | None = None) -> None:
-    """One training step. "zero_grad_first" is ``benchmarks/common.training_step``'s order;
-    "train_loop" is ``engine/loop.py``'s (forward, then zero_grad: last step's gradients are still
-    alive during the forward). The loss under autocast, backward and step outside it."""
+    """One training step in ``engine/loop.py``'s order: zero_grad (to None) first, the loss
+    under autocast, backward and step outside it."""
     enter_phase = tracker.enter_phase if tracker is not None else (lambda name: None)
     enter_phase("forward")
-    if order == "zero_grad_first":
-        optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
     with _autocast(dtype):
         loss = F.cross_entropy(model(images), labels)
-    if order == "train_loop":
-        optimizer.zero_grad(set_to_none=True)
     enter_phase("backward")
     loss.backward()
     del loss
@@ -301,25 +296,22 @@ def _model_and_batch(spec: WrnSpec, conv: str, groups: int, batch: int):
     return model, optimizer, images, labels
 
 
-def measure_steps(spec: WrnSpec, conv: str, groups: int, dtype: str, batch: int,
-                  fake: bool = True, orders=ORDERS) -> dict:
-    """The tracker's account of rank 0's step after a warm-up step, once per order in
-    ``orders`` (one after another on the same model). ``fake``: under FakeTensorMode, nothing
-    allocated; otherwise real CPU tensors."""
+def measure_step(spec: WrnSpec, conv: str, groups: int, dtype: str, batch: int,
+                 fake: bool = True) -> dict:
+    """The tracker's account of rank 0's step after a warm-up step, with ``params_per_rank``.
+    ``fake``: under FakeTensorMode, nothing allocated; otherwise real CPU tensors."""
     with fake_tensors() if fake else contextlib.nullcontext():
         model, optimizer, images, labels = _model_and_batch(spec, conv, groups, batch)
         if fake:
             _require_fake(model, images, labels)
         _step(model, optimizer, images, labels, dtype)          # warm-up: momentum buffers
-        accounts = {}
-        for order in orders:
-            tracker = MemoryTracker()
-            _register_state(tracker, model, optimizer, images, labels)
-            with tracker:
-                _step(model, optimizer, images, labels, dtype, order, tracker)
-            accounts[order] = tracker.finish(model)
-        accounts["params_per_rank"] = sum(p.numel() for p in model.parameters())
-    return accounts
+        tracker = MemoryTracker()
+        _register_state(tracker, model, optimizer, images, labels)
+        with tracker:
+            _step(model, optimizer, images, labels, dtype, tracker)
+        account = tracker.finish(model)
+        account["params_per_rank"] = sum(p.numel() for p in model.parameters())
+    return account
 
 
 def allocator_peak(spec: WrnSpec, conv: str, groups: int, dtype: str, batch: int) -> int:
@@ -423,12 +415,11 @@ def _activations(account: dict, moment: str) -> int:
 
 
 def memory_row(spec: WrnSpec, conv: str, groups: int, dtype: str, batch: int) -> dict:
-    accounts = measure_steps(spec, conv, groups, dtype, batch)
-    account = accounts["zero_grad_first"]
+    account = measure_step(spec, conv, groups, dtype, batch)
     closed = closed_form(spec, conv, groups, dtype, batch)
     end, at_peak, peak = account["at_end"], account["at_peak"], account["peak"]
     row = dict(model=spec.name, conv=conv, N=groups, dtype=dtype, batch=batch,
-               params_per_rank=accounts["params_per_rank"],
+               params_per_rank=account["params_per_rank"],
                params_GB=end["params"] / GB, grads_GB=end["grads"] / GB,
                optimizer_GB=end["optimizer"] / GB, buffers_GB=end["buffers"] / GB,
                activations_GB=_activations(account, "at_peak") / GB,
@@ -437,8 +428,7 @@ def memory_row(spec: WrnSpec, conv: str, groups: int, dtype: str, batch: int) ->
                peak_GB=peak / GB, peak_phase=account["peak_phase"],
                saved_acts_GB=_activations(account, "at_backward_start") / GB,
                closed_form_acts_GB=closed["activations"] / GB,
-               closed_form_peak_GB=closed["peak"] / GB,
-               peak_train_loop_GB=accounts["train_loop"]["peak"] / GB)
+               closed_form_peak_GB=closed["peak"] / GB)
     row.update({f"fits_{name}": fits(peak, capacity) for name, capacity in GPUS.items()})
     return row
 
@@ -464,9 +454,9 @@ def memtracker_peak(spec: WrnSpec, conv: str, groups: int, dtype: str, batch: in
 def check_row(spec: WrnSpec, conv: str, groups: int, dtype: str, batch: int) -> dict:
     """One configuration measured four ways: fake tensors, real tensors (same tracker), the
     real CPU allocator, and torch's MemTracker on fake tensors."""
-    fake = measure_steps(spec, conv, groups, dtype, batch, fake=True, orders=ORDERS[:1])
-    real = measure_steps(spec, conv, groups, dtype, batch, fake=False, orders=ORDERS[:1])
-    fake_peak, real_peak = fake[ORDERS[0]]["peak"], real[ORDERS[0]]["peak"]
+    fake = measure_step(spec, conv, groups, dtype, batch, fake=True)
+    real = measure_step(spec, conv, groups, dtype, batch, fake=False)
+    fake_peak, real_peak = fake["peak"], real["peak"]
     allocator = allocator_peak(spec, conv, groups, dtype, batch)
     memtracker = memtracker_peak(spec, conv, groups, dtype, batch)
     return dict(model=spec.name, conv=conv, N=groups, dtype=dtype, batch=batch,
@@ -543,18 +533,6 @@ def _closed_form_summary(rows: list[dict]) -> str:
         f"peak).")
 
 
-def _train_loop_summary(rows: list[dict]) -> str:
-    changed = [r for r in rows if any(
-        fits(r["peak_train_loop_GB"] * GB, cap) != r[f"fits_{gpu}"] for gpu, cap in GPUS.items())]
-    worst = max(rows, key=lambda r: r["peak_train_loop_GB"] - r["peak_GB"])
-    listing = ", ".join(f"{r['model']} {r['conv']} N={r['N']} {r['dtype']}" for r in changed)
-    return (f"Step order. `peak_train_loop_GB` is the same step in `engine/loop.py`'s order "
-            f"(forward, then zero_grad: the last step's gradients live through the forward): "
-            f"up to {worst['peak_train_loop_GB'] - worst['peak_GB']:.3g} GB more "
-            f"({worst['model']} {worst['conv']} N={worst['N']} {worst['dtype']}); it changes the "
-            f"fits verdict of {len(changed)} row(s)" + (f": {listing}." if changed else "."))
-
-
 def _memtracker_summary(checks: list[dict]) -> str:
     pairs = [(c["fake_peak_MB"], c["memtracker_peak_MB"]) for c in checks
              if c["memtracker_peak_MB"] != "n/a"]
@@ -624,7 +602,7 @@ def notes(rows: list[dict], checks: list[dict]) -> str:
                   "rank fits (N = 1 is SC on one device in every series).\n\n" +
                   minimum_n_table(rows))
     checks_section = "### Checks\n\n" + "\n\n".join(
-        [_closed_form_summary(rows), _train_loop_summary(rows), _real_check_summary(checks)])
+        [_closed_form_summary(rows), _real_check_summary(checks)])
     return "\n\n".join([_method_note(), _columns_note(), _fits_note(), smallest_n,
                         checks_section])
 

@@ -74,6 +74,7 @@ def test_convert_builds_gc2l_models_that_load_into_build_model(tmp_path):
     # that the consolidated result must still be the converted weights.
     converted = run_dir / "gc2l_N2_selfgroup.pt"
     _train(tmp_path / "train", "model=wrn10_2", "conv=gc2l", "groups=2", "train.epochs=1",
+           "schedule.milestones=[]",
            "train.max_steps=1", "train.batch_size=32", "dataset.train_size=64",
            "dataset.test_size=32", "tensorboard=false", "optim.lr=1e-12",
            "optim.weight_decay=0", f"init_from={converted}")
@@ -82,7 +83,7 @@ def test_convert_builds_gc2l_models_that_load_into_build_model(tmp_path):
         if not key.endswith("num_batches_tracked") and "running" not in key:
             torch.testing.assert_close(trained[key], value, rtol=1e-6, atol=1e-7)
     out = _train(tmp_path / "bad", "model=wrn10_2", "conv=gc2l", "groups=4", "train.epochs=1",
-                 f"init_from={converted}", nproc=1, check=False)
+                 "schedule.milestones=[]", f"init_from={converted}", nproc=1, check=False)
     assert out.returncode == 2 and "does not fit this run's model" in out.stderr
 
 

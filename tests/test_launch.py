@@ -74,6 +74,7 @@ def _children(pid: int) -> list[int]:
 def test_a_killed_rank_restarts_and_finishes_with_the_uninterrupted_metrics(tmp_path):
     common = ["model=wrn10_2", "train.batch_size=32", "dataset.train_size=640",
               "dataset.test_size=64", "tensorboard=false", "train.epochs=3", "groups=2",
+              "schedule.milestones=[]",
               "model.dropout=0.2"]
     _train(tmp_path / "clean", *common)
     run_dir = tmp_path / "killed"

@@ -30,17 +30,15 @@ REAL = memory.resolve_model("wrn16_4")
 
 @pytest.mark.parametrize("conv, groups, dtype", [("gc2l", 2, "bf16"), ("gc2l", 4, "fp32")])
 def test_fake_peak_matches_real_allocation(conv, groups, dtype):
-    fake = memory.measure_steps(REAL, conv, groups, dtype, 4, fake=True)
-    real = memory.measure_steps(REAL, conv, groups, dtype, 4, fake=False)
-    for order in memory.ORDERS:
-        ours, theirs = fake[order], real[order]
-        assert ours["peak"] == pytest.approx(theirs["peak"], rel=memory.FAKE_VS_REAL_REL)
-        assert ours["peak_phase"] == theirs["peak_phase"]
-        for category in ("params", "grads", "optimizer", "buffers"):
-            assert ours["at_end"][category] == theirs["at_end"][category]
+    ours = memory.measure_step(REAL, conv, groups, dtype, 4, fake=True)
+    theirs = memory.measure_step(REAL, conv, groups, dtype, 4, fake=False)
+    assert ours["peak"] == pytest.approx(theirs["peak"], rel=memory.FAKE_VS_REAL_REL)
+    assert ours["peak_phase"] == theirs["peak_phase"]
+    for category in ("params", "grads", "optimizer", "buffers"):
+        assert ours["at_end"][category] == theirs["at_end"][category]
     # The CPU allocator holds at least what the tracker counts, and its kernels' scratch on top.
     allocator = memory.allocator_peak(REAL, conv, groups, dtype, 4)
-    tracked = real["zero_grad_first"]["peak"]
+    tracked = theirs["peak"]
     assert tracked <= allocator <= tracked * (1 + memory.ALLOCATOR_EXCESS_MAX)
 
 
@@ -49,8 +47,7 @@ def test_fake_peak_matches_real_allocation(conv, groups, dtype):
     ("wrn28_10", "sc", 2, "bf16"), ("wrn10_2", "gc2l", 16, "bf16")])
 def test_measured_categories_match_closed_form(name, conv, groups, dtype):
     spec = memory.resolve_model(name)
-    account = memory.measure_steps(spec, conv, groups, dtype, 128,
-                                   orders=memory.ORDERS[:1])["zero_grad_first"]
+    account = memory.measure_step(spec, conv, groups, dtype, 128)
     with memory.fake_tensors():
         params = count_parameters(memory.build_shard(spec, conv, groups))
     closed = memory.closed_form(spec, conv, groups, dtype, 128)
@@ -71,8 +68,8 @@ def test_measured_categories_match_closed_form(name, conv, groups, dtype):
 def test_memtracker_finds_the_same_peak():
     pytest.importorskip("torch.distributed._tools.mem_tracker")
     theirs = memory.memtracker_peak(SMALL, "gc2l", 2, "bf16", 8)
-    ours = memory.measure_steps(SMALL, "gc2l", 2, "bf16", 8, orders=memory.ORDERS[:1])
-    assert theirs == ours["zero_grad_first"]["peak"]
+    ours = memory.measure_step(SMALL, "gc2l", 2, "bf16", 8)
+    assert theirs == ours["peak"]
 
 
 def test_sc_wrn28_60_does_not_fit_one_titan_rtx():

@@ -18,8 +18,9 @@ from twolevel_dist.models import build_model
 PYTHON = Path(sys.executable)
 TORCHRUN = PYTHON.with_name("torchrun")
 SHARED_JPEG = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# A constant learning rate: the default milestones (epochs 60, 120, 160) lie beyond these runs.
 SMALL = ["model=wrn10_2", "train.batch_size=32", "dataset.train_size=256",
-         "dataset.test_size=64", "tensorboard=false"]
+         "dataset.test_size=64", "tensorboard=false", "schedule.milestones=[]"]
 
 
 def run_entry_point(module, run_dir, *overrides, nproc=1, check=True):
@@ -83,7 +84,8 @@ def test_two_rank_run_on_a_tiny_cifar_pickle_set(tmp_path):
     write_cifar10(tmp_path / "data", per_batch=20)    # the official pickle layout
     run_dir = tmp_path / "run"
     _train(run_dir, "model=wrn10_2", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}",
-           "train.batch_size=20", "train.epochs=1", "groups=2", "tensorboard=false")
+           "train.batch_size=20", "train.epochs=1", "groups=2", "tensorboard=false",
+           "schedule.milestones=[]")
     (record,) = read_metrics(run_dir)
     assert record["step"] == 5                               # 100 images / batch 20
 
@@ -132,7 +134,7 @@ def test_streaming_imagenet_layout_trains_through_dataloader_workers(tmp_path):
     run_dir = tmp_path / "run"
     _train(run_dir, "model=wrn10_2", "dataset=imagenet", f"dataset.root={tmp_path / 'imagenet'}",
            "dataset.image_size=32", "dataset.workers=1", "train.batch_size=4", "train.epochs=1",
-           "tensorboard=false", nproc=1)
+           "schedule.milestones=[]", "tensorboard=false", nproc=1)
     (record,) = read_metrics(run_dir)
     assert record["step"] == 4                        # 16 images / batch 4
     assert "imagenet: 16 train / 8 test images" in (run_dir / "train.log").read_text()

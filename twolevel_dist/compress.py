@@ -19,7 +19,6 @@ The run directory gets report.md and report.json (accuracy, parameters, MACs, co
 result, and per layer), metrics.jsonl (one line per fine-tuning epoch) and one .pt per result.
 """
 
-import contextlib
 import copy
 import json
 import logging
@@ -35,14 +34,16 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from twolevel_dist.config import CompressConfig, register_resolvers, validate_compress
+from twolevel_dist.config import (CompressConfig, check_known_keys, register_resolvers,
+                                  validate_compress)
 from twolevel_dist.data import DataError
 from twolevel_dist.engine.checkpoint import atomic_save, read_model_file
 from twolevel_dist.engine.device import clock, configure_backends, resolve_amp
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import Progress, evaluate, train_one_epoch
 from twolevel_dist.engine.metrics import MetricsWriter
-from twolevel_dist.errors import ConfigError
+from twolevel_dist.engine.run_dir import remove_if_empty
+from twolevel_dist.errors import ConfigError, RunError
 from twolevel_dist.layers import to_layout
 from twolevel_dist.layers.group import StandardConv2d
 from twolevel_dist.models import build_model
@@ -290,11 +291,11 @@ def run(cfg: CompressConfig, run_dir: Path) -> list[dict]:
 def main(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        check_known_keys(cfg, CompressConfig)
         run(OmegaConf.to_object(cfg), run_dir)
-    except (ConfigError, DataError) as error:      # a clear message, not a stack trace
+    except (ConfigError, DataError, RunError) as error:   # a clear message, not a stack trace
         print(f"error: {error}", file=sys.stderr)
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()                        # Hydra made it; leave nothing behind
+        remove_if_empty(run_dir)                   # Hydra made it; leave nothing behind
         sys.exit(2)
 
 

@@ -1,6 +1,8 @@
 """The training configuration: a typed schema (Hydra structured config) and the checks that turn
 a bad value into one clear error before anything is written."""
 
+import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -94,7 +96,8 @@ class TrainConfig:
     eval_only: bool = False
     init_from: Optional[str] = None      # a consolidated model.pt (train or compress) to start from
     resume: bool = False                 # continue from run_dir's latest complete checkpoint
-    run_dir: Optional[str] = None        # default: outputs/<model>-<conv>-N<groups>/<run id>
+    overwrite: bool = False              # start afresh in a run_dir that holds a run (removes it)
+    run_dir: Optional[str] = None        # default: outputs/<model>-<conv>/<job id>
     tensorboard: bool = True
 
 
@@ -120,6 +123,20 @@ def validate(cfg: TrainConfig) -> None:
                           f"rank waits for the others before the job fails)")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive")
+    for name in ("momentum", "weight_decay"):
+        if getattr(cfg.optim, name) < 0:
+            raise ConfigError(f"optim.{name}={getattr(cfg.optim, name)} must be >= 0 (0 turns "
+                              f"it off)")
+    if not 0 < cfg.schedule.gamma <= 1:
+        raise ConfigError(f"schedule.gamma={cfg.schedule.gamma} must be in (0, 1]: the factor "
+                          f"the learning rate is multiplied by at each milestone (e.g. 0.1)")
+    late = [m for m in cfg.schedule.milestones if not 1 <= m < t.epochs]
+    if cfg.schedule.name == "multistep" and late:
+        raise ConfigError(
+            f"schedule.milestones={list(cfg.schedule.milestones)}: {late} not inside [1, "
+            f"train.epochs={t.epochs}), so the learning rate would never decay there; give "
+            f"epochs where it should drop (e.g. 'schedule.milestones=[{max(t.epochs // 2, 1)}]'"
+            f", or [] for a constant rate) or use schedule=cosine")
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
     if cfg.schedule.name not in SCHEDULES:
@@ -129,6 +146,33 @@ def validate(cfg: TrainConfig) -> None:
                           "run_dir=<the run's directory>")
     if cfg.resume and not cfg.run_dir:
         raise ConfigError("resume=true needs run_dir=<the directory of the run to continue>")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("resume=true continues the run in run_dir and overwrite=true replaces "
+                          "it: choose one")
+
+
+def _unknown_keys(values: dict, schema, prefix: str = "") -> list[str]:
+    """Dotted keys of ``values`` (a plain dict) that the dataclass instance ``schema`` lacks,
+    each with the closest known key when there is one."""
+    names = [f.name for f in dataclasses.fields(schema)]
+    unknown = []
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            unknown.append(f"{prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)"
+                                               if close else ""))
+        elif dataclasses.is_dataclass(getattr(schema, key)) and isinstance(value, dict):
+            unknown += _unknown_keys(value, getattr(schema, key), f"{prefix}{key}.")
+    return unknown
+
+
+def check_known_keys(cfg, schema_type) -> None:
+    """Refuse keys the schema does not have. Hydra lets ``+key=value`` add one even to a typed
+    config, and the typed object then silently drops it: a typo would be ignored."""
+    unknown = _unknown_keys(OmegaConf.to_container(cfg, resolve=False), schema_type())
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {'; '.join(unknown)}; remove them (the "
+                          f"known keys are in twolevel_dist/config.py and configs/)")
 
 
 # --- compress: SG-CNN and the self-grouped conversion of a trained SC network ------------------
@@ -221,9 +265,18 @@ def validate_compress(cfg: CompressConfig) -> None:
 
 
 def _run_id() -> str:
-    """Identical on every rank of one job: torchrun's run id, else SLURM's job id, else a time."""
-    return (os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-            or datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    """A name identical on every rank of one job and different for any two jobs: SLURM's job
+    (and step) id, else torchrun's run id (a fresh one per --standalone launch; "none" where a
+    multi-node launch gave no --rdzv-id), else, for one process, the time and its pid. Two jobs
+    that still meet in one directory are refused by its lock (engine.run_dir)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        step = os.environ.get("SLURM_STEP_ID")
+        return os.environ["SLURM_JOB_ID"] + (f".{step}" if step else "")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return run_id
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return stamp if run_id else f"{stamp}_{os.getpid()}"
 
 
 def _run_dir(run_dir, model, job) -> str:

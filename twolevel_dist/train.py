@@ -5,13 +5,16 @@
 
 One process runs the single-device model; under torchrun the ranks form a ("dp", "gp") mesh with
 gp = groups ranks per model and dp = world // groups replicas, and the model is parallelized.
-All ranks share one run directory (named from torchrun's run id, identical on every rank); only
-rank 0 writes logs, metrics, TensorBoard and the consolidated model.
+All ranks share one run directory (named from the job's id, identical on every rank), which the
+job locks for its lifetime (``engine.run_dir``); only rank 0 writes logs, metrics, TensorBoard and
+the consolidated model. Every refusal is one ``error:`` line and exit code 2; a peer rank that
+died or hung past ``dist.timeout_s`` ends the others with exit code 3.
 """
 
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -22,18 +25,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from twolevel_dist.config import TrainConfig, register_resolvers, validate
+from twolevel_dist.config import TrainConfig, check_known_keys, register_resolvers, validate
 from twolevel_dist.data import DataError
 from twolevel_dist.data.seeding import derive_seed
 from twolevel_dist.engine.checkpoint import (atomic_save, latest_complete_epoch,
-                                             load_rank_checkpoint, mark_complete, rank_file,
+                                             load_newest_readable, mark_complete, rank_file,
                                              read_model_file)
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import (Progress, average_batch_norm_statistics, evaluate,
                                        train_one_epoch)
 from twolevel_dist.engine.metrics import MetricsWriter, truncate_metrics
-from twolevel_dist.errors import ConfigError
+from twolevel_dist.engine.run_dir import claim as run_dir_claim
+from twolevel_dist.engine.run_dir import remove_if_empty
+from twolevel_dist.errors import ConfigError, RunError
 from twolevel_dist.layers import to_layout
 from twolevel_dist.models import build_model, count_parameters
 from twolevel_dist.parallel import (all_reduce_values, consolidate_state_dict, env_rank,
@@ -44,8 +49,6 @@ log = logging.getLogger("twolevel_dist")
 
 
 register_resolvers()
-OmegaConf.register_new_resolver("twolevel_rank_zero_only",
-                                lambda value: value if env_rank() == 0 else None, replace=True)
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
@@ -84,47 +87,138 @@ def load_consolidated(model: torch.nn.Module, path: str) -> None:
     log.info(f"initialised from {path}")
 
 
-def run(cfg: TrainConfig, run_dir: Path) -> dict:
+@dataclass
+class Job:
+    """Where this process stands: its device and place in the ("dp", "gp") mesh."""
+
+    device: torch.device
+    amp: bool
+    world: int
+    rank: int
+    mesh: object            # DeviceMesh, or None for one process
+    model_groups: int
+    gp: int
+
+    @property
+    def dp_group(self):
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh["dp"].size() if self.mesh is not None else 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+
+    def agree(self, problem):
+        """Every rank's ``problem`` (None: all went well), so that all ranks act alike."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return [problem]
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        return problems
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> dict:
+    """Train as ``cfg`` says, in ``run_dir``: set up, claim the directory, build, restore, fit,
+    finish. ``config_files`` (name -> text) are written under ``run_dir/.hydra`` once the
+    directory is claimed."""
     validate(cfg)
+    job = _setup(cfg)
+    lock = _claim(cfg, run_dir, job, config_files or {})
+    try:
+        _setup_logging(run_dir, job.rank)
+        if lock is not None and lock.stale_note:
+            log.info(lock.stale_note)
+        train_loader, test_loader = build_loaders(
+            cfg.dataset, seed=cfg.seed, device=job.device, rank=job.rank, world=job.world,
+            dp_rank=job.dp_rank, dp_size=job.dp_size,
+            per_replica=cfg.train.batch_size // job.dp_size,
+            channels_last=cfg.train.channels_last)
+        model, optimizer, scheduler, meta, parameters = _build(cfg, job,
+                                                               train_loader.num_classes)
+        epochs_done, global_step = _restore(cfg, run_dir, job, model, optimizer, scheduler, meta)
+        log.info(f"{cfg.model.name} {cfg.model.build_kwargs()} conv={cfg.conv.kind} "
+                 f"groups={meta['groups']}: {parameters:,} parameters; "
+                 f"world={job.world} (dp={job.dp_size} x gp={job.gp}); {cfg.dataset.name}: "
+                 f"{len(train_loader.labels)} train / {len(test_loader.labels)} test images; "
+                 f"run directory {run_dir}")
+        step_model = torch.compile(model) if cfg.train.compile else model
+        if cfg.eval_only:
+            test_loss, test_acc = evaluate(step_model, test_loader, device=job.device,
+                                           amp=job.amp, dp_group=job.dp_group)
+            log.info(f"eval: test loss {test_loss:.4f}, test accuracy {test_acc:.2f}%")
+            job.barrier()
+            return dict(test_loss=test_loss, test_acc=test_acc)
+        record = _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta,
+                      (train_loader, test_loader), epochs_done, global_step)
+        _finish(run_dir, job, model, meta, record)
+        return record
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _setup(cfg: TrainConfig) -> Job:
+    """The device, the process group (under a launcher, even for one rank: the same path as
+    many) and the mesh."""
     world = env_world_size()
-    # Under a launcher the process group exists even for one rank (the same path as many).
     launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     device = init_distributed(cfg.dist.timeout_s) if launched else local_device()
     configure_backends(device, tf32=cfg.train.tf32)
-    amp = resolve_amp(cfg.train.amp, device)
-    rank = dist.get_rank() if world > 1 else 0
     model_groups, gp = _layout(cfg, world)
-    mesh = init_mesh(gp) if world > 1 else None
-    dp_group = mesh["dp"].get_group() if mesh is not None else None
-    dp_size = mesh["dp"].size() if mesh is not None else 1
-    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-    if cfg.train.batch_size % dp_size:
+    job = Job(device=device, amp=resolve_amp(cfg.train.amp, device), world=world,
+              rank=dist.get_rank() if world > 1 else 0,
+              mesh=init_mesh(gp) if world > 1 else None, model_groups=model_groups, gp=gp)
+    if cfg.train.batch_size % job.dp_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be "
-                          f"divisible by the {dp_size} data-parallel replicas")
-    _setup_logging(run_dir, rank)
-    per_replica = cfg.train.batch_size // dp_size
-    train_loader, test_loader = build_loaders(
-        cfg.dataset, seed=cfg.seed, device=device, rank=rank, world=world, dp_rank=dp_rank,
-        dp_size=dp_size, per_replica=per_replica, channels_last=cfg.train.channels_last)
-    num_classes = train_loader.num_classes
-    sizes = f"{len(train_loader.labels)} train / {len(test_loader.labels)} test images"
+                          f"divisible by the {job.dp_size} data-parallel replicas")
+    return job
 
-    # Model: the same full network on every rank (same seed), then this rank's shard of it.
+
+def _claim(cfg: TrainConfig, run_dir: Path, job: Job, config_files: dict):
+    """Rank 0 locks ``run_dir`` for this job, refuses a fresh run over an old one (unless
+    overwrite=true) and records the config; every rank learns the outcome. Nothing is written
+    before every check has passed."""
+    continuing = cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    lock, problem = None, None
+    if job.rank == 0:
+        try:
+            lock = run_dir_claim(run_dir, continuing=continuing, overwrite=cfg.overwrite)
+            for name, text in config_files.items():
+                (run_dir / ".hydra").mkdir(exist_ok=True)
+                (run_dir / ".hydra" / name).write_text(text)
+        except ConfigError as error:
+            problem = str(error)
+    refusal = job.agree(problem)[0]
+    if refusal is not None:
+        raise ConfigError(refusal)
+    return lock
+
+
+def _build(cfg: TrainConfig, job: Job, num_classes: int):
+    """The same full network on every rank (same seed), sharded on the CPU, then moved: only
+    this rank's shard ever reaches its GPU. Returns (model, optimizer, scheduler, meta, the
+    full model's parameter count); ``meta`` is what a checkpoint must match to be resumed."""
     torch.manual_seed(cfg.seed)
     model_kwargs = cfg.model.build_kwargs()
-    model = build_model(cfg.model.name, conv=cfg.conv.kind, groups=model_groups,
+    model = build_model(cfg.model.name, conv=cfg.conv.kind, groups=job.model_groups,
                         num_classes=num_classes, **model_kwargs)
     if cfg.init_from:
         load_consolidated(model, cfg.init_from)
-    total_parameters = count_parameters(model)
+    parameters = count_parameters(model)
     if cfg.train.channels_last:
         to_layout(model, torch.channels_last)
-    # Sharded on the CPU, then moved: only this rank's shard ever reaches its GPU.
-    if mesh is not None:
-        model = parallelize(model, mesh, overlap=cfg.conv.overlap, device=device)
+    if job.mesh is not None:
+        model = parallelize(model, job.mesh, overlap=cfg.conv.overlap, device=job.device)
     else:
-        model.to(device)
-    torch.manual_seed(derive_seed(cfg.seed, "rank", rank))    # dropout masks differ per rank
+        model.to(job.device)
+    torch.manual_seed(derive_seed(cfg.seed, "rank", job.rank))    # dropout masks differ per rank
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
     if cfg.schedule.name == "cosine":
@@ -132,42 +226,41 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     else:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(cfg.schedule.milestones), gamma=cfg.schedule.gamma)
-    step_model = torch.compile(model) if cfg.train.compile else model
-
     meta = dict(model=cfg.model.name, model_kwargs=repr(sorted(model_kwargs.items())),
-                conv=cfg.conv.kind, groups=cfg.groups or world, world=world, gp=gp)
-    epochs_done, global_step = 0, 0
-    latest = latest_complete_epoch(run_dir)
-    # torchrun restarted the workers (--max-restarts) after a failure: continue where it stopped.
+                conv=cfg.conv.kind, groups=cfg.groups or job.world, world=job.world, gp=job.gp)
+    return model, optimizer, scheduler, meta, parameters
+
+
+def _restore(cfg, run_dir, job, model, optimizer, scheduler, meta) -> tuple[int, int]:
+    """(epochs done, global step): from the newest checkpoint every rank can read when resuming
+    (resume=true, or torchrun restarting the workers after a failure), else (0, 0)."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    if cfg.resume and latest is None:
+    if not (cfg.resume or restarted):
+        return 0, 0
+    if latest_complete_epoch(run_dir) is None:
+        if restarted and not cfg.resume:
+            return 0, 0                   # the failure came before the first checkpoint
         raise ConfigError(f"resume=true but {run_dir}/checkpoints holds no complete "
                           f"checkpoint; start without resume")
-    if (cfg.resume or restarted) and latest is not None:
-        state = load_rank_checkpoint(run_dir, latest, rank, meta)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], device)
-        epochs_done, global_step = state["epochs_done"], state["global_step"]
-        if rank == 0:
-            truncate_metrics(run_dir, epochs_done)   # drop epochs logged after that checkpoint
-        log.info(f"resumed from {rank_file(run_dir, latest, rank).parent} "
-                 f"(epoch {epochs_done}, step {global_step})")
+    epoch, state, notes = load_newest_readable(run_dir, job.rank, meta, job.agree)
+    for note in notes:
+        log.warning(f"resume: {note}")
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"], job.device)
+    if job.rank == 0:
+        truncate_metrics(run_dir, state["epochs_done"])   # drop epochs logged after it
+    log.info(f"resumed from {rank_file(run_dir, epoch, job.rank).parent} "
+             f"(epoch {state['epochs_done']}, step {state['global_step']})")
+    return state["epochs_done"], state["global_step"]
 
-    log.info(f"{cfg.model.name} {model_kwargs} conv={cfg.conv.kind} groups={cfg.groups or world}: "
-             f"{total_parameters:,} parameters; world={world} (dp={dp_size} x gp={gp}); "
-             f"{cfg.dataset.name}: {sizes}; "
-             f"run directory {run_dir}")
-    if cfg.eval_only:
-        test_loss, test_acc = evaluate(step_model, test_loader, device=device, amp=amp,
-                                       dp_group=dp_group)
-        log.info(f"eval: test loss {test_loss:.4f}, test accuracy {test_acc:.2f}%")
-        if world > 1:
-            dist.barrier()
-        return dict(test_loss=test_loss, test_acc=test_acc)
 
-    writer = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
+def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loaders,
+         epochs_done, global_step) -> dict:
+    """The epochs: train, average BN statistics over dp, evaluate, log, checkpoint."""
+    train_loader, test_loader = loaders
+    writer = MetricsWriter(run_dir, enabled=job.rank == 0, tensorboard=cfg.tensorboard)
     record = {}
     for epoch in range(epochs_done, cfg.train.epochs):
         remaining = None if cfg.train.max_steps is None else cfg.train.max_steps - global_step
@@ -177,77 +270,122 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         lr = optimizer.param_groups[0]["lr"]
 
         def log_step(stats, lr=lr):
-            if rank == 0:
-                writer.scalars("train", dict(loss=stats["loss"], lr=lr,
-                                             images_per_s=stats["images_per_s"] * dp_size,
-                                             step_time_s=stats["step_time_s"],
-                                             comm_bytes_per_step=stats["comm_bytes_per_step"]),
-                               stats["step"])
+            writer.scalars("train", dict(loss=stats["loss"], lr=lr,
+                                         images_per_s=stats["images_per_s"] * job.dp_size,
+                                         step_time_s=stats["step_time_s"],
+                                         comm_bytes_per_step=stats["comm_bytes_per_step"]),
+                           stats["step"])
 
-        result = train_one_epoch(step_model, train_loader, optimizer, device=device, amp=amp,
-                                 max_steps=remaining, first_step=global_step,
+        result = train_one_epoch(step_model, train_loader, optimizer, device=job.device,
+                                 amp=job.amp, max_steps=remaining, first_step=global_step,
                                  log_every=cfg.train.log_every, on_log=log_step,
-                                 progress=Progress(rank == 0, len(train_loader), f"epoch {epoch + 1}"))
+                                 dp_group=job.dp_group,
+                                 progress=Progress(job.rank == 0, len(train_loader),
+                                                   f"epoch {epoch + 1}"))
         global_step += result.steps
-        average_batch_norm_statistics(model, dp_group)
-        test_loss, test_acc = evaluate(step_model, test_loader, device=device, amp=amp,
-                                       dp_group=dp_group)
+        average_batch_norm_statistics(model, job.dp_group)
+        test_loss, test_acc = evaluate(step_model, test_loader, device=job.device, amp=job.amp,
+                                       dp_group=job.dp_group)
         scheduler.step()
         loss_sum, correct, samples = all_reduce_values(
             [result.loss * result.samples, result.accuracy * result.samples, result.samples],
-            device=device, group=dp_group).tolist()
+            device=job.device, group=job.dp_group).tolist()
         record = dict(epoch=epoch + 1, step=global_step, train_loss=loss_sum / samples,
                       train_acc=correct / samples, test_loss=test_loss, test_acc=test_acc, lr=lr,
-                      epoch_time_s=result.seconds,
-                      images_per_s=samples / result.seconds,
+                      epoch_time_s=result.seconds, images_per_s=samples / result.seconds,
                       comm_bytes_per_step=result.comm_bytes_per_step)
         writer.epoch(record)
         log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {global_step}: train loss "
                  f"{record['train_loss']:.4f} acc {record['train_acc']:.2f}% | test loss "
                  f"{test_loss:.4f} acc {test_acc:.2f}% | {record['images_per_s']:,.0f} img/s, "
                  f"{result.seconds:.1f} s")
-        _save_checkpoint(run_dir, epoch + 1, rank, world, model, optimizer, scheduler, meta,
-                         global_step, device)
+        _save_checkpoint(run_dir, epoch + 1, job, model, optimizer, scheduler, meta,
+                         global_step)
     writer.close()
-
-    full_state = consolidate_state_dict(model, mesh) if mesh is not None else model.state_dict()
-    if rank == 0:
-        atomic_save({"model": {k: v.cpu() for k, v in full_state.items()}, "meta": meta},
-                    run_dir / "model.pt")
-        log.info(f"final test accuracy {record.get('test_acc', float('nan')):.2f}% "
-                 f"(consolidated single-device weights: {run_dir / 'model.pt'})")
-    if world > 1:
-        dist.barrier()   # rank 0 hosts the rendezvous store: nobody leaves while others use it
     return record
 
 
-def _save_checkpoint(run_dir, epochs_done, rank, world, model, optimizer, scheduler, meta,
-                     global_step, device) -> None:
+def _finish(run_dir, job, model, meta, record) -> None:
+    """The consolidated single-device ``model.pt``, written by rank 0."""
+    state = consolidate_state_dict(model, job.mesh) if job.mesh is not None else model.state_dict()
+    _require_finite(state.items(), run_dir / "model.pt")
+    problem = None
+    if job.rank == 0:
+        try:
+            atomic_save({"model": {k: v.cpu() for k, v in state.items()}, "meta": meta},
+                        run_dir / "model.pt")
+        except RunError as error:
+            problem = str(error)
+    if (refusal := job.agree(problem)[0]) is not None:
+        raise RunError(refusal)
+    log.info(f"final test accuracy {record.get('test_acc', float('nan')):.2f}% "
+             f"(consolidated single-device weights: {run_dir / 'model.pt'})")
+    job.barrier()   # rank 0 hosts the rendezvous store: nobody leaves while others use it
+
+
+def _require_finite(named_tensors, path) -> None:
+    """No file holding NaN or infinite weights is ever written (the loop's guard stops a
+    diverging run first; this is the last line)."""
+    bad = [name for name, t in named_tensors if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise RunError(f"not writing {path}: {len(bad)} tensors are not finite (first: "
+                       f"{bad[0]}); the run diverged, start again with a lower optim.lr")
+
+
+def _save_checkpoint(run_dir, epochs_done, job, model, optimizer, scheduler, meta,
+                     global_step) -> None:
     """Every rank writes its shard atomically; rank 0 marks the epoch complete only after all
-    ranks have written, so a job killed mid-write never leaves a "latest" that cannot load."""
-    atomic_save(dict(model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), rng=rng_state(device),
-                     epochs_done=epochs_done, global_step=global_step, meta=meta),
-                rank_file(run_dir, epochs_done, rank))
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
+    ranks have written, so a job killed mid-write never leaves a "latest" that cannot load. A
+    failed write (a full disk) stops every rank with its cause, the epoch left incomplete."""
+    path = rank_file(run_dir, epochs_done, job.rank)
+    _require_finite(unwrap(model).state_dict().items(), path)
+    problem = None
+    try:
+        atomic_save(dict(model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), rng=rng_state(job.device),
+                         epochs_done=epochs_done, global_step=global_step, meta=meta), path)
+    except RunError as error:
+        problem = f"rank {job.rank}: {error}"
+    failures = [p for p in job.agree(problem) if p is not None]
+    if failures:
+        raise RunError(failures[0])
+    if job.rank == 0:
         mark_complete(run_dir, epochs_done)
+
+
+def _peer_failure(error: BaseException) -> bool:
+    """A collective that failed because another rank died or hung past ``dist.timeout_s``:
+    NCCL's watchdog and torch raise DistError; gloo a RuntimeError naming its transport."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or "Timed out" in text or "gloo" in text or \
+        "Connection closed by peer" in text or "Connection reset by peer" in text
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if HydraConfig.get().mode == RunMode.MULTIRUN and "TORCHELASTIC_RUN_ID" in os.environ:
             raise ConfigError("Hydra sweeps (-m) must not run inside torchrun: each sweep job "
                               "launches its own ranks (use the submitit launcher, or one "
                               "torchrun per value)")
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run(OmegaConf.to_object(cfg), run_dir)
-    except (ConfigError, DataError) as error:      # a clear message, not a stack trace
+        check_known_keys(cfg, TrainConfig)
+        config_files = {"config.yaml": OmegaConf.to_yaml(cfg),
+                        "overrides.yaml": OmegaConf.to_yaml(
+                            list(HydraConfig.get().overrides.task))}
+        run(OmegaConf.to_object(cfg), run_dir, config_files)
+    except (ConfigError, DataError, RunError) as error:   # a clear message, not a stack trace
         print(f"error: {error}", file=sys.stderr)
+        remove_if_empty(run_dir)
         sys.exit(2)
+    except (dist.DistError, RuntimeError) as error:
+        if not _peer_failure(error):
+            raise
+        print(f"error: a collective failed on rank {env_rank()} ({type(error).__name__}: "
+              f"{str(error).splitlines()[0][:300]}): another rank died or hung for longer than "
+              f"dist.timeout_s; its own log says why. Resume with resume=true once it is "
+              f"fixed", file=sys.stderr)
+        sys.exit(3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

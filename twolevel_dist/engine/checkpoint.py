@@ -6,27 +6,51 @@ Layout under the run directory:
 A checkpoint without COMPLETE (a job killed while writing) is never "latest".
 """
 
+import errno
 import os
 import re
 from pathlib import Path
 
 import torch
 
-from twolevel_dist.errors import ConfigError
+from twolevel_dist.errors import ConfigError, RunError
 
 COMPLETE = "COMPLETE"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 
 
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``. On any
+    failure the temporary file is removed (a full disk stays no fuller) and ``path`` is left as
+    it was; a full disk is reported as such."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if _disk_full(error):
+            raise RunError(f"no space left on the device of {path.parent} while writing "
+                           f"{path.name}; free space there (or set run_dir to a larger disk) "
+                           f"and resume=true from the last complete checkpoint") from None
+        raise
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` comes from a full disk: the OS says ENOSPC, which torch.save may wrap
+    in a RuntimeError of its own (the OSError then is its context)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def epoch_dir(run_dir: Path, epoch: int) -> Path:
@@ -44,21 +68,57 @@ def mark_complete(run_dir: Path, epoch: int) -> None:
     os.replace(tmp, marker)
 
 
-def latest_complete_epoch(run_dir: Path) -> int | None:
+def complete_epochs(run_dir: Path) -> list[int]:
+    """Epochs with a complete checkpoint, newest first."""
     root = Path(run_dir) / "checkpoints"
     epochs = [int(m.group(1)) for d in (root.iterdir() if root.is_dir() else [])
               if (m := _EPOCH_DIR.match(d.name)) and (d / COMPLETE).is_file()]
-    return max(epochs, default=None)
+    return sorted(epochs, reverse=True)
+
+
+def latest_complete_epoch(run_dir: Path) -> int | None:
+    epochs = complete_epochs(run_dir)
+    return epochs[0] if epochs else None
+
+
+class DamagedCheckpoint(ConfigError):
+    """A rank's file of a checkpoint marked complete is missing or unreadable."""
 
 
 def load_rank_checkpoint(run_dir: Path, epoch: int, rank: int, expected_meta: dict) -> dict:
     path = rank_file(run_dir, epoch, rank)
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} is missing: it was written by a job with a "
-                          f"different number of ranks; resume with the same torchrun world size")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise DamagedCheckpoint(
+            f"checkpoint {path} is missing although epoch {epoch} is marked complete (deleted, "
+            f"or the run had fewer ranks); resume with the run's torchrun world size")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:     # truncated, overwritten, foreign: say which file, not a trace
+        raise DamagedCheckpoint(f"checkpoint {path} is unreadable ({type(error).__name__}: "
+                                f"{str(error).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise DamagedCheckpoint(f"checkpoint {path} holds no twolevel_dist rank state")
     check_meta(state.get("meta", {}), expected_meta, path)
     return state
+
+
+def load_newest_readable(run_dir: Path, rank: int, expected_meta: dict, agree):
+    """(epoch, this rank's state, notes) of the newest complete checkpoint that loads on every
+    rank. ``agree(problem)`` gathers each rank's problem (None: loaded) so all ranks fall back
+    together; a checkpoint of another model or layout is refused outright, not skipped."""
+    notes = []
+    for epoch in complete_epochs(run_dir):
+        try:
+            state, problem = load_rank_checkpoint(run_dir, epoch, rank, expected_meta), None
+        except DamagedCheckpoint as error:
+            state, problem = None, str(error)
+        problems = [p for p in agree(problem) if p is not None]
+        if not problems:
+            return epoch, state, notes
+        notes.append(f"skipped epoch {epoch}: {problems[0]}")
+    raise ConfigError(f"resume: no complete checkpoint under {Path(run_dir) / 'checkpoints'} "
+                      f"loads on every rank ({'; '.join(notes) or 'there is none'}); start "
+                      f"without resume=true (with overwrite=true to replace the run)")
 
 
 def check_meta(found: dict, expected: dict, path) -> None:

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from twolevel_dist.engine.device import autocast, clock
+from twolevel_dist.errors import RunError
 from twolevel_dist.parallel import all_reduce_values, count_collectives
 
 
@@ -39,15 +40,25 @@ class Progress:
             print("\r\033[K", end="", flush=True)
 
 
+def _diverged(loss: torch.Tensor, device, dp_group) -> bool:
+    """Whether the loss is NaN or infinite on any replica (gp ranks share their loss). Every
+    rank gets the same answer, so all stop in the same step."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.float64)
+    return all_reduce_values(bad, device=device, group=dp_group, op="max").item() > 0
+
+
 def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=None,
                     first_step: int = 0, log_every: int = 20, on_log=None, on_step=None,
-                    progress: Progress) -> EpochResult:
+                    progress: Progress, dp_group=None) -> EpochResult:
     """Trains until the loader ends or ``max_steps`` optimizer steps. ``on_step(global_step)``
     runs after every step (e.g. a per-step schedule); every ``log_every`` steps the device is
     synchronised once and ``on_log(stats)`` gets the loss and the mean step time, images/s and
-    bytes communicated of the steps since the last report (the caller logs). Nothing else waits
-    for the device, so a GPU runs ahead of the Python loop. Loss and accuracy are over this
-    replica's samples; ``amp`` is a resolved bool (``engine.device.resolve_amp``)."""
+    bytes communicated of the steps since the last report (the caller logs). Loss and accuracy
+    are over this replica's samples; ``amp`` is a resolved bool (``engine.device.resolve_amp``).
+
+    The divergence guard: a loss that is not finite on any replica raises ``RunError`` on every
+    rank before the optimizer steps, so the weights and their checkpoints stay finite. It is the
+    one host sync per step (a flag of one number, reduced over ``dp_group``)."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -59,11 +70,19 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
         if max_steps is not None and steps >= max_steps:
             break
         with count_collectives() as comm:
+            # Before the forward: the last step's gradients need not live through it.
+            optimizer.zero_grad(set_to_none=True)
             with autocast(device, amp):
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if _diverged(loss, device, dp_group):
+                raise RunError(
+                    f"training diverged: the loss is {loss.item()} at step "
+                    f"{first_step + steps + 1} (learning rate "
+                    f"{optimizer.param_groups[0]['lr']:g}); no step was taken with it and no "
+                    f"checkpoint holds it. Start again with a lower optim.lr (overwrite=true, or "
+                    f"another run_dir)")
             optimizer.step()
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.detach().argmax(1) == labels).sum()

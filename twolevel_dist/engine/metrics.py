@@ -1,7 +1,10 @@
 """Rank-0 metric sinks: ``metrics.jsonl`` (one line per epoch) and TensorBoard scalars."""
 
 import json
+import math
 from pathlib import Path
+
+from twolevel_dist.errors import ConfigError
 
 
 class MetricsWriter:
@@ -24,7 +27,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_strict(record), allow_nan=False) + "\n")
         self.scalars("epoch", {k: v for k, v in record.items() if k not in ("epoch", "step")},
                      record["step"])
         if self.tb is not None:
@@ -35,14 +38,32 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _strict(record: dict) -> dict:
+    """JSON has no NaN or infinity: a non-finite number is written as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
+
+
 def read_metrics(run_dir) -> list[dict]:
+    """The records of ``metrics.jsonl``. A torn last line (a job killed while appending) is
+    left out; a bad line anywhere else is an error naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                break
+            raise ConfigError(f"{path}, line {number}, is not JSON: {line[:80]!r}; fix or "
+                              f"delete that line") from None
+    return records
 
 
 def truncate_metrics(run_dir, epochs_done: int) -> None:
     """Keep only the epochs a resumed run will not redo (a job may have logged an epoch and died
-    before its checkpoint was complete)."""
+    before its checkpoint was complete); a torn last line is repaired (dropped) on the way."""
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():
         kept = [r for r in read_metrics(run_dir) if r["epoch"] <= epochs_done]

@@ -1,0 +1,271 @@
+"""Nothing lost, nothing mixed, nothing hangs: each fault reproduced for real. A diverging
+learning rate, two jobs in one directory, a stale lock, damaged checkpoints, a torn metrics line,
+a full disk (a tiny tmpfs), a hung rank under torchrun, and strict configuration."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import PYTHON, SMALL, TORCHRUN, _train
+from twolevel_dist.engine.checkpoint import (COMPLETE, atomic_save, epoch_dir,
+                                             latest_complete_epoch, rank_file)
+from twolevel_dist.engine.metrics import read_metrics
+from twolevel_dist.errors import RunError
+
+ONE_EPOCH = [*SMALL, "groups=2", "train.epochs=1"]
+
+
+def _refused(out, message):
+    """Exit code 2 with ``message`` and no traceback; through torchrun, every worker's 2 (the
+    launcher itself reports a failed worker as 1)."""
+    tracebacks = out.stderr.count("Traceback (most recent call last)")
+    if out.args[0] == str(TORCHRUN):      # torchrun's own report is its one traceback
+        assert out.returncode == 1 and "exitcode  : 2" in out.stderr, out.stderr[-3000:]
+        assert "exitcode  : 1" not in out.stderr, out.stderr[-3000:]
+        assert tracebacks == 1 and "ChildFailedError" in out.stderr, out.stderr[-3000:]
+    else:
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+        assert tracebacks == 0, out.stderr[-3000:]
+    assert message in out.stderr, out.stderr[-3000:]
+
+
+def _strict_json_lines(path: Path) -> list[dict]:
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+# --- 1. divergence -------------------------------------------------------------------------------
+
+def test_a_diverging_run_stops_with_exit_2_and_writes_nothing_non_finite(tmp_path):
+    run_dir = tmp_path / "run"
+    out = _train(run_dir, *SMALL, "groups=2", "train.epochs=2", "optim.lr=1e6", check=False)
+    _refused(out, "training diverged")
+    assert latest_complete_epoch(run_dir) is None          # no checkpoint marked complete
+    assert not (run_dir / "model.pt").exists()
+    for path in (run_dir / "checkpoints").glob("*/*.pt"):  # nothing non-finite on disk either
+        state = torch.load(path, weights_only=True)["model"]
+        assert all(t.isfinite().all() for t in state.values() if t.is_floating_point())
+    if (run_dir / "metrics.jsonl").exists():
+        _strict_json_lines(run_dir / "metrics.jsonl")
+
+
+def test_metrics_stay_strict_json_and_a_torn_last_line_is_repaired(tmp_path):
+    from twolevel_dist.engine.metrics import MetricsWriter, truncate_metrics
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    writer.epoch(dict(epoch=1, step=8, test_loss=float("nan"), test_acc=float("inf")))
+    writer.epoch(dict(epoch=2, step=16, test_loss=0.5, test_acc=80.0))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "step": 2')                   # killed while appending
+    assert _strict_json_lines_but_last(tmp_path / "metrics.jsonl")[0]["test_loss"] is None
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+    truncate_metrics(tmp_path, 2)
+    assert [r["epoch"] for r in _strict_json_lines(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def _strict_json_lines_but_last(path):
+    lines = path.read_text().splitlines()[:-1]
+    return [json.loads(line) for line in lines]
+
+
+# --- 2. run directories --------------------------------------------------------------------------
+
+def test_a_fresh_run_over_an_old_one_is_refused_and_overwrite_replaces_it(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, *ONE_EPOCH, "train.max_steps=2", nproc=1)
+    config = (run_dir / ".hydra" / "config.yaml").read_text()
+    model_mtime = (run_dir / "model.pt").stat().st_mtime_ns
+    out = _train(run_dir, *ONE_EPOCH, "train.max_steps=1", nproc=1, check=False)
+    _refused(out, "already holds a run")
+    assert "resume=true" in out.stderr and "overwrite=true" in out.stderr
+    out = _train(run_dir, *ONE_EPOCH, "groups=0", nproc=1, check=False)   # a bad value
+    assert out.returncode == 2
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == config   # untouched
+    assert (run_dir / "model.pt").stat().st_mtime_ns == model_mtime
+    _train(run_dir, *ONE_EPOCH, "train.max_steps=1", "overwrite=true", nproc=1)
+    assert [m["step"] for m in read_metrics(run_dir)] == [1]            # only the new run
+    assert "max_steps: 1" in (run_dir / ".hydra" / "config.yaml").read_text()
+
+
+def test_a_second_job_in_a_busy_directory_is_refused_naming_the_holder(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(
+        [str(PYTHON), "-m", "twolevel_dist.train", f"run_dir={run_dir}", *SMALL,
+         "dataset.train_size=4096", "train.epochs=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "train.log").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, first.communicate()
+        second = _train(run_dir, *ONE_EPOCH, nproc=1, check=False)
+        _refused(second, f"is in use by pid {first.pid}")
+    finally:
+        first.kill()
+        first.wait()
+    # The holder is gone (killed): its lock is stale, and the next job takes it over.
+    third = _train(run_dir, *ONE_EPOCH, "train.max_steps=1", "overwrite=true", nproc=1)
+    assert "took over the stale lock" in third.stdout + (run_dir / "train.log").read_text()
+    assert f"pid {first.pid}" in (run_dir / "train.log").read_text()
+
+
+def test_rejected_commands_leave_nothing_behind(tmp_path):
+    for override, message in [("+train.epoch=3", "unknown config key(s): train.epoch (did you "
+                                                 "mean train.epochs?)"),
+                              ("schedule.gamma=-1", "schedule.gamma=-1.0 must be in (0, 1]")]:
+        out = subprocess.run([str(PYTHON), "-m", "twolevel_dist.train", "model=wrn10_2",
+                              "train.epochs=2", override], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+        _refused(out, message)
+        assert out.stderr.count("\n") == 1              # one line
+        assert list(tmp_path.iterdir()) in ([], [tmp_path / "outputs"])
+        assert not [p for p in tmp_path.rglob("*") if p.is_file()], list(tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("section,values,message", [
+    ("schedule", dict(milestones=[1, 5]), "[5] not inside [1, train.epochs=2)"),
+    ("schedule", dict(gamma=1.5), "schedule.gamma=1.5 must be in (0, 1]"),
+    ("optim", dict(momentum=-0.5), "optim.momentum=-0.5 must be >= 0"),
+    ("optim", dict(weight_decay=-1.0), "optim.weight_decay=-1.0 must be >= 0"),
+    ("dist", dict(timeout_s=0), "dist.timeout_s=0 must be positive"),
+])
+def test_out_of_range_values_are_refused_with_the_fix(section, values, message):
+    from dataclasses import replace
+
+    from twolevel_dist.config import TrainConfig, TrainLoopConfig, validate
+    from twolevel_dist.errors import ConfigError
+    cfg = TrainConfig(train=TrainLoopConfig(epochs=2))
+    cfg = replace(cfg, **{section: replace(getattr(cfg, section), **values)})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(cfg)
+
+
+def test_default_run_directories_differ_between_jobs(monkeypatch):
+    from twolevel_dist.config import _run_id
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert _run_id().endswith(f"_{os.getpid()}")     # one process: the time and its pid
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "a1b2")
+    assert _run_id() == "a1b2"                       # torchrun --standalone: a fresh id per job
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    assert _run_id() == "4242.3"
+
+
+# --- 4. damaged checkpoints and a full disk ------------------------------------------------------
+
+def test_resume_falls_back_past_damaged_checkpoints_and_says_so(tmp_path):
+    run_dir = tmp_path / "run"
+    common = [*SMALL, "groups=2", "train.max_steps=4", "dataset.train_size=64"]
+    _train(run_dir, *common, "train.epochs=3")            # 2 steps per epoch: epochs 1, 2
+    assert latest_complete_epoch(run_dir) == 2
+    # Epoch 2: rank 1's file truncated. A COMPLETE marker for epoch 3 without rank files.
+    damaged = rank_file(run_dir, 2, 1)
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    epoch_dir(run_dir, 3).mkdir()
+    (epoch_dir(run_dir, 3) / COMPLETE).write_text("epoch 3\n")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "st')                         # and a torn metrics line
+    out = _train(run_dir, *common, "train.epochs=3", "train.max_steps=6", "resume=true")
+    log = (run_dir / "train.log").read_text()
+    assert "skipped epoch 3" in out.stdout + log and "is missing" in out.stdout + log
+    assert "skipped epoch 2" in out.stdout + log and str(damaged) in out.stdout + log
+    assert "resumed from" in log and "epoch 1, step 2" in log
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_a_checkpoint_that_loads_nowhere_is_reported_with_its_file(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, *ONE_EPOCH, "train.max_steps=2", nproc=1)
+    rank_file(run_dir, 1, 0).write_bytes(b"garbage")
+    out = _train(run_dir, *ONE_EPOCH, "train.max_steps=2", "resume=true", nproc=1, check=False)
+    _refused(out, "no complete checkpoint")
+    assert str(rank_file(run_dir, 1, 0)) in out.stderr and "unreadable" in out.stderr
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KB tmpfs (root only): room for a run's logs, not for its checkpoints."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {out.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_reported_as_such_and_leaves_no_temp_file(tiny_disk):
+    with pytest.raises(RunError, match="no space left on the device of"):
+        atomic_save({"x": torch.zeros(200_000)}, tiny_disk / "big.pt")    # 800 KB
+    assert list(tiny_disk.iterdir()) == []
+    atomic_save({"x": torch.zeros(10)}, tiny_disk / "small.pt")          # still room after
+    assert torch.load(tiny_disk / "small.pt", weights_only=True)["x"].shape == (10,)
+
+
+def test_a_run_on_a_full_disk_exits_2_with_the_cause(tiny_disk):
+    out = _train(tiny_disk / "run", *SMALL, "groups=2", "train.epochs=1", "model.widen=4",
+                 check=False)
+    _refused(out, "no space left on the device of")
+    assert latest_complete_epoch(tiny_disk / "run") is None
+    assert not [p for p in tiny_disk.rglob(".*.tmp*")]
+
+
+# --- 5. a hung rank ------------------------------------------------------------------------------
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path):
+    timeout_s = 10
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "twolevel_dist.train",
+         f"run_dir={run_dir}", *SMALL, "groups=2", "dataset.train_size=20000", "train.epochs=1",
+         f"dist.timeout_s={timeout_s}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    stopped = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and stopped is None:
+            time.sleep(0.5)
+            log = run_dir / "train.log"
+            if log.exists() and "parameters; world=2" in log.read_text():
+                workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True,
+                                         text=True).stdout.split()
+                stopped = next((int(p) for p in workers if _rank_of(int(p)) == 1), None)
+        assert stopped is not None, "the job never started training"
+        time.sleep(1)
+        os.kill(stopped, signal.SIGSTOP)                  # rank 1 hangs mid-epoch
+        hung_at = time.time()
+        out, err = job.communicate(timeout=timeout_s + 90)
+        elapsed = time.time() - hung_at
+    finally:
+        if job.poll() is None:
+            job.kill()
+        if stopped is not None:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(stopped, sig)
+                except ProcessLookupError:
+                    pass
+    assert job.returncode != 0
+    assert elapsed < timeout_s + 60, elapsed
+    assert "another rank died or hung" in err, err[-3000:]
+    assert latest_complete_epoch(run_dir) is None
