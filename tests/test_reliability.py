@@ -180,13 +180,10 @@ def test_resume_falls_back_past_damaged_checkpoints_and_says_so(tmp_path):
     assert "skipped epoch 2" in out.stdout + log and str(damaged) in out.stdout + log
     assert "resumed from" in log and "epoch 1, step 2" in log
     assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3]
-
-
-def test_a_checkpoint_that_loads_nowhere_is_reported_with_its_file(tmp_path):
-    run_dir = tmp_path / "run"
-    _train(run_dir, *ONE_EPOCH, "train.max_steps=2", nproc=1)
-    rank_file(run_dir, 1, 0).write_bytes(b"garbage")
-    out = _train(run_dir, *ONE_EPOCH, "train.max_steps=2", "resume=true", nproc=1, check=False)
+    # When no complete checkpoint loads on every rank, the error names each file.
+    for epoch in (1, 2, 3):
+        rank_file(run_dir, epoch, 0).write_bytes(b"garbage")
+    out = _train(run_dir, *common, "train.epochs=3", "resume=true", check=False)
     _refused(out, "no complete checkpoint")
     assert str(rank_file(run_dir, 1, 0)) in out.stderr and "unreadable" in out.stderr
 
@@ -240,22 +237,28 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path):
          f"dist.timeout_s={timeout_s}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    stopped = None
+    stopped = waiting = None
     try:
         deadline = time.time() + 120
         while time.time() < deadline and stopped is None:
             time.sleep(0.5)
             log = run_dir / "train.log"
             if log.exists() and "parameters; world=2" in log.read_text():
-                workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True,
-                                         text=True).stdout.split()
-                stopped = next((int(p) for p in workers if _rank_of(int(p)) == 1), None)
+                workers = [int(p) for p in subprocess.run(
+                    ["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()]
+                ranks = {_rank_of(p): p for p in workers}
+                stopped, waiting = ranks.get(1), ranks.get(0)
         assert stopped is not None, "the job never started training"
         time.sleep(1)
         os.kill(stopped, signal.SIGSTOP)                  # rank 1 hangs mid-epoch
         hung_at = time.time()
-        out, err = job.communicate(timeout=timeout_s + 90)
-        elapsed = time.time() - hung_at
+        while _rank_of(waiting) is not None and time.time() < hung_at + timeout_s + 30:
+            time.sleep(0.2)
+        rank0_gone = time.time() - hung_at
+        # torchrun now sends the stopped rank SIGTERM and waits a fixed 30 s before SIGKILL;
+        # letting it run on delivers the SIGTERM at once, sparing the test that grace.
+        os.kill(stopped, signal.SIGCONT)
+        out, err = job.communicate(timeout=90)
     finally:
         if job.poll() is None:
             job.kill()
@@ -266,6 +269,6 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path):
                 except ProcessLookupError:
                     pass
     assert job.returncode != 0
-    assert elapsed < timeout_s + 60, elapsed
+    assert timeout_s - 2 < rank0_gone < timeout_s + 20, rank0_gone   # the timeout, not before
     assert "another rank died or hung" in err, err[-3000:]
     assert latest_complete_epoch(run_dir) is None
