@@ -119,6 +119,13 @@ class Job:
         dist.all_gather_object(problems, problem)
         return problems
 
+    def raise_first(self, problem, error_type) -> None:
+        """Raise ``error_type`` on every rank with the first rank's problem, if any rank has one
+        (so that no rank goes on to a collective the others never reach)."""
+        problems = [p for p in self.agree(problem) if p is not None]
+        if problems:
+            raise error_type(problems[0])
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -195,9 +202,7 @@ def _claim(cfg: TrainConfig, run_dir: Path, job: Job, config_files: dict):
                 (run_dir / ".hydra" / name).write_text(text)
         except ConfigError as error:
             problem = str(error)
-    refusal = job.agree(problem)[0]
-    if refusal is not None:
-        raise ConfigError(refusal)
+    job.raise_first(problem, ConfigError)
     return lock
 
 
@@ -316,8 +321,7 @@ def _finish(run_dir, job, model, meta, record) -> None:
                         run_dir / "model.pt")
         except RunError as error:
             problem = str(error)
-    if (refusal := job.agree(problem)[0]) is not None:
-        raise RunError(refusal)
+    job.raise_first(problem, RunError)
     log.info(f"final test accuracy {record.get('test_acc', float('nan')):.2f}% "
              f"(consolidated single-device weights: {run_dir / 'model.pt'})")
     job.barrier()   # rank 0 hosts the rendezvous store: nobody leaves while others use it
@@ -337,18 +341,16 @@ def _save_checkpoint(run_dir, epochs_done, job, model, optimizer, scheduler, met
     """Every rank writes its shard atomically; rank 0 marks the epoch complete only after all
     ranks have written, so a job killed mid-write never leaves a "latest" that cannot load. A
     failed write (a full disk) stops every rank with its cause, the epoch left incomplete."""
-    path = rank_file(run_dir, epochs_done, job.rank)
-    _require_finite(unwrap(model).state_dict().items(), path)
+    path, state = rank_file(run_dir, epochs_done, job.rank), unwrap(model).state_dict()
+    _require_finite(state.items(), path)
     problem = None
     try:
-        atomic_save(dict(model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+        atomic_save(dict(model=state, optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), rng=rng_state(job.device),
                          epochs_done=epochs_done, global_step=global_step, meta=meta), path)
     except RunError as error:
         problem = f"rank {job.rank}: {error}"
-    failures = [p for p in job.agree(problem) if p is not None]
-    if failures:
-        raise RunError(failures[0])
+    job.raise_first(problem, RunError)
     if job.rank == 0:
         mark_complete(run_dir, epochs_done)
 
