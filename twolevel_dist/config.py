@@ -37,6 +37,9 @@ class DatasetConfig:
     num_classes: Optional[int] = None    # synthetic only
     train_size: int = 10000              # synthetic only
     test_size: int = 2000                # synthetic only
+    # Train on this many images, the same class-balanced subset for every run (the first
+    # train_images / classes of each class); null: all. The test set is always whole.
+    train_images: Optional[int] = None
     workers: int = 8                     # streaming (imagenet) loader workers
 
 

@@ -1,4 +1,5 @@
-"""The paper's parameter counts (millions), Tables 1, 3 and 4, keyed like ``build_model``."""
+"""The paper's figures, keyed like ``build_model``: parameter counts (millions, Tables 1, 3 and
+4) and WRN-28-10's CIFAR-10 error rates (Tables 1 and 3)."""
 
 # network: (build_model name, keyword arguments, number of classes)
 NETWORKS = {
@@ -27,3 +28,12 @@ PAPER_PARAMS_M = {
 
 # WRN counts are reproduced exactly to the paper's two decimals; MobileNetV2's within 0.01M.
 TOLERANCE_M = {"WRN-28-10": 0.005, "WRN-34-2": 0.005, "MobileNetV2": 0.01}
+
+# (conv kind, N) -> WRN-28-10's CIFAR-10 test error (%), 200 epochs (Tables 1 and 3).
+PAPER_CIFAR10_ERROR_WRN28_10 = {
+    ("sc", 1): 4.19,
+    ("gc", 2): 4.61, ("shuffle", 2): 4.00, ("flgc", 2): 4.62, ("gc2l", 2): 4.12,
+    ("gc", 4): 5.32, ("shuffle", 4): 4.21, ("flgc", 4): 6.16, ("gc2l", 4): 4.34,
+    ("gc", 8): 6.54, ("shuffle", 8): 4.73, ("flgc", 8): 9.81, ("gc2l", 8): 4.79,
+    ("gc", 16): 8.33, ("shuffle", 16): 5.28, ("flgc", 16): 11.26, ("gc2l", 16): 4.95,
+}

@@ -108,6 +108,27 @@ class ImageArrays:
         """(H, W) of every image."""
         return int(self.images.shape[2]), int(self.images.shape[3])
 
+    def balanced_subset(self, count: int) -> "ImageArrays":
+        """The first ``count / num_classes`` images of every class, in stored order: the same
+        subset for every run and seed, so that runs on it compare like with like."""
+        per_class, left = divmod(count, self.num_classes)
+        sizes = torch.bincount(self.labels, minlength=self.num_classes)
+        if count < 1 or left:
+            raise DataError(f"a class-balanced subset of {count} images is not possible with "
+                            f"{self.num_classes} classes; give a positive multiple of "
+                            f"{self.num_classes}")
+        if per_class > int(sizes.min()):
+            raise DataError(f"a class-balanced subset of {count} images needs {per_class} per "
+                            f"class, but the smallest class has {int(sizes.min())}; give at most "
+                            f"{int(sizes.min()) * self.num_classes} (or null for all "
+                            f"{len(self)})")
+        # Stable sort by label keeps each class's stored order; its first per_class are taken.
+        order = torch.sort(self.labels, stable=True).indices
+        starts = torch.cumsum(sizes, 0) - sizes
+        keep = (starts[:, None] + torch.arange(per_class)).flatten()
+        keep = order[keep].sort().values
+        return ImageArrays(self.images[keep], self.labels[keep], self.classes)
+
     def mean_std(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
         """Per-channel mean and standard deviation of the pixels, in [0, 1] units.
 

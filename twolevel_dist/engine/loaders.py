@@ -39,6 +39,8 @@ def _in_memory_loaders(dataset, seed, device, rank, world, dp_rank, dp_size, per
         dist.barrier()
     if rank != 0:
         train_data, test_data = load()
+    if dataset.train_images is not None:
+        train_data = train_data.balanced_subset(dataset.train_images)
     mean, std = train_data.mean_std()
     args = dict(device=device, seed=seed, dp_rank=dp_rank, dp_size=dp_size, mean=mean,
                 std=std, channels_last=channels_last)
@@ -51,6 +53,9 @@ def _streaming_loaders(dataset, seed, device, dp_rank, dp_size, per_replica, cha
     if not dataset.root:
         raise ConfigError(f"dataset={dataset.name} needs dataset.root=<folder with train/ and "
                           f"val/ (or test/) class folders>")
+    if dataset.train_images is not None:
+        raise ConfigError(f"dataset.train_images={dataset.train_images} takes a subset of an "
+                          f"in-memory data set; {dataset.name} is streamed: set it to null")
     root = Path(dataset.root).expanduser()
     eval_split = "val" if (root / "val").is_dir() else "test"
     args = dict(device=device, image_size=dataset.image_size or 224, workers=dataset.workers,

@@ -1,0 +1,621 @@
+"""Accuracy against N: a sweep over convolution kinds x groups x seeds, one training run per cell.
+
+    python benchmarks/accuracy.py benchmarks/protocols/cifar10_wrn10_2_cpu.yaml
+    python benchmarks/accuracy.py benchmarks/protocols/cifar10_wrn28_10.yaml --launcher slurm \\
+        --torchrun --slurm-gpus-per-node 8 --slurm-partition gpu
+
+A protocol file names the training overrides every cell shares and the grid of cells (see
+``benchmarks/protocols/``). Each cell is one ``twolevel_dist.train`` run in its own directory,
+``<runs>/<conv>_N<groups>_s<seed>``, so the sweep is resumable: run the same command again and
+finished cells are skipped, interrupted ones resume from their last checkpoint, cells that never
+wrote one start afresh. A runs folder belongs to one protocol: the overrides are recorded in
+``<runs>/sweep.json`` and a different set is refused rather than mixed into the same table.
+
+Launchers: ``local`` runs the cells one after another (one process each, or ``--torchrun``: one
+rank per group for the kinds that shard, gc, gc2l and shuffle; the numbers are the same either
+way); ``slurm`` submits one job per cell through submitit and waits for them (``--no-wait``
+submits and returns; a later run attaches to the jobs still queued or running).
+
+Results: ``benchmarks/results/accuracy_<tag>.csv/.md`` (one row per cell and the error table
+against N beside the paper's), ``accuracy_<tag>.png`` (test error against N, mean and spread
+over seeds, SC as a line: the paper's Figure 5) and ``accuracy_<tag>_loss.png`` (training loss
+of SC, GC and GC-2L at the largest N: Figure 4). ``--aggregate-only`` writes them from the cells
+finished so far without running anything.
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, machine, write_results  # noqa: E402
+
+from twolevel_dist.config import ModelConfig  # noqa: E402
+from twolevel_dist.engine.checkpoint import latest_complete_epoch, rank_file  # noqa: E402
+from twolevel_dist.engine.metrics import read_metrics  # noqa: E402
+from twolevel_dist.layers import CONV_KINDS  # noqa: E402
+from twolevel_dist.models import build_model  # noqa: E402
+from twolevel_dist.paper import PAPER_CIFAR10_ERROR_WRN28_10  # noqa: E402
+from twolevel_dist.parallel import parallelize  # noqa: E402
+from twolevel_dist.parallel.simulated import simulated_mesh  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+SHARDED_KINDS = ("gc", "gc2l", "shuffle")     # one rank per group; sc and flgc run on one rank
+# Overrides the sweep sets per cell: a protocol that sets them would be silently overruled.
+CELL_KEYS = ("conv", "groups", "seed", "run_dir", "resume", "overwrite")
+ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING",
+                       "RESIZING", "SUSPENDED")
+CONFIG_ERROR_EXIT = 2         # twolevel_dist.train's exit code for a refused config or run_dir
+
+
+class SweepError(Exception):
+    """A bad protocol, runs folder or option: one ``error:`` line, exit code 2."""
+
+
+# --- the protocol and its cells ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cell:
+    conv: str
+    groups: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.conv}_N{self.groups}_s{self.seed}"
+
+    @property
+    def ranks(self) -> int:
+        """Ranks of a ``--torchrun`` / SLURM run: one per group where the kind shards."""
+        return self.groups if self.conv in SHARDED_KINDS else 1
+
+    def overrides(self) -> list[str]:
+        return [f"conv={self.conv}", f"groups={self.groups}", f"seed={self.seed}"]
+
+
+@dataclass
+class Protocol:
+    tag: str
+    description: str
+    train: list[str]
+    cells: list[Cell]
+    path: Path
+
+
+def _positive_ints(block: dict, key: str, where: str) -> list[int]:
+    values = block.get(key)
+    if not isinstance(values, list) or not values or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "seeds" else 1)
+            for v in values):
+        bound = "integers >= 0" if key == "seeds" else "positive integers"
+        raise SweepError(f"{where}: '{key}' must be a non-empty list of {bound} (e.g. "
+                         f"{key}: [{'0, 1' if key == 'seeds' else '2, 4, 8, 16'}])")
+    return values
+
+
+def load_protocol(path: Path) -> Protocol:
+    """The protocol file: ``description``, ``train`` (overrides for every cell) and ``grid`` (a
+    list of ``{conv: [...], groups: [...], seeds: [...]}`` blocks whose union is the cell list,
+    in the order written: put the cells you want first in the first blocks)."""
+    if not path.is_file():
+        found = sorted(p.name for p in (REPO / "benchmarks" / "protocols").glob("*.yaml"))
+        raise SweepError(f"no protocol file {path}; the committed ones are {found} in "
+                         f"benchmarks/protocols/")
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    unknown = sorted(set(raw) - {"description", "train", "grid"})
+    if unknown:
+        raise SweepError(f"{path}: unknown key(s) {unknown}; a protocol has description, train "
+                         f"and grid")
+    train = raw.get("train") or []
+    if not isinstance(train, list) or not all(isinstance(o, str) and "=" in o for o in train):
+        raise SweepError(f"{path}: 'train' must be a list of Hydra overrides like "
+                         f"'model=wrn10_2'")
+    clashing = [o for o in train if o.split("=")[0].lstrip("+~") in CELL_KEYS]
+    if clashing:
+        raise SweepError(f"{path}: 'train' sets {clashing}, which the sweep sets per cell; give "
+                         f"conv, groups and seeds in 'grid' instead")
+    cells: list[Cell] = []
+    grid = raw.get("grid")
+    if not isinstance(grid, list) or not grid:
+        raise SweepError(f"{path}: 'grid' must be a list of blocks like {{conv: [gc, gc2l], "
+                         f"groups: [2, 4], seeds: [0]}}")
+    for number, block in enumerate(grid, 1):
+        where = f"{path}, grid block {number}"
+        if not isinstance(block, dict) or set(block) - {"conv", "groups", "seeds"}:
+            raise SweepError(f"{where}: a block has exactly the keys conv, groups and seeds")
+        convs = block.get("conv")
+        if not isinstance(convs, list) or not convs or not all(c in CONV_KINDS for c in convs):
+            raise SweepError(f"{where}: 'conv' must be a non-empty list of {sorted(CONV_KINDS)}")
+        for conv in convs:
+            for groups in _positive_ints(block, "groups", where):
+                for seed in _positive_ints(block, "seeds", where):
+                    cell = Cell(conv, 1 if conv == "sc" else groups, seed)
+                    if cell not in cells:
+                        cells.append(cell)
+    return Protocol(tag=path.stem, description=str(raw.get("description", "")).strip(),
+                    train=list(train), cells=cells, path=path)
+
+
+# --- the state of a cell's run directory ------------------------------------------------------
+
+def cell_state(run_dir: Path) -> str:
+    """done (the consolidated model.pt is written last), resume (a complete checkpoint),
+    restart (files but no complete checkpoint: killed in its first epoch) or new."""
+    if (run_dir / "model.pt").is_file():
+        return "done"
+    if run_dir.is_dir() and latest_complete_epoch(run_dir) is not None:
+        return "resume"
+    if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
+        return "restart"
+    return "new"
+
+
+def train_command(protocol: Protocol, cell: Cell, run_dir: Path, torchrun: bool) -> list[str]:
+    state = cell_state(run_dir)
+    extra = {"resume": ["resume=true"], "restart": ["overwrite=true"]}.get(state, [])
+    module = ["-m", "twolevel_dist.train", *protocol.train, *cell.overrides(),
+              f"run_dir={run_dir}", *extra]
+    if torchrun and cell.ranks > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={cell.ranks}", *module]
+    return [sys.executable, *module]
+
+
+class Ledger:
+    """``<runs>/.sweep/``: the protocol the folder belongs to, each cell's log and wall time
+    (summed over attempts, with the commits that ran it) and the SLURM jobs of a sweep."""
+
+    def __init__(self, runs: Path):
+        self.runs = runs
+        self.folder = runs / ".sweep"
+
+    def claim(self, protocol: Protocol) -> None:
+        """Refuse a runs folder that holds another protocol's cells; record this one's."""
+        record = self.runs / "sweep.json"
+        mine = {"protocol": str(protocol.path.name), "train": protocol.train}
+        if record.is_file():
+            theirs = json.loads(record.read_text())
+            if theirs.get("train") != protocol.train:
+                raise SweepError(
+                    f"{self.runs} holds cells trained with {theirs.get('train')}, not "
+                    f"{protocol.train}: results of two protocols would be mixed; give another "
+                    f"--runs (or move that folder away)")
+            return
+        self.runs.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(mine, indent=1) + "\n")
+
+    def log(self, cell: Cell) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self.folder / f"{cell.name}.log"
+
+    def wall(self, cell: Cell) -> dict:
+        path = self.folder / f"{cell.name}.wall.json"
+        return json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "commits": []}
+
+    def add_wall(self, cell: Cell, seconds: float) -> None:
+        record = self.wall(cell)
+        record["seconds"] += seconds
+        commit = _commit()
+        if commit not in record["commits"]:
+            record["commits"].append(commit)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{cell.name}.wall.tmp"
+        tmp.write_text(json.dumps(record) + "\n")
+        tmp.replace(self.folder / f"{cell.name}.wall.json")
+
+    def jobs(self) -> dict:
+        path = self.folder / "slurm_jobs.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def save_jobs(self, jobs: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "slurm_jobs.json").write_text(json.dumps(jobs, indent=1) + "\n")
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                         text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _outcome(run_dir: Path) -> str:
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    if not records:
+        return "no epoch logged"
+    last, best = records[-1], max(r["test_acc"] for r in records)
+    return (f"test error {100 - last['test_acc']:.2f}% (best {100 - best:.2f}%), train loss "
+            f"{last['train_loss']:.3f}")
+
+
+class Progress:
+    """One line per finished cell: which, its outcome, cells done, and (for cells run one after
+    another) the time the remaining ones should take at this sweep's pace."""
+
+    def __init__(self, total: int, done_before: int, sequential: bool):
+        self.total, self.done, self.sequential = total, done_before, sequential
+        self.seconds: list[float] = []
+
+    def finished(self, cell: Cell, run_dir: Path, seconds: float, ok: bool) -> None:
+        self.done += ok
+        self.seconds.append(seconds)
+        left = self.total - self.done
+        eta = ""
+        if self.sequential and left:
+            eta = f", ETA {_duration(left * sum(self.seconds) / len(self.seconds))}"
+        status = _outcome(run_dir) if ok else "FAILED"
+        print(f"[{self.done}/{self.total} cells done{eta}] {cell.conv} N={cell.groups} "
+              f"seed={cell.seed}: {status}, {_duration(seconds)}", flush=True)
+
+
+# --- launchers --------------------------------------------------------------------------------
+
+def run_local(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progress,
+              torchrun: bool) -> list[Cell]:
+    """The cells one after another; returns those that failed. A config error (exit code 2)
+    would repeat in every cell: it stops the sweep."""
+    ledger, failed = Ledger(runs), []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if torchrun:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    for cell in todo:
+        run_dir = runs / cell.name
+        command = train_command(protocol, cell, run_dir, torchrun)
+        with open(ledger.log(cell), "a") as log:
+            log.write(f"\n$ {shlex.join(command)}\n")
+            log.flush()
+            start = time.time()
+            code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                  env=env).returncode
+        seconds = time.time() - start
+        ledger.add_wall(cell, seconds)
+        if code < 0 and -code == signal.SIGINT:
+            raise KeyboardInterrupt
+        progress.finished(cell, run_dir, seconds, code == 0)
+        if code != 0:
+            failed.append(cell)
+            tail = ledger.log(cell).read_text().splitlines()[-5:]
+            print(f"  exit code {code}; the end of {ledger.log(cell)}:\n    " +
+                  "\n    ".join(tail), file=sys.stderr, flush=True)
+            if code == CONFIG_ERROR_EXIT:
+                raise SweepError(f"cell {cell.name} was refused (exit code 2, see above); the "
+                                 f"same would happen to every cell, so the sweep stops")
+    return failed
+
+
+def _slurm_task(command: list[str], runs: str, cell: Cell) -> int:
+    """What each SLURM task of a cell's job runs: the training command (it reads SLURM's
+    variables to find its rank); task 0 adds the wall time to the ledger."""
+    start = time.time()
+    code = subprocess.run(command, cwd=REPO).returncode
+    if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+        Ledger(Path(runs)).add_wall(cell, time.time() - start)
+    return code
+
+
+def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progress,
+              args) -> list[Cell]:
+    """One job per cell through submitit (cells whose job is still queued or running are
+    attached, not submitted again), then waits unless ``--no-wait``; returns the failed cells."""
+    try:
+        import submitit
+    except ImportError:
+        raise SweepError("--launcher slurm needs submitit: pip install -e '.[slurm]'") from None
+    ledger = Ledger(runs)
+    folder = ledger.folder / "submitit"
+    recorded, jobs = ledger.jobs(), {}
+    for cell in todo:
+        job_id = recorded.get(cell.name)
+        if job_id and submitit.SlurmJob(folder, job_id).state in ACTIVE_SLURM_STATES:
+            jobs[cell] = submitit.SlurmJob(folder, job_id)
+            print(f"{cell.name}: attached to SLURM job {job_id}", flush=True)
+    for cell in [c for c in todo if c not in jobs]:
+        per_node = min(cell.ranks, args.slurm_ranks_per_node or cell.ranks)
+        executor = submitit.AutoExecutor(folder=folder)
+        executor.update_parameters(
+            name=f"{protocol.tag}-{cell.name}", nodes=math.ceil(cell.ranks / per_node),
+            tasks_per_node=per_node, cpus_per_task=args.slurm_cpus_per_task,
+            gpus_per_node=args.slurm_gpus_per_node, timeout_min=args.slurm_timeout_min,
+            slurm_partition=args.slurm_partition, mem_gb=args.slurm_mem_gb,
+            slurm_setup=["export OMP_NUM_THREADS=" + str(args.slurm_cpus_per_task)])
+        command = train_command(protocol, cell, runs / cell.name, torchrun=False)
+        jobs[cell] = executor.submit(_slurm_task, command, str(runs), cell)
+        recorded[cell.name] = jobs[cell].job_id
+        ledger.save_jobs(recorded)
+        print(f"{cell.name}: submitted SLURM job {jobs[cell].job_id} ({cell.ranks} task(s))",
+              flush=True)
+    if args.no_wait:
+        return []
+    failed, start = [], time.time()
+    while jobs:
+        for cell, job in list(jobs.items()):
+            if not job.done():
+                continue
+            del jobs[cell]
+            try:
+                ok = all(code == 0 for code in job.results())
+            except Exception as error:          # the job died: submitit says how
+                print(f"  {cell.name}: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+                ok = False
+            progress.finished(cell, runs / cell.name, time.time() - start, ok)
+            if not ok:
+                failed.append(cell)
+                print(f"  logs: {folder}/{job.job_id}_*", file=sys.stderr, flush=True)
+        time.sleep(args.poll_s if jobs else 0)
+    return failed
+
+
+# --- results ----------------------------------------------------------------------------------
+
+def _parameters_per_rank(run_dir: Path, config: dict, cell: Cell) -> int | None:
+    """One rank's share with one rank per group (the whole model for sc and flgc), counted on
+    the meta device; the number of classes comes from the run's saved head bias."""
+    saved = run_dir / "model.pt"
+    if not saved.is_file():
+        epoch = latest_complete_epoch(run_dir)
+        saved = rank_file(run_dir, epoch, 0) if epoch is not None else None
+    if saved is None:
+        return None
+    state = torch.load(saved, map_location="cpu", weights_only=True)["model"]
+    num_classes = state["fc.bias"].numel()
+    model_cfg = ModelConfig(**config["model"])
+    with torch.device("meta"):
+        model = build_model(model_cfg.name, conv=cell.conv, groups=cell.groups,
+                            num_classes=num_classes, **model_cfg.build_kwargs())
+        if cell.ranks > 1:
+            model = parallelize(model, simulated_mesh(cell.groups))
+    return sum(p.numel() for p in model.parameters())
+
+
+def collect(protocol: Protocol, runs: Path) -> list[dict]:
+    """One row per cell with at least one finished epoch, in the protocol's order."""
+    rows, ledger = [], Ledger(runs)
+    for cell in protocol.cells:
+        run_dir = runs / cell.name
+        if not (run_dir / "metrics.jsonl").is_file():
+            continue
+        records = read_metrics(run_dir)
+        if not records:
+            continue
+        config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+        model = config["model"]
+        rows.append(dict(
+            model=f"{model['name']}-{model['depth']}-{model['widen']}" if model.get("depth")
+            else model["name"],
+            conv=cell.conv, N=cell.groups, seed=cell.seed,
+            params_per_rank=_parameters_per_rank(run_dir, config, cell),
+            final_test_error=round(100 - records[-1]["test_acc"], 2),
+            best_test_error=round(100 - max(r["test_acc"] for r in records), 2),
+            final_train_loss=round(records[-1]["train_loss"], 4),
+            epochs=f"{records[-1]['epoch']}/{config['train']['epochs']}",
+            wall_time_s=round(ledger.wall(cell)["seconds"]),
+            finished=cell_state(run_dir) == "done",
+            train_loss_per_epoch=" ".join(f"{r['train_loss']:.4f}" for r in records)))
+    return rows
+
+
+def _spread(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f} ({len(values)} seeds)"
+
+
+def error_table(rows: list[dict], paper: bool) -> list[str]:
+    """Final test error by conv kind (rows) and N (columns): mean ± half the range over seeds
+    of the finished cells; with ``paper``, the paper's WRN-28-10 figure beside each."""
+    done = [r for r in rows if r["finished"]]
+    ns = sorted({r["N"] for r in done if r["conv"] != "sc"})
+    kinds = [k for k in ("sc", "gc", "flgc", "shuffle", "gc2l") if any(r["conv"] == k
+                                                                        for r in done)]
+    lines = ["| conv | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for kind in kinds:
+        cells = []
+        for n in ns:
+            errors = [r["final_test_error"] for r in done
+                      if r["conv"] == kind and (kind == "sc" or r["N"] == n)]
+            ours = _spread(errors) if errors else "–"
+            theirs = PAPER_CIFAR10_ERROR_WRN28_10.get((kind, 1 if kind == "sc" else n))
+            cells.append(f"{ours} (paper {theirs:.2f})" if paper and theirs else ours)
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_error_against_n(rows: list[dict], path: Path, title: str) -> bool:
+    plt = _pyplot(path)
+    if plt is None:
+        return False
+    done = [r for r in rows if r["finished"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in ("gc", "flgc", "shuffle", "gc2l"):
+        ns = sorted({r["N"] for r in done if r["conv"] == kind})
+        if not ns:
+            continue
+        per_n = [[r["final_test_error"] for r in done if r["conv"] == kind and r["N"] == n]
+                 for n in ns]
+        means = [sum(e) / len(e) for e in per_n]
+        ax.errorbar(ns, means, yerr=[[m - min(e) for m, e in zip(means, per_n)],
+                                     [max(e) - m for m, e in zip(means, per_n)]],
+                    marker="o", capsize=3, label=kind)
+    sc = [r["final_test_error"] for r in done if r["conv"] == "sc"]
+    if sc:
+        ax.axhline(sum(sc) / len(sc), color="k", linestyle="--", linewidth=1, label="sc")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N (groups)")
+    ax.set_ylabel("final test error (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_training_loss(rows: list[dict], path: Path, title: str) -> bool:
+    plt = _pyplot(path)
+    if plt is None:
+        return False
+    largest = max((r["N"] for r in rows if r["conv"] in ("gc", "gc2l")), default=None)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in ("sc", "gc", "gc2l"):
+        picks = [r for r in rows if r["conv"] == kind and (kind == "sc" or r["N"] == largest)]
+        if picks:
+            losses = [float(v) for v in min(picks, key=lambda r: r["seed"])
+                      ["train_loss_per_epoch"].split()]
+            ax.plot(range(1, len(losses) + 1), losses, marker=".",
+                    label=kind if kind == "sc" else f"{kind}, N = {largest}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _pyplot(path: Path):
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {path.name} (pip install -e '.[bench]')",
+              file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[dict]:
+    """``out``.csv/.md and the two plots from the cells' run directories."""
+    rows = collect(protocol, runs)
+    if not rows:
+        print(f"no cell of {protocol.path} has finished an epoch in {runs} yet: nothing to "
+              f"aggregate", flush=True)
+        return rows
+    finished = sum(r["finished"] for r in rows)
+    commits = sorted({c for cell in protocol.cells for c in Ledger(runs).wall(cell)["commits"]})
+    paper = "model=wrn28_10" in protocol.train or "+experiment=cifar_wrn28_10" in protocol.train
+    notes = "\n".join([
+        protocol.description, "",
+        f"Every cell: `{' '.join(protocol.train)}`; cells ran at commit(s) "
+        f"{', '.join(commits) or 'unknown'}. {finished} of {len(protocol.cells)} cells finished"
+        + ("." if finished == len(protocol.cells) else
+           "; the others are pending or in progress (their rows show the epochs so far)."),
+        "",
+        "## Final test error (%) against N" + ("" if paper else
+                                                " (the paper's WRN-28-10 figures: README)"),
+        "", *error_table(rows, paper), "",
+        "mean ± half the range over seeds; sc does not depend on N. Plots: "
+        f"`{out.name}.png` (error against N), `{out.name}_loss.png` (training loss).", "",
+        "## Every cell"])
+    write_results(out, rows, f"Accuracy against N: {protocol.tag}", command, notes)
+    plot_error_against_n(rows, out.with_suffix(".png"), f"{protocol.tag}: final test error")
+    plot_training_loss(rows, out.with_name(out.name + "_loss.png"),
+                       f"{protocol.tag}: training loss at the largest N")
+    return rows
+
+
+# --- the command line -------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("protocol", type=Path, help="a protocol file (benchmarks/protocols/)")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="the cells' run directories (default: "
+                             "benchmarks/results/runs/accuracy_<tag>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results stem (default: benchmarks/results/accuracy_<tag>)")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    parser.add_argument("--torchrun", action="store_true",
+                        help="local: one rank per group through torchrun (gc, gc2l, shuffle)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="CELL",
+                        help="run only these cells (names like gc2l_N16_s0)")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="write the results from the cells finished so far; run nothing")
+    parser.add_argument("--no-wait", action="store_true", help="slurm: submit and return")
+    parser.add_argument("--poll-s", type=float, default=15.0, help="slurm: seconds between polls")
+    parser.add_argument("--slurm-partition", default=None)
+    parser.add_argument("--slurm-timeout-min", type=int, default=24 * 60)
+    parser.add_argument("--slurm-gpus-per-node", type=int, default=None)
+    parser.add_argument("--slurm-ranks-per-node", type=int, default=None,
+                        help="default: all of a cell's ranks on one node")
+    parser.add_argument("--slurm-cpus-per-task", type=int, default=1)
+    parser.add_argument("--slurm-mem-gb", type=int, default=None)
+    args = parser.parse_args(argv)
+    for name in ("poll_s", "slurm_timeout_min", "slurm_cpus_per_task"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("slurm_gpus_per_node", "slurm_ranks_per_node", "slurm_mem_gb"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        protocol = load_protocol(args.protocol.resolve())
+        runs = (args.runs or RESULTS / "runs" / f"accuracy_{protocol.tag}").resolve()
+        out = args.out or RESULTS / f"accuracy_{protocol.tag}"
+        names = {c.name for c in protocol.cells}
+        if args.only and set(args.only) - names:
+            raise SweepError(f"--only {sorted(set(args.only) - names)}: not cells of "
+                             f"{args.protocol}; its cells are {sorted(names)}")
+        Ledger(runs).claim(protocol)
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    command = "python benchmarks/accuracy.py " + shlex.join(
+        [os.path.relpath(protocol.path, REPO), *(["--torchrun"] if args.torchrun else []),
+         *(["--launcher", "slurm"] if args.launcher == "slurm" else [])])
+    failed = []
+    if not args.aggregate_only:
+        cells = [c for c in protocol.cells if not args.only or c.name in args.only]
+        todo = [c for c in cells if cell_state(runs / c.name) != "done"]
+        print(f"{protocol.tag}: {len(cells)} cells, {len(cells) - len(todo)} already done; "
+              f"runs in {runs}", flush=True)
+        progress = Progress(len(cells), len(cells) - len(todo),
+                            sequential=args.launcher == "local")
+        try:
+            failed = (run_local(protocol, runs, todo, progress, args.torchrun)
+                      if args.launcher == "local" else
+                      run_slurm(protocol, runs, todo, progress, args))
+        except SweepError as error:
+            print(f"error: {error}", file=sys.stderr)
+            aggregate(protocol, runs, out, command)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: run the same command again to continue (finished cells are "
+                  "kept, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
+            aggregate(protocol, runs, out, command)
+            return 130
+    aggregate(protocol, runs, out, command)
+    if failed:
+        print(f"error: {len(failed)} cell(s) failed: {', '.join(c.name for c in failed)}; their "
+              f"logs are in {Ledger(runs).folder}; run the same command again to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
