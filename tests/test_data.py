@@ -229,6 +229,25 @@ def test_mean_std_of_empty_arrays_explains_fix():
         empty.mean_std()
 
 
+def test_balanced_subset_takes_the_first_images_of_each_class_in_stored_order():
+    labels = torch.tensor([2, 0, 1, 0, 2, 1, 0, 2, 1, 1, 0, 2])
+    images = torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1).expand(12, 3, 2, 2)
+    subset = ImageArrays(images, labels, ["a", "b", "c"]).balanced_subset(6)
+    # The first two of each class, kept in their stored order (indices 0, 1, 2, 3, 4, 5).
+    assert subset.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert subset.labels.tolist() == [2, 0, 1, 0, 2, 1]
+    assert torch.bincount(subset.labels).tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("count, message", [(7, "positive multiple of 3"), (0, "positive multiple"),
+                                            (15, "give at most 12")])
+def test_balanced_subset_refuses_impossible_sizes_with_the_fix(count, message):
+    arrays = ImageArrays(torch.zeros(12, 3, 2, 2, dtype=torch.uint8), torch.arange(12) % 3,
+                         ["a", "b", "c"])
+    with pytest.raises(DataError, match=message):
+        arrays.balanced_subset(count)
+
+
 # ============================================================================ synthetic
 
 

@@ -1,6 +1,7 @@
 """Launching for real: SLURM (sbatch + torchrun, and Hydra sweeps through submitit), torchrun's
 elastic restarts after a killed rank, and checkpoints that survive a kill mid-write."""
 
+import json
 import os
 import signal
 import subprocess
@@ -64,6 +65,37 @@ def test_hydra_sweep_over_groups_through_the_submitit_launcher(slurm, tmp_path):
     assert layouts == ["2 (dp=1 x gp=2)", "2 (dp=2 x gp=1)"]
     for job in ("0", "1"):
         assert read_metrics(sweep / job)[0]["step"] == 3
+
+
+
+@pytest.mark.slurm
+def test_an_accuracy_sweep_through_submitit_gives_the_numbers_of_one_local_process(slurm,
+                                                                                 tmp_path):
+    """Two cells, one SLURM job each (GC-2L: one task per group); the GC-2L cell's epochs
+    match the same cell trained by one local process (the single-device model)."""
+    protocol = tmp_path / "tiny.yaml"
+    protocol.write_text(json.dumps({"train": [*SMALL, "dataset.train_size=64", "train.epochs=2"],
+                                    "grid": [{"conv": ["sc", "gc2l"], "groups": [2],
+                                              "seeds": [0]}]}))
+
+    def sweep(runs, *options, env=None):
+        out = subprocess.run([sys.executable, "benchmarks/accuracy.py", str(protocol), "--runs",
+                              str(runs), "--out", str(runs / "acc"), *options], cwd=REPO,
+                             capture_output=True, text=True, timeout=900, env=env)
+        logs = "\n".join(p.read_text() for p in runs.glob(".sweep/submitit/*.err"))
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:] + logs[-3000:]
+        return out.stdout
+
+    stdout = sweep(tmp_path / "slurm", "--launcher", "slurm", "--poll-s", "1", env=slurm)
+    assert stdout.count("submitted SLURM job") == 2 and "[2/2 cells done]" in stdout
+    cell = tmp_path / "slurm" / "gc2l_N2_s0"
+    assert "world=2 (dp=1 x gp=2)" in (cell / "train.log").read_text()
+    assert (tmp_path / "slurm" / "acc.png").is_file()
+    sweep(tmp_path / "local", "--only", "gc2l_N2_s0")
+    local = read_metrics(tmp_path / "local" / "gc2l_N2_s0")
+    for ranks, one in zip(read_metrics(cell), local):
+        assert ranks["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+        assert ranks["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
 
 
 def _children(pid: int) -> list[int]:

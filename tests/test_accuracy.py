@@ -1,0 +1,135 @@
+"""The accuracy sweep (benchmarks/accuracy.py) on tiny cells: every cell really trained in its own
+run directory, finished cells skipped, an interrupted one resumed from its checkpoint, results
+(csv, md, both plots) written and read back, bad protocols refused before anything runs."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from twolevel_dist.engine.checkpoint import latest_complete_epoch
+from twolevel_dist.engine.metrics import read_metrics, truncate_metrics
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import accuracy  # noqa: E402
+
+TINY = ["model=wrn10_2", "train.batch_size=32", "dataset.train_size=64", "dataset.test_size=64",
+        "tensorboard=false", "schedule=cosine", "train.epochs=2"]
+
+
+def write_protocol(folder: Path, grid: list[dict], train=TINY, name="tiny") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps({"description": "tiny cells", "train": train, "grid": grid}))
+    return path
+
+
+def sweep(protocol: Path, runs: Path, capsys) -> tuple[int, str, str]:
+    """The sweep's command line, in this process (each cell is still its own training run):
+    (exit code, stdout, stderr)."""
+    code = accuracy.main([str(protocol), "--runs", str(runs),
+                          "--out", str(runs.parent / "results" / "acc")])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def rows(runs: Path) -> list[dict]:
+    with open(runs.parent / "results" / "acc.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_sweep_runs_each_cell_once_skips_finished_ones_and_resumes_an_interrupted_one(
+        tmp_path, capsys):
+    protocol = write_protocol(tmp_path, [{"conv": ["sc"], "groups": [1], "seeds": [0]},
+                                         {"conv": ["gc2l"], "groups": [2], "seeds": [0]}])
+    runs = tmp_path / "runs"
+    code, out, err = sweep(protocol, runs, capsys)
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert "[1/2 cells done, ETA" in out and "[2/2 cells done]" in out
+    table = rows(runs)
+    assert [(r["conv"], r["N"], r["seed"], r["finished"]) for r in table] == [
+        ("sc", "1", "0", "True"), ("gc2l", "2", "0", "True")]
+    for row in table:
+        records = read_metrics(runs / f"{row['conv']}_N{row['N']}_s0")
+        assert row["epochs"] == "2/2"
+        assert float(row["final_test_error"]) == pytest.approx(100 - records[-1]["test_acc"],
+                                                               abs=0.01)
+        assert float(row["best_test_error"]) <= float(row["final_test_error"])
+        assert float(row["wall_time_s"]) > 0
+    # One rank's share of GC-2L at N = 2 against the whole SC network.
+    assert int(table[1]["params_per_rank"]) < int(table[0]["params_per_rank"]) / 2
+    results = runs.parent / "results"
+    md = (results / "acc.md").read_text()
+    assert "| gc2l | " in md and "2 of 2 cells finished" in md
+    for plot in ("acc.png", "acc_loss.png"):
+        assert (results / plot).read_bytes()[:4] == b"\x89PNG"
+
+    # Interrupt the GC-2L cell after its first epoch (as a kill during epoch 2 leaves it): the
+    # next sweep resumes it from that checkpoint and leaves the finished SC cell alone (its
+    # log does not grow).
+    sc_log = (runs / ".sweep" / "sc_N1_s0.log").read_text()
+    cell = runs / "gc2l_N2_s0"
+    (cell / "model.pt").unlink()
+    for path in sorted((cell / "checkpoints").glob("epoch_*"))[1:]:
+        for f in path.iterdir():
+            f.unlink()
+        path.rmdir()
+    truncate_metrics(cell, 1)
+    assert latest_complete_epoch(cell) == 1
+    code, out, err = sweep(protocol, runs, capsys)
+    assert code == 0, err[-2000:]
+    assert "2 cells, 1 already done" in out
+    assert "resumed from" in (cell / "train.log").read_text()
+    assert [r["epoch"] for r in read_metrics(cell)] == [1, 2]
+    assert "resume=true" in (runs / ".sweep" / "gc2l_N2_s0.log").read_text()
+    assert (runs / ".sweep" / "sc_N1_s0.log").read_text() == sc_log
+
+
+def test_a_refused_cell_stops_the_sweep_and_a_folder_of_another_protocol_is_refused(tmp_path,
+                                                                                   capsys):
+    runs = tmp_path / "runs"
+    bad = write_protocol(tmp_path, [{"conv": ["gc", "gc2l"], "groups": [2], "seeds": [0]}],
+                         train=[*TINY, "optim.lr=-1"], name="bad")
+    code, _, err = sweep(bad, runs, capsys)
+    assert code == 2
+    assert "optim.lr=-1.0 must be positive" in err and "the sweep stops" in err
+    assert not (runs / "gc2l_N2_s0").exists()          # the second cell never ran
+    other = write_protocol(tmp_path, [{"conv": ["sc"], "groups": [1], "seeds": [0]}])
+    assert accuracy.main([str(other), "--runs", str(runs)]) == 2
+    assert "would be mixed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ({"train": [], "grid": [{"conv": ["gcx"], "groups": [2], "seeds": [0]}]}, "'conv' must be"),
+    ({"train": [], "grid": [{"conv": ["gc"], "groups": [0], "seeds": [0]}]}, "positive integers"),
+    ({"train": [], "grid": [{"conv": ["gc"], "groups": [2]}]}, "'seeds' must be"),
+    ({"train": ["groups=4"], "grid": [{"conv": ["gc"], "groups": [2], "seeds": [0]}]},
+     "sets per cell"),
+    ({"train": [], "grids": []}, "unknown key(s) ['grids']"),
+    ({"train": ["model"], "grid": []}, "Hydra overrides"),
+])
+def test_a_bad_protocol_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps(text))
+    with pytest.raises(accuracy.SweepError) as info:
+        accuracy.load_protocol(path)
+    assert message in str(info.value)
+
+
+def test_the_grid_is_the_union_of_its_blocks_in_the_order_written(tmp_path):
+    protocol = accuracy.load_protocol(write_protocol(tmp_path, [
+        {"conv": ["sc"], "groups": [4, 8], "seeds": [0]},
+        {"conv": ["gc", "gc2l"], "groups": [16], "seeds": [0, 1]},
+        {"conv": ["gc2l"], "groups": [16], "seeds": [1]}]))
+    assert [c.name for c in protocol.cells] == [
+        "sc_N1_s0", "gc_N16_s0", "gc_N16_s1", "gc2l_N16_s0", "gc2l_N16_s1"]
+    assert [c.ranks for c in protocol.cells] == [1, 16, 16, 16, 16]
+
+
+def test_the_committed_protocols_load():
+    for path in sorted((BENCHMARKS / "protocols").glob("*.yaml")):
+        cells = accuracy.load_protocol(path).cells
+        assert {c.conv for c in cells} == {"sc", "gc", "gc2l", "shuffle", "flgc"}, path
+        assert {c.groups for c in cells if c.conv != "sc"} == {2, 4, 8, 16}, path
