@@ -281,10 +281,12 @@ def run_local(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
             log.write(f"\n$ {shlex.join(command)}\n")
             log.flush()
             start = time.time()
-            code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                  env=env).returncode
-        seconds = time.time() - start
-        ledger.add_wall(cell, seconds)
+            try:
+                code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                      env=env).returncode
+            finally:                       # an interrupted attempt's time counts too
+                seconds = time.time() - start
+                ledger.add_wall(cell, seconds)
         if code < 0 and -code == signal.SIGINT:
             raise KeyboardInterrupt
         progress.finished(cell, run_dir, seconds, code == 0)

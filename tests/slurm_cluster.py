@@ -1,4 +1,7 @@
-"""A real single-node SLURM cluster on this machine for the launch tests (Debian's packages).
+"""A real SLURM cluster of several nodes on this one machine for the launch tests (Debian's
+packages): one slurmctld and one ``slurmd -N <node>`` per node, each node with its own name, port
+and ``NodeAddr=127.0.0.1``. The node names resolve nowhere, as on a cluster whose DNS this host
+does not share: a launcher that needs the head node's address must ask SLURM for it.
 
 Everything but munge's key lives in a temporary folder and is reached through SLURM_CONF, so an
 existing SLURM setup is left alone; only the daemons started here are stopped, by PID.
@@ -77,6 +80,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+NODES = ("node1", "node2")
+CPUS_PER_NODE = 8     # declared (config_overrides): the emulated nodes share this host's cores
+
+
 def _write_conf(folder: Path) -> Path:
     host = socket.gethostname().split(".")[0]
     for sub in ("state", "spool"):
@@ -94,14 +101,15 @@ def _write_conf(folder: Path) -> Path:
         "MpiDefault=none",
         "ReturnToService=2",
         f"SlurmctldPort={_free_port()}",
-        f"SlurmdPort={_free_port()}",
+        "SlurmdParameters=config_overrides",
         f"StateSaveLocation={folder / 'state'}",
-        f"SlurmdSpoolDir={folder / 'spool'}",
+        f"SlurmdSpoolDir={folder / 'spool'}/%n",
         f"SlurmctldPidFile={folder / 'slurmctld.pid'}",
-        f"SlurmdPidFile={folder / 'slurmd.pid'}",
+        f"SlurmdPidFile={folder / 'slurmd'}-%n.pid",
         f"SlurmctldLogFile={folder / 'slurmctld.log'}",
-        f"SlurmdLogFile={folder / 'slurmd.log'}",
-        f"NodeName={host} CPUs={os.cpu_count()} State=UNKNOWN",
+        f"SlurmdLogFile={folder / 'slurmd'}-%n.log",
+        *(f"NodeName={node} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={CPUS_PER_NODE} "
+          f"State=UNKNOWN" for node in NODES),
         "PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ""]))
     return conf
@@ -119,21 +127,24 @@ class SlurmCluster:
             self.pids.append(munge_pid)
         conf = _write_conf(self.folder)
         self.env = {**os.environ, "SLURM_CONF": str(conf)}
-        for daemon in ("slurmctld", "slurmd"):
-            out = _run([daemon], env=self.env, timeout=60)
-            pid_file = self.folder / f"{daemon}.pid"
+        for node in NODES:
+            (self.folder / "spool" / node).mkdir(parents=True, exist_ok=True)
+        for daemon, pid_name in [(["slurmctld"], "slurmctld"),
+                                 *((["slurmd", "-N", n], f"slurmd-{n}") for n in NODES)]:
+            out = _run(daemon, env=self.env, timeout=60)
+            pid_file = self.folder / f"{pid_name}.pid"
             for _ in range(50):
                 if pid_file.is_file() and pid_file.read_text().strip():
                     break
                 time.sleep(0.2)
             if out.returncode != 0 or not pid_file.is_file():
-                raise Unavailable(f"{daemon} did not start: {out.stderr[-500:]} "
-                                  f"{self.log(daemon)[-1000:]}")
+                raise Unavailable(f"{' '.join(daemon)} did not start: {out.stderr[-500:]} "
+                                  f"{self.log(pid_name)[-1000:]}")
             self.pids.append(int(pid_file.read_text().split()[0]))
         deadline = time.time() + 90
         while time.time() < deadline:
-            state = _run(["sinfo", "-h", "-o", "%t"], env=self.env, timeout=30).stdout.split()
-            if state and all(s in ("idle", "mix", "alloc") for s in state):
+            state = _run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env, timeout=30).stdout.split()
+            if len(state) == len(NODES) and all(s in ("idle", "mix", "alloc") for s in state):
                 return self.env
             time.sleep(1)
         raise Unavailable(f"the node never became idle: {self.log('slurmctld')[-1000:]}")

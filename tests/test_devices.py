@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from distributed import run_on_ranks
 from twolevel_dist.engine.device import rng_state, resolve_amp, set_rng_state
-from twolevel_dist.engine.loop import Progress, average_batch_norm_statistics, train_one_epoch
+from twolevel_dist.engine.loop import average_batch_norm_statistics, train_one_epoch
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import TwoLevelGroupConv2d, to_layout
 from twolevel_dist.layers.two_level import resolve_impl
@@ -277,8 +277,31 @@ def test_the_loop_reports_every_log_every_steps_with_global_step_numbers():
     logged, stepped = [], []
     result = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1),
                              device=torch.device("cpu"), amp=False, first_step=100, log_every=3,
-                             on_log=logged.append, on_step=stepped.append,
-                             progress=Progress(False, 7, "test"))
+                             on_log=logged.append, on_step=stepped.append)
     assert result.steps == 7 and stepped == list(range(101, 108))
     assert [s["step"] for s in logged] == [103, 106]
     assert all(s["step_time_s"] > 0 and s["images_per_s"] > 0 and s["loss"] > 0 for s in logged)
+    assert [s["epoch_step"] for s in logged] == [3, 6]
+    assert all(0 <= s["data_wait_s"] <= s["step_time_s"] for s in logged)
+    assert all(s["peak_memory_bytes"] is None for s in logged)         # no counter off GPUs
+
+
+def test_evaluation_counts_top1_and_top5_and_the_step_line_reads_like_a_cluster_log():
+    from twolevel_dist.engine.loop import evaluate
+    from twolevel_dist.engine.metrics import step_line
+
+    class Fixed(torch.nn.Module):          # class 0 scores highest, then 1, 2, ...
+        def forward(self, x):
+            return torch.arange(8.0, 0.0, -1.0).expand(x.shape[0], 8)
+    labels = torch.tensor([0, 1, 4, 5, 7])                 # top-1: 1 of 5, top-5: 3 of 5
+    batches = [(torch.zeros(5, 1), labels)]
+    loss, top1, top5 = evaluate(Fixed(), batches, device=torch.device("cpu"), amp=False,
+                                dp_group=None)
+    assert (top1, top5) == (20.0, 60.0) and loss > 0
+    stats = dict(step=250, epoch_step=50, loss=1.5, step_time_s=0.5, data_wait_s=0.1,
+                 images_per_s=256.0, peak_memory_bytes=3 * 2**30)
+    line = step_line(stats, label="epoch 2/10", steps_in_epoch=200, total_steps=2000, lr=0.05,
+                     replicas=2)
+    # 1750 steps left at 0.5 s: 14 min 35 s.
+    assert line == ("epoch 2/10 [50/200] step 250/2000 loss 1.5000 lr 0.05 | 512 img/s, step "
+                    "0.500 s (data wait 0.100 s) | ETA 0:14:35 | peak memory 3.00 GiB")

@@ -4,6 +4,7 @@ elastic restarts after a killed rank, and checkpoints that survive a kill mid-wr
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,21 +34,89 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
+# The job the restart tests compare with: GC-2L, N = 2, one rank per group, 3 epochs (dropout on,
+# so a restart that replayed the wrong random stream would show).
+THREE_EPOCHS = ["model=wrn10_2", "train.batch_size=32", "dataset.train_size=640",
+                "dataset.test_size=64", "tensorboard=false", "train.epochs=3", "groups=2",
+                "schedule.milestones=[]", "model.dropout=0.2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The metrics of THREE_EPOCHS run by one torchrun with 2 ranks, nothing killed."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _train(run_dir, *THREE_EPOCHS)
+    return read_metrics(run_dir)
+
+
+def _environ(pid: int) -> dict:
+    try:
+        pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
+
+
+def _workers(run_dir: Path) -> list[int]:
+    """The training processes (torchrun's workers, not its agents) of the job in ``run_dir``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"run_dir={run_dir}".encode() in argv and b"twolevel_dist.train" in argv and \
+                b"torch.distributed.run" not in argv:
+            found.append(int(proc.name))
+    return found
+
+
+def _kill_a_worker_in_epoch_2(jobs: list, run_dir: Path, key: str, value: str) -> None:
+    """SIGKILL the one worker whose environment has ``key=value``, well inside epoch 2."""
+    deadline = time.time() + 300
+    while latest_complete_epoch(run_dir) is None:          # wait for epoch 1's checkpoint
+        assert all(j.poll() is None for j in jobs), "the job ended before epoch 1"
+        assert time.time() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    victims = [pid for pid in _workers(run_dir) if _environ(pid).get(key) == value]
+    assert len(victims) == 1, (victims, _workers(run_dir))
+    os.kill(victims[0], signal.SIGKILL)
+
+
+def _assert_restarted_to_the_same_metrics(run_dir: Path, uninterrupted: list[dict]) -> None:
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    killed = read_metrics(run_dir)
+    assert [m["epoch"] for m in killed] == [1, 2, 3]
+    for a, b in zip(uninterrupted, killed):
+        for key in ("train_loss", "test_loss", "test_acc", "step"):
+            assert a[key] == b[key], (key, a, b)
+
+
 @pytest.mark.slurm
-def test_sbatch_runs_torchrun_on_a_real_slurm_cluster(slurm, tmp_path):
+def test_sbatch_on_two_nodes_restarts_a_rank_killed_on_the_second_node_to_the_same_metrics(
+        slurm, uninterrupted, tmp_path):
+    """GC-2L with one group per node; the node names resolve nowhere (the rendezvous needs
+    SLURM's NodeAddr); a worker SIGKILLed on node2 in epoch 2 restarts both nodes' workers."""
     run_dir = tmp_path / "run"
-    out = subprocess.run(
-        ["sbatch", "--wait", f"--output={tmp_path}/slurm-%j.out", "launch/slurm.sbatch",
-         *SMALL, "train.epochs=2", "groups=2", f"run_dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-        env={**slurm, "NPROC_PER_NODE": "2", "PYTHON": sys.executable,
+    job = subprocess.Popen(
+        ["sbatch", "--wait", "--nodes=2", "--cpus-per-task=1",
+         f"--output={tmp_path}/slurm-%j.out", "launch/slurm.sbatch", *THREE_EPOCHS,
+         f"run_dir={run_dir}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**slurm, "NPROC_PER_NODE": "1", "PYTHON": sys.executable, "MAX_RESTARTS": "1",
              "RDZV_PORT": str(29500 + os.getpid() % 1000)})
+    try:
+        _kill_a_worker_in_epoch_2([job], run_dir, "SLURMD_NODENAME", "node2")
+        output, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
     logs = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-    assert out.returncode == 0, out.stderr + logs[-4000:]
-    assert "1 node(s) x 2 ranks" in logs
-    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2]
-    assert latest_complete_epoch(run_dir) == 2
+    assert job.returncode == 0, output + logs[-6000:]
+    assert "2 node(s) x 1 ranks, rendezvous on node1 (127.0.0.1:" in logs
     assert "world=2 (dp=1 x gp=2)" in (run_dir / "train.log").read_text()
+    _assert_restarted_to_the_same_metrics(run_dir, uninterrupted)
 
 
 @pytest.mark.slurm
@@ -55,7 +124,8 @@ def test_hydra_sweep_over_groups_through_the_submitit_launcher(slurm, tmp_path):
     sweep = tmp_path / "sweep"
     out = subprocess.run(
         [sys.executable, "-m", "twolevel_dist.train", "-m", "hydra/launcher=slurm",
-         "groups=1,2", "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}",
+         "groups=1,2", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1",
+         f"hydra.sweep.dir={sweep}",
          *SMALL, "train.max_steps=3", "train.epochs=1"],
         cwd=REPO, capture_output=True, text=True, timeout=900, env=slurm)
     submitit_logs = "\n".join(p.read_text() for p in sweep.glob(".submitit/*/*.err"))
@@ -67,74 +137,54 @@ def test_hydra_sweep_over_groups_through_the_submitit_launcher(slurm, tmp_path):
         assert read_metrics(sweep / job)[0]["step"] == 3
 
 
-
 @pytest.mark.slurm
-def test_an_accuracy_sweep_through_submitit_gives_the_numbers_of_one_local_process(slurm,
-                                                                                 tmp_path):
-    """Two cells, one SLURM job each (GC-2L: one task per group); the GC-2L cell's epochs
-    match the same cell trained by one local process (the single-device model)."""
+def test_an_accuracy_sweep_runs_one_slurm_job_per_cell_through_submitit(slurm, tmp_path):
+    """Two cells, one SLURM job each (GC-2L: one task per group, each its own rank)."""
     protocol = tmp_path / "tiny.yaml"
     protocol.write_text(json.dumps({"train": [*SMALL, "dataset.train_size=64", "train.epochs=2"],
                                     "grid": [{"conv": ["sc", "gc2l"], "groups": [2],
                                               "seeds": [0]}]}))
 
-    def sweep(runs, *options, env=None):
-        out = subprocess.run([sys.executable, "benchmarks/accuracy.py", str(protocol), "--runs",
-                              str(runs), "--out", str(runs / "acc"), *options], cwd=REPO,
-                             capture_output=True, text=True, timeout=900, env=env)
-        logs = "\n".join(p.read_text() for p in runs.glob(".sweep/submitit/*.err"))
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:] + logs[-3000:]
-        return out.stdout
-
-    stdout = sweep(tmp_path / "slurm", "--launcher", "slurm", "--poll-s", "1", env=slurm)
-    assert stdout.count("submitted SLURM job") == 2 and "[2/2 cells done]" in stdout
-    cell = tmp_path / "slurm" / "gc2l_N2_s0"
-    assert "world=2 (dp=1 x gp=2)" in (cell / "train.log").read_text()
-    assert (tmp_path / "slurm" / "acc.png").is_file()
-    sweep(tmp_path / "local", "--only", "gc2l_N2_s0")
-    local = read_metrics(tmp_path / "local" / "gc2l_N2_s0")
-    for ranks, one in zip(read_metrics(cell), local):
-        assert ranks["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
-        assert ranks["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+    runs = tmp_path / "runs"
+    out = subprocess.run([sys.executable, "benchmarks/accuracy.py", str(protocol), "--runs",
+                          str(runs), "--out", str(runs / "acc"), "--launcher", "slurm",
+                          "--poll-s", "1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=900, env=slurm)
+    logs = "\n".join(p.read_text() for p in runs.glob(".sweep/submitit/*.err"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:] + logs[-3000:]
+    assert out.stdout.count("submitted SLURM job") == 2 and "[2/2 cells done]" in out.stdout
+    assert "world=2 (dp=1 x gp=2)" in (runs / "gc2l_N2_s0" / "train.log").read_text()
+    assert (runs / "acc.png").is_file()
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
-
-
-def test_a_killed_rank_restarts_and_finishes_with_the_uninterrupted_metrics(tmp_path):
-    common = ["model=wrn10_2", "train.batch_size=32", "dataset.train_size=640",
-              "dataset.test_size=64", "tensorboard=false", "train.epochs=3", "groups=2",
-              "schedule.milestones=[]",
-              "model.dropout=0.2"]
-    _train(tmp_path / "clean", *common)
-    run_dir = tmp_path / "killed"
-    job = subprocess.Popen(
-        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m",
-         "twolevel_dist.train", f"run_dir={run_dir}", *common],
+def test_two_torchrun_agents_meet_by_c10d_and_restart_a_killed_rank_to_the_same_metrics(
+        uninterrupted, tmp_path):
+    """``torchrun --nnodes=2``: two agents (nodes) of one rank each on this machine, no SLURM;
+    the second agent's worker is SIGKILLed in epoch 2 and both agents restart their workers."""
+    run_dir, port = tmp_path / "run", str(_free_port())
+    agents = [subprocess.Popen(
+        [str(TORCHRUN), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+         f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-agents", "--max-restarts=1",
+         "-m", "twolevel_dist.train", f"run_dir={run_dir}", *THREE_EPOCHS],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+        for _ in range(2)]
     try:
-        deadline = time.time() + 300
-        while latest_complete_epoch(run_dir) is None:     # wait for epoch 1's checkpoint
-            assert job.poll() is None and time.time() < deadline, "job ended before epoch 1"
-            time.sleep(0.2)
-        time.sleep(1.0)                                   # well inside epoch 2
-        workers = _children(job.pid)
-        assert len(workers) == 2, workers
-        os.kill(workers[1], signal.SIGKILL)
-        output, _ = job.communicate(timeout=600)
+        _kill_a_worker_in_epoch_2(agents, run_dir, "GROUP_RANK", "1")     # the second node's
+        outputs = [a.communicate(timeout=600)[0] for a in agents]
     finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 0, output[-20000:]
-    assert "resumed from" in (run_dir / "train.log").read_text()
-    clean, killed = read_metrics(tmp_path / "clean"), read_metrics(run_dir)
-    assert [m["epoch"] for m in killed] == [1, 2, 3]
-    for a, b in zip(clean, killed):
-        for key in ("train_loss", "test_loss", "test_acc", "step"):
-            assert a[key] == b[key], (key, a, b)
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-5000:] for o in outputs)
+    assert "world=2 (dp=1 x gp=2)" in (run_dir / "train.log").read_text()
+    _assert_restarted_to_the_same_metrics(run_dir, uninterrupted)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 _WRITER = """
@@ -188,3 +238,15 @@ def test_torchrun_script_refuses_a_world_size_that_groups_does_not_divide(tmp_pa
     assert out.returncode != 0
     assert "groups=3 does not divide the world size 2" in out.stdout + out.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_restarts_over_a_store_shared_between_rounds_on_several_nodes_are_refused(monkeypatch):
+    from twolevel_dist.errors import ConfigError
+    from twolevel_dist.parallel.mesh import init_distributed
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "1", "GROUP_WORLD_SIZE": "2",
+                       "TORCHELASTIC_USE_AGENT_STORE": "True",
+                       "TORCHELASTIC_MAX_RESTARTS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        init_distributed()

@@ -41,7 +41,7 @@ def _train(run_dir, *overrides, nproc=2, check=True):
 
 def test_two_rank_run_on_synthetic_data_writes_metrics_checkpoints_and_model(tmp_path):
     run_dir = tmp_path / "run"
-    _train(run_dir, *SMALL, "train.epochs=2", "groups=2")
+    _train(run_dir, *SMALL, "train.epochs=2", "groups=2", "train.log_every=4")
     metrics = read_metrics(run_dir)
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert [m["step"] for m in metrics] == [8, 16]         # 256 images / batch 32
@@ -54,7 +54,14 @@ def test_two_rank_run_on_synthetic_data_writes_metrics_checkpoints_and_model(tmp
     model = build_model("wrn", conv="gc2l", groups=2, depth=10, widen=2, dropout=0.0)
     model.load_state_dict(saved["model"], strict=True)
     assert (run_dir / ".hydra" / "config.yaml").is_file()   # written once, by rank 0
-    assert (run_dir / "train.log").read_text().count("epoch 2/2") == 1
+    log = (run_dir / "train.log").read_text()
+    assert log.count("epoch 2/2 step") == 1
+    # A line every train.log_every steps, in the log file (SLURM logs are not terminals).
+    lines = [line for line in log.splitlines() if " [" in line and "ETA" in line]
+    assert [line.split("] step ")[1].split()[0] for line in lines] == ["4/16", "8/16", "12/16",
+                                                                      "16/16"]
+    assert "epoch 2/2 [4/8] step 12/16 loss" in lines[2] and "data wait" in lines[2]
+    assert "test_acc5" not in metrics[0]                     # 10 classes: top-1 only
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
@@ -114,11 +121,13 @@ def test_interrupted_checkpoint_is_never_latest(tmp_path):
 def test_imagefolder_run_on_the_real_cifar10_jpeg_set(tmp_path):
     run_dir = tmp_path / "run"
     _train(run_dir, "model=wrn10_2", "dataset=imagefolder", f"dataset.root={SHARED_JPEG}",
-           "train.batch_size=64", "train.max_steps=3", "groups=2", "tensorboard=false")
+           "dataset.train_images=640", "train.batch_size=64", "train.max_steps=3", "groups=2",
+           "tensorboard=false")
     (record,) = read_metrics(run_dir)
     assert record["step"] == 3
     log = (run_dir / "train.log").read_text()
-    assert "imagefolder: 50000 train / 10000 test images" in log
+    # 64 of each class's 5,000 training images (the sweep's subset); the whole test set.
+    assert "imagefolder: 640 train / 10000 test images" in log
 
 
 def test_streaming_imagenet_layout_trains_through_dataloader_workers(tmp_path):
@@ -160,6 +169,7 @@ def test_tensorboard_scalars_are_written_and_read_back(tmp_path):
     assert all(e.value > 0 for e in events.Scalars("train/comm_bytes_per_step"))
 
 
+@pytest.mark.slow          # 35 s of compilation: run with -m slow (README, "Tests")
 def test_torch_compile_on_two_ranks_gives_the_eager_losses(tmp_path):
     common = [*SMALL, "train.max_steps=2", "groups=2"]
     _train(tmp_path / "eager", *common)

@@ -40,8 +40,8 @@ from twolevel_dist.data import DataError
 from twolevel_dist.engine.checkpoint import atomic_save, read_model_file
 from twolevel_dist.engine.device import clock, configure_backends, resolve_amp
 from twolevel_dist.engine.loaders import build_loaders
-from twolevel_dist.engine.loop import Progress, evaluate, train_one_epoch
-from twolevel_dist.engine.metrics import MetricsWriter
+from twolevel_dist.engine.loop import evaluate, train_one_epoch
+from twolevel_dist.engine.metrics import MetricsWriter, step_line
 from twolevel_dist.engine.run_dir import remove_if_empty
 from twolevel_dist.errors import ConfigError, RunError
 from twolevel_dist.layers import to_layout
@@ -97,7 +97,9 @@ class Finetuner:
         self.epochs_done = 0
 
     def evaluate(self, model) -> tuple[float, float]:
-        return evaluate(model, self.test_loader, device=self.device, amp=self.amp, dp_group=None)
+        """(test loss, top-1 accuracy)."""
+        return evaluate(model, self.test_loader, device=self.device, amp=self.amp,
+                        dp_group=None)[:2]
 
     def __call__(self, model, epochs: int, phase: str) -> None:
         if epochs == 0:
@@ -114,8 +116,12 @@ class Finetuner:
             self.train_loader.set_epoch(self.epochs_done)
             result = train_one_epoch(model, self.train_loader, optimizer, device=self.device,
                                      amp=self.amp, max_steps=f.max_steps,
+                                     first_step=epoch * steps_per_epoch,
                                      on_step=lambda step: schedule.step(),
-                                     progress=Progress(True, steps_per_epoch, phase))
+                                     on_log=lambda stats: log.info(step_line(
+                                         stats, label=f"{phase}, epoch {epoch + 1}/{epochs}",
+                                         steps_in_epoch=steps_per_epoch, total_steps=total,
+                                         lr=optimizer.param_groups[0]["lr"])))
             self.epochs_done += 1
             test_loss, test_acc = self.evaluate(model)
             record = dict(epoch=self.epochs_done, step=self.epochs_done, phase=phase,

@@ -33,9 +33,8 @@ from twolevel_dist.engine.checkpoint import (atomic_save, latest_complete_epoch,
                                              read_model_file)
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
 from twolevel_dist.engine.loaders import build_loaders
-from twolevel_dist.engine.loop import (Progress, average_batch_norm_statistics, evaluate,
-                                       train_one_epoch)
-from twolevel_dist.engine.metrics import MetricsWriter, truncate_metrics
+from twolevel_dist.engine.loop import average_batch_norm_statistics, evaluate, train_one_epoch
+from twolevel_dist.engine.metrics import MetricsWriter, step_line, truncate_metrics
 from twolevel_dist.engine.run_dir import claim as run_dir_claim
 from twolevel_dist.engine.run_dir import remove_if_empty
 from twolevel_dist.errors import ConfigError, RunError
@@ -46,6 +45,7 @@ from twolevel_dist.parallel import (all_reduce_values, consolidate_state_dict, e
                                     parallelize, unwrap)
 
 log = logging.getLogger("twolevel_dist")
+TOP5_CLASSES = 100      # top-5 accuracy is reported for data sets of at least this many classes
 
 
 register_resolvers()
@@ -98,6 +98,7 @@ class Job:
     mesh: object            # DeviceMesh, or None for one process
     model_groups: int
     gp: int
+    restarted: bool = False  # torchrun restarted the workers of some node (see _setup)
 
     @property
     def dp_group(self):
@@ -157,11 +158,12 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
                  f"run directory {run_dir}")
         step_model = torch.compile(model) if cfg.train.compile else model
         if cfg.eval_only:
-            test_loss, test_acc = evaluate(step_model, test_loader, device=job.device,
-                                           amp=job.amp, dp_group=job.dp_group)
-            log.info(f"eval: test loss {test_loss:.4f}, test accuracy {test_acc:.2f}%")
+            test_loss, test_acc, test_acc5 = evaluate(step_model, test_loader, device=job.device,
+                                                      amp=job.amp, dp_group=job.dp_group)
+            log.info(f"eval: test loss {test_loss:.4f}, test accuracy {test_acc:.2f}% (top-5 "
+                     f"{test_acc5:.2f}%)")
             job.barrier()
-            return dict(test_loss=test_loss, test_acc=test_acc)
+            return dict(test_loss=test_loss, test_acc=test_acc, test_acc5=test_acc5)
         record = _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta,
                       (train_loader, test_loader), epochs_done, global_step)
         _finish(run_dir, job, model, meta, record)
@@ -182,6 +184,10 @@ def _setup(cfg: TrainConfig) -> Job:
     job = Job(device=device, amp=resolve_amp(cfg.train.amp, device), world=world,
               rank=dist.get_rank() if world > 1 else 0,
               mesh=init_mesh(gp) if world > 1 else None, model_groups=model_groups, gp=gp)
+    # Whether this is a restart round: torchrun counts a restart only on the nodes whose own
+    # workers failed (the others' were stopped for it), so the nodes compare their counts.
+    restarts = job.agree(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    job.restarted = max(restarts) > 0
     if cfg.train.batch_size % job.dp_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be "
                           f"divisible by the {job.dp_size} data-parallel replicas")
@@ -192,7 +198,7 @@ def _claim(cfg: TrainConfig, run_dir: Path, job: Job, config_files: dict):
     """Rank 0 locks ``run_dir`` for this job, refuses a fresh run over an old one (unless
     overwrite=true) and records the config; every rank learns the outcome. Nothing is written
     before every check has passed."""
-    continuing = cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    continuing = cfg.resume or job.restarted
     lock, problem = None, None
     if job.rank == 0:
         try:
@@ -239,11 +245,10 @@ def _build(cfg: TrainConfig, job: Job, num_classes: int):
 def _restore(cfg, run_dir, job, model, optimizer, scheduler, meta) -> tuple[int, int]:
     """(epochs done, global step): from the newest checkpoint every rank can read when resuming
     (resume=true, or torchrun restarting the workers after a failure), else (0, 0)."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    if not (cfg.resume or restarted):
+    if not (cfg.resume or job.restarted):
         return 0, 0
     if latest_complete_epoch(run_dir) is None:
-        if restarted and not cfg.resume:
+        if job.restarted and not cfg.resume:
             return 0, 0                   # the failure came before the first checkpoint
         raise ConfigError(f"resume=true but {run_dir}/checkpoints holds no complete "
                           f"checkpoint; start without resume")
@@ -266,6 +271,10 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
     """The epochs: train, average BN statistics over dp, evaluate, log, checkpoint."""
     train_loader, test_loader = loaders
     writer = MetricsWriter(run_dir, enabled=job.rank == 0, tensorboard=cfg.tensorboard)
+    total_steps = cfg.train.epochs * len(train_loader)
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    top5 = train_loader.num_classes >= TOP5_CLASSES
     record = {}
     for epoch in range(epochs_done, cfg.train.epochs):
         remaining = None if cfg.train.max_steps is None else cfg.train.max_steps - global_step
@@ -274,23 +283,24 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
         train_loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
 
-        def log_step(stats, lr=lr):
+        def log_step(stats, lr=lr, label=f"epoch {epoch + 1}/{cfg.train.epochs}"):
             writer.scalars("train", dict(loss=stats["loss"], lr=lr,
                                          images_per_s=stats["images_per_s"] * job.dp_size,
                                          step_time_s=stats["step_time_s"],
+                                         data_wait_s=stats["data_wait_s"],
                                          comm_bytes_per_step=stats["comm_bytes_per_step"]),
                            stats["step"])
+            log.info(step_line(stats, label=label, steps_in_epoch=len(train_loader),
+                               total_steps=total_steps, lr=lr, replicas=job.dp_size))
 
         result = train_one_epoch(step_model, train_loader, optimizer, device=job.device,
                                  amp=job.amp, max_steps=remaining, first_step=global_step,
                                  log_every=cfg.train.log_every, on_log=log_step,
-                                 dp_group=job.dp_group,
-                                 progress=Progress(job.rank == 0, len(train_loader),
-                                                   f"epoch {epoch + 1}"))
+                                 dp_group=job.dp_group)
         global_step += result.steps
         average_batch_norm_statistics(model, job.dp_group)
-        test_loss, test_acc = evaluate(step_model, test_loader, device=job.device, amp=job.amp,
-                                       dp_group=job.dp_group)
+        test_loss, test_acc, test_acc5 = evaluate(step_model, test_loader, device=job.device,
+                                                  amp=job.amp, dp_group=job.dp_group)
         scheduler.step()
         loss_sum, correct, samples = all_reduce_values(
             [result.loss * result.samples, result.accuracy * result.samples, result.samples],
@@ -299,11 +309,14 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
                       train_acc=correct / samples, test_loss=test_loss, test_acc=test_acc, lr=lr,
                       epoch_time_s=result.seconds, images_per_s=samples / result.seconds,
                       comm_bytes_per_step=result.comm_bytes_per_step)
+        if top5:
+            record["test_acc5"] = test_acc5
         writer.epoch(record)
         log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {global_step}: train loss "
                  f"{record['train_loss']:.4f} acc {record['train_acc']:.2f}% | test loss "
-                 f"{test_loss:.4f} acc {test_acc:.2f}% | {record['images_per_s']:,.0f} img/s, "
-                 f"{result.seconds:.1f} s")
+                 f"{test_loss:.4f} acc {test_acc:.2f}%"
+                 + (f" top-5 {test_acc5:.2f}%" if top5 else "") +
+                 f" | {record['images_per_s']:,.0f} img/s, {result.seconds:.1f} s")
         _save_checkpoint(run_dir, epoch + 1, job, model, optimizer, scheduler, meta,
                          global_step)
     writer.close()

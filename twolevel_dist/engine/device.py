@@ -48,6 +48,12 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """The most memory the caching allocator has held for tensors on this GPU so far; None off
+    GPUs, where there is no such counter."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def rng_state(device: torch.device) -> dict:
     """The random-number state a resumed run needs to continue exactly: the CPU generator's and,
     on a GPU, the device's (dropout masks are drawn there)."""

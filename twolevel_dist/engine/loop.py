@@ -1,14 +1,14 @@
 """One training epoch and one evaluation, reading top to bottom. Rank-0 gating is explicit:
 only the caller decides who prints and writes."""
 
-import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from twolevel_dist.engine.device import autocast, clock
+from twolevel_dist.engine.device import autocast, clock, peak_memory_bytes
 from twolevel_dist.errors import RunError
 from twolevel_dist.parallel import all_reduce_values, count_collectives
 
@@ -23,23 +23,6 @@ class EpochResult:
     comm_bytes_per_step: float
 
 
-class Progress:
-    """A one-line progress display on rank 0, only when stdout is a terminal."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled = enabled and sys.stdout.isatty()
-        self.total, self.label = total, label
-
-    def update(self, step: int, loss: float, images_per_s: float) -> None:
-        if self.enabled:
-            print(f"\r{self.label} {step}/{self.total} loss {loss:.4f} {images_per_s:,.0f} img/s",
-                  end="", flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print("\r\033[K", end="", flush=True)
-
-
 def _diverged(loss: torch.Tensor, device, dp_group) -> bool:
     """Whether the loss is NaN or infinite on any replica (gp ranks share their loss). Every
     rank gets the same answer, so all stop in the same step."""
@@ -49,12 +32,14 @@ def _diverged(loss: torch.Tensor, device, dp_group) -> bool:
 
 def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=None,
                     first_step: int = 0, log_every: int = 20, on_log=None, on_step=None,
-                    progress: Progress, dp_group=None) -> EpochResult:
+                    dp_group=None) -> EpochResult:
     """Trains until the loader ends or ``max_steps`` optimizer steps. ``on_step(global_step)``
     runs after every step (e.g. a per-step schedule); every ``log_every`` steps the device is
-    synchronised once and ``on_log(stats)`` gets the loss and the mean step time, images/s and
-    bytes communicated of the steps since the last report (the caller logs). Loss and accuracy
-    are over this replica's samples; ``amp`` is a resolved bool (``engine.device.resolve_amp``).
+    synchronised once and ``on_log(stats)`` gets the step (global, and within this epoch), the
+    loss, and over the steps since the last report: the mean step time, the part of it spent
+    waiting for the loader (host time in ``next``), images/s, bytes communicated, and the peak
+    device memory so far (None off GPUs); the caller logs. Loss and accuracy are over this
+    replica's samples; ``amp`` is a resolved bool (``engine.device.resolve_amp``).
 
     The divergence guard: a loss that is not finite on any replica raises ``RunError`` on every
     rank before the optimizer steps, so the weights and their checkpoints stay finite. It is the
@@ -66,9 +51,15 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
     comm_bytes = 0
     start = window_start = clock(device)
     window_steps = window_images = window_bytes = 0
-    for images, labels in loader:
-        if max_steps is not None and steps >= max_steps:
+    window_wait = 0.0
+    batches = iter(loader)
+    while max_steps is None or steps < max_steps:
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
             break
+        window_wait += time.perf_counter() - asked
+        images, labels = batch
         with count_collectives() as comm:
             # Before the forward: the last step's gradients need not live through it.
             optimizer.zero_grad(set_to_none=True)
@@ -95,15 +86,16 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
             on_step(first_step + steps)
         if log_every and steps % log_every == 0:
             now = clock(device)
-            stats = dict(step=first_step + steps, loss=loss.item(),
+            stats = dict(step=first_step + steps, epoch_step=steps, loss=loss.item(),
                          step_time_s=(now - window_start) / window_steps,
+                         data_wait_s=window_wait / window_steps,
                          images_per_s=window_images / (now - window_start),
-                         comm_bytes_per_step=window_bytes / window_steps)
-            progress.update(steps, stats["loss"], stats["images_per_s"])
+                         comm_bytes_per_step=window_bytes / window_steps,
+                         peak_memory_bytes=peak_memory_bytes(device))
             if on_log is not None:
                 on_log(stats)
             window_start, window_steps, window_images, window_bytes = now, 0, 0, 0
-    progress.close()
+            window_wait = 0.0
     seconds = clock(device) - start
     return EpochResult(loss=(loss_sum / max(samples, 1)).item(),
                        accuracy=100.0 * correct.item() / max(samples, 1), samples=samples,
@@ -112,19 +104,23 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, device, amp: bool, dp_group) -> tuple[float, float]:
-    """Mean loss and accuracy (percent) over the whole test set: each dp replica evaluates its
-    shard, and the sums are added once over the dp group (every gp rank has the same logits)."""
+def evaluate(model, loader, *, device, amp: bool, dp_group) -> tuple[float, float, float]:
+    """Mean loss, top-1 and top-5 accuracy (percent) over the whole test set: each dp replica
+    evaluates its shard, and the sums are added once over the dp group (every gp rank has the
+    same logits)."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)   # loss sum, correct, count
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
     for images, labels in loader:
         with autocast(device, amp):
             logits = model(images)
         totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        totals[1] += (logits.argmax(1) == labels).sum()
-        totals[2] += labels.numel()
-    loss_sum, correct, count = all_reduce_values(totals, device=device, group=dp_group).tolist()
-    return loss_sum / count, 100.0 * correct / count
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        totals[1] += (top5[:, 0] == labels).sum()
+        totals[2] += (top5 == labels[:, None]).any(dim=1).sum()
+        totals[3] += labels.numel()
+    loss_sum, top1, top5, count = all_reduce_values(totals, device=device,
+                                                    group=dp_group).tolist()
+    return loss_sum / count, 100.0 * top1 / count, 100.0 * top5 / count
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Rank-0 metric sinks: ``metrics.jsonl`` (one line per epoch) and TensorBoard scalars."""
+"""Rank-0 metric sinks: ``metrics.jsonl`` (one line per epoch), TensorBoard scalars, and the
+log line printed every ``train.log_every`` steps."""
 
 import json
 import math
@@ -36,6 +37,24 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def step_line(stats: dict, *, label: str, steps_in_epoch: int, total_steps: int, lr: float,
+              replicas: int = 1) -> str:
+    """One line for a log that is not a terminal (a SLURM output file, train.log): where the
+    run is, the loss, the speed of the last steps, how long the rest should take at that speed
+    and, on GPUs, the peak memory. ``stats`` is what ``train_one_epoch`` reports; images/s is
+    summed over the ``replicas`` (data-parallel replicas each see their own images)."""
+    eta = max(total_steps - stats["step"], 0) * stats["step_time_s"]
+    hours, rest = divmod(int(eta), 3600)
+    line = (f"{label} [{stats['epoch_step']}/{steps_in_epoch}] step {stats['step']}/"
+            f"{total_steps} loss {stats['loss']:.4f} lr {lr:.4g} | "
+            f"{stats['images_per_s'] * replicas:,.0f} img/s, step {stats['step_time_s']:.3f} s "
+            f"(data wait {stats['data_wait_s']:.3f} s) | ETA {hours}:{rest // 60:02d}:"
+            f"{rest % 60:02d}")
+    if stats.get("peak_memory_bytes") is not None:
+        line += f" | peak memory {stats['peak_memory_bytes'] / 2**30:.2f} GiB"
+    return line
 
 
 def _strict(record: dict) -> dict:

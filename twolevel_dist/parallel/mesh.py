@@ -32,10 +32,22 @@ def first_host(nodelist: str) -> str:
     return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
 
 
+def node_address(node: str) -> str:
+    """The address SLURM itself reaches ``node`` at (its NodeAddr): a node's name resolves only
+    where the cluster's DNS knows it. The name where SLURM does not say."""
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True)
+        match = re.search(r"NodeAddr=(\S+)", out.stdout) if out.returncode == 0 else None
+        if match:
+            return match.group(1)
+    return node
+
+
 def apply_slurm_env(environ=os.environ) -> None:
     """Without torchrun (one srun task per rank, e.g. submitit), derive torchrun's variables from
     SLURM's: RANK from SLURM_PROCID, WORLD_SIZE from SLURM_STEP_NUM_TASKS, LOCAL_RANK from
-    SLURM_LOCALID, MASTER_ADDR from the first node of the allocation, MASTER_PORT from the job id.
+    SLURM_LOCALID, MASTER_ADDR from the first node of the allocation (its NodeAddr), MASTER_PORT
+    from the job id.
     Under torchrun (RANK already set) nothing changes; nor in a batch script outside srun, where
     SLURM_NTASKS counts tasks that were never started (srun sets SLURM_STEP_NUM_TASKS)."""
     if "RANK" in environ or "SLURM_PROCID" not in environ or \
@@ -45,7 +57,8 @@ def apply_slurm_env(environ=os.environ) -> None:
     environ["WORLD_SIZE"] = environ["SLURM_STEP_NUM_TASKS"]
     environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in environ:
-        environ["MASTER_ADDR"] = first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        environ["MASTER_ADDR"] = node_address(
+            first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
     if "MASTER_PORT" not in environ:
         environ["MASTER_PORT"] = str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
 
@@ -110,19 +123,31 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
 
 
 def _init_process_group(backend: str, timeout: timedelta) -> None:
-    """``init_process_group`` over a store whose keys are private to this restart attempt.
+    """``init_process_group`` over a store that holds only this restart round's keys.
 
-    After torchrun restarts the workers (--max-restarts), the rendezvous store can still hold the
-    previous attempt's keys, among them the dead ranks' gloo addresses: a new rank that reads one
-    before its peer overwrites it connects to a closed port and fails. A prefix per attempt keeps
-    every attempt's keys apart."""
+    After torchrun restarts the workers (--max-restarts), a store shared between rounds still
+    holds the previous round's keys, among them the dead ranks' gloo addresses: a new rank that
+    reads one before its peer overwrites it connects to a closed port and fails. With the
+    agent's shared store (one node: one agent, one restart count) a prefix per attempt keeps
+    the rounds apart. Across nodes the restart count is not shared (an agent whose workers were
+    stopped for another node's failure does not count a restart), so there the agents must give
+    each round a store of its own, hosted by rank 0 (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which
+    ``launch/slurm.sbatch`` sets); restarts without it are refused up front."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    if agent_hosts_store and int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and \
+            int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
+        raise ConfigError(
+            "torchrun on several nodes with --max-restarts > 0 shares one rendezvous store "
+            "between restart rounds, and a restart after one node's failure would read the "
+            "previous round's keys; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun "
+            "on every node (launch/slurm.sbatch does), or use --max-restarts=0")
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=rank == 0 and not agent_hosts_store, timeout=timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"twolevel/attempt_{attempt}", store),
-                            rank=rank, world_size=world, timeout=timeout)
+    if agent_hosts_store:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"twolevel/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def init_mesh(groups: int, dp: int | None = None) -> DeviceMesh:
