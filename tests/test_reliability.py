@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from test_train import PYTHON, SMALL, TORCHRUN, _train
-from twolevel_dist.engine.checkpoint import (COMPLETE, atomic_save, epoch_dir,
-                                             latest_complete_epoch, rank_file)
+from twolevel_dist.engine.checkpoint import (COMPLETE, atomic_save, complete_epochs, epoch_dir,
+                                             latest_complete_epoch, mark_complete, rank_file)
 from twolevel_dist.engine.metrics import read_metrics
 from twolevel_dist.errors import RunError
 
@@ -272,3 +272,16 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path):
     assert timeout_s - 2 < rank0_gone < timeout_s + 20, rank0_gone   # the timeout, not before
     assert "another rank died or hung" in err, err[-3000:]
     assert latest_complete_epoch(run_dir) is None
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints_and_drops_older_torn_ones(tmp_path):
+    from twolevel_dist.engine.checkpoint import prune
+    for epoch in (1, 2, 3, 4, 5):
+        rank_file(tmp_path, epoch, 0).parent.mkdir(parents=True)
+        rank_file(tmp_path, epoch, 0).write_bytes(b"x")
+        if epoch != 2:                                  # epoch 2: a write that never finished
+            mark_complete(tmp_path, epoch)
+    assert prune(tmp_path, None) == [] and complete_epochs(tmp_path) == [5, 4, 3, 1]
+    assert prune(tmp_path, 2) == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0004",
+                                                                           "epoch_0005"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from test_data import write_cifar10
-from twolevel_dist.engine.checkpoint import (COMPLETE, atomic_save, latest_complete_epoch,
-                                             mark_complete, rank_file)
+from twolevel_dist.engine.checkpoint import (COMPLETE, atomic_save, complete_epochs,
+                                             latest_complete_epoch, mark_complete, rank_file)
 from twolevel_dist.engine.metrics import read_metrics
 from twolevel_dist.models import build_model
 
@@ -66,7 +66,8 @@ def test_two_rank_run_on_synthetic_data_writes_metrics_checkpoints_and_model(tmp
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     common = [*SMALL, "train.epochs=3", "groups=2", "model.dropout=0.3"]
-    _train(tmp_path / "full", *common)
+    _train(tmp_path / "full", *common, "train.keep_checkpoints=2")
+    assert complete_epochs(tmp_path / "full") == [3, 2]          # epoch 1's deleted after 3
     _train(tmp_path / "cut", *[o for o in common if o != "train.epochs=3"], "train.epochs=1")
     _train(tmp_path / "cut", *common, "resume=true")
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")

@@ -76,6 +76,9 @@ class TrainLoopConfig:
     channels_last: bool = False
     compile: bool = False
     log_every: int = 20
+    # Checkpoints kept: the newest K complete ones (older ones deleted once a newer one is
+    # complete); more than one, so that a damaged newest one can be skipped. null: all.
+    keep_checkpoints: Optional[int] = 3
 
 
 @dataclass
@@ -119,8 +122,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "log_every"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be at least 1")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"train.max_steps={t.max_steps} must be at least 1 (or null)")
+    for name in ("max_steps", "keep_checkpoints"):
+        if getattr(t, name) is not None and getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be at least 1 (or null)")
     if cfg.dist.timeout_s <= 0:
         raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s} must be positive (seconds a "
                           f"rank waits for the others before the job fails)")

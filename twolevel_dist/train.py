@@ -29,8 +29,8 @@ from twolevel_dist.config import TrainConfig, check_known_keys, register_resolve
 from twolevel_dist.data import DataError
 from twolevel_dist.data.seeding import derive_seed
 from twolevel_dist.engine.checkpoint import (atomic_save, latest_complete_epoch,
-                                             load_newest_readable, mark_complete, rank_file,
-                                             read_model_file)
+                                             load_newest_readable, mark_complete, prune,
+                                             rank_file, read_model_file)
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import average_batch_norm_statistics, evaluate, train_one_epoch
@@ -318,7 +318,7 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
                  + (f" top-5 {test_acc5:.2f}%" if top5 else "") +
                  f" | {record['images_per_s']:,.0f} img/s, {result.seconds:.1f} s")
         _save_checkpoint(run_dir, epoch + 1, job, model, optimizer, scheduler, meta,
-                         global_step)
+                         global_step, keep=cfg.train.keep_checkpoints)
     writer.close()
     return record
 
@@ -350,10 +350,11 @@ def _require_finite(named_tensors, path) -> None:
 
 
 def _save_checkpoint(run_dir, epochs_done, job, model, optimizer, scheduler, meta,
-                     global_step) -> None:
+                     global_step, keep) -> None:
     """Every rank writes its shard atomically; rank 0 marks the epoch complete only after all
-    ranks have written, so a job killed mid-write never leaves a "latest" that cannot load. A
-    failed write (a full disk) stops every rank with its cause, the epoch left incomplete."""
+    ranks have written, so a job killed mid-write never leaves a "latest" that cannot load, and
+    only then deletes the checkpoints beyond the newest ``keep``. A failed write (a full disk)
+    stops every rank with its cause, the epoch left incomplete."""
     path, state = rank_file(run_dir, epochs_done, job.rank), unwrap(model).state_dict()
     _require_finite(state.items(), path)
     problem = None
@@ -366,6 +367,7 @@ def _save_checkpoint(run_dir, epochs_done, job, model, optimizer, scheduler, met
     job.raise_first(problem, RunError)
     if job.rank == 0:
         mark_complete(run_dir, epochs_done)
+        prune(run_dir, keep)
 
 
 def _peer_failure(error: BaseException) -> bool:

@@ -9,6 +9,7 @@ A checkpoint without COMPLETE (a job killed while writing) is never "latest".
 import errno
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -74,6 +75,26 @@ def complete_epochs(run_dir: Path) -> list[int]:
     epochs = [int(m.group(1)) for d in (root.iterdir() if root.is_dir() else [])
               if (m := _EPOCH_DIR.match(d.name)) and (d / COMPLETE).is_file()]
     return sorted(epochs, reverse=True)
+
+
+def prune(run_dir: Path, keep: int | None) -> list[int]:
+    """Delete all but the newest ``keep`` complete checkpoints, and the incomplete ones older
+    than the newest complete one (left by a job killed while writing); None keeps everything.
+    Called after a new checkpoint is marked complete, so a kill during the deletion never
+    leaves fewer than ``keep`` loadable. Returns the epochs deleted."""
+    if keep is None:
+        return []
+    complete = complete_epochs(run_dir)
+    if not complete:
+        return []
+    root = Path(run_dir) / "checkpoints"
+    doomed = set(complete[keep:]) | {
+        int(m.group(1)) for d in root.iterdir()
+        if (m := _EPOCH_DIR.match(d.name)) and int(m.group(1)) < complete[0]
+        and int(m.group(1)) not in complete}
+    for epoch in sorted(doomed):
+        shutil.rmtree(epoch_dir(run_dir, epoch), ignore_errors=True)
+    return sorted(doomed)
 
 
 def latest_complete_epoch(run_dir: Path) -> int | None:
