@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, machine, write_results  # noqa: E402
 
 from twolevel_dist.config import ModelConfig  # noqa: E402
-from twolevel_dist.engine.checkpoint import latest_complete_epoch, rank_file  # noqa: E402
+from twolevel_dist.engine.checkpoint import latest_complete, rank_file  # noqa: E402
 from twolevel_dist.engine.metrics import read_metrics  # noqa: E402
 from twolevel_dist.layers import CONV_KINDS  # noqa: E402
 from twolevel_dist.models import build_model  # noqa: E402
@@ -154,7 +154,7 @@ def cell_state(run_dir: Path) -> str:
     restart (files but no complete checkpoint: killed in its first epoch) or new."""
     if (run_dir / "model.pt").is_file():
         return "done"
-    if run_dir.is_dir() and latest_complete_epoch(run_dir) is not None:
+    if run_dir.is_dir() and latest_complete(run_dir) is not None:
         return "resume"
     if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
         return "restart"
@@ -370,8 +370,8 @@ def _parameters_per_rank(run_dir: Path, config: dict, cell: Cell) -> int | None:
     the meta device; the number of classes comes from the run's saved head bias."""
     saved = run_dir / "model.pt"
     if not saved.is_file():
-        epoch = latest_complete_epoch(run_dir)
-        saved = rank_file(run_dir, epoch, 0) if epoch is not None else None
+        position = latest_complete(run_dir)
+        saved = rank_file(run_dir, position, 0) if position is not None else None
     if saved is None:
         return None
     state = torch.load(saved, map_location="cpu", weights_only=True)["model"]

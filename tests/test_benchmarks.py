@@ -36,6 +36,7 @@ def _closed_form_megabytes(ranks: int, batch: int) -> float:
     return sum(nbytes.values()) / 1e6
 
 
+@pytest.mark.slow          # 35 s of torchrun jobs: run with -m slow (README, "Tests")
 def test_real_scaling_writes_consistent_results(tmp_path):
     # Real ranks under torchrun; their collectives are stand-ins here (the engine's real ones are
     # tested in test_parallel.py), which keeps this test to a few seconds per job.

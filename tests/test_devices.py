@@ -277,11 +277,11 @@ def test_the_loop_reports_every_log_every_steps_with_global_step_numbers():
     logged, stepped = [], []
     result = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1),
                              device=torch.device("cpu"), amp=False, first_step=100, log_every=3,
-                             on_log=logged.append, on_step=stepped.append)
+                             on_log=logged.append, on_step=lambda step, sums: stepped.append(step))
     assert result.steps == 7 and stepped == list(range(101, 108))
-    assert [s["step"] for s in logged] == [103, 106]
+    assert [s["step"] for s in logged] == [102, 105]          # global steps log_every divides
     assert all(s["step_time_s"] > 0 and s["images_per_s"] > 0 and s["loss"] > 0 for s in logged)
-    assert [s["epoch_step"] for s in logged] == [3, 6]
+    assert [s["epoch_step"] for s in logged] == [2, 5]
     assert all(0 <= s["data_wait_s"] <= s["step_time_s"] for s in logged)
     assert all(s["peak_memory_bytes"] is None for s in logged)         # no counter off GPUs
 

@@ -15,7 +15,7 @@ import torch
 
 from slurm_cluster import SlurmCluster, Unavailable
 from test_train import SMALL, TORCHRUN, _train
-from twolevel_dist.engine.checkpoint import (atomic_save, latest_complete_epoch,
+from twolevel_dist.engine.checkpoint import (atomic_save, complete_epochs, latest_complete_epoch,
                                              load_rank_checkpoint, mark_complete, rank_file)
 from twolevel_dist.engine.metrics import read_metrics
 
@@ -38,7 +38,7 @@ def slurm(tmp_path_factory):
 # so a restart that replayed the wrong random stream would show).
 THREE_EPOCHS = ["model=wrn10_2", "train.batch_size=32", "dataset.train_size=640",
                 "dataset.test_size=64", "tensorboard=false", "train.epochs=3", "groups=2",
-                "schedule.milestones=[]", "model.dropout=0.2"]
+                "schedule.milestones=[]", "model.dropout=0.2", "train.keep_checkpoints=2"]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def uninterrupted(tmp_path_factory):
     """The metrics of THREE_EPOCHS run by one torchrun with 2 ranks, nothing killed."""
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     _train(run_dir, *THREE_EPOCHS)
+    assert complete_epochs(run_dir) == [3, 2]            # keep_checkpoints=2: epoch 1 deleted
     return read_metrics(run_dir)
 
 

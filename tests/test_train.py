@@ -1,6 +1,7 @@
 """The training application end to end: torchrun on gloo, data sets, checkpoints, resume."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from test_data import write_cifar10
-from twolevel_dist.engine.checkpoint import (COMPLETE, atomic_save, complete_epochs,
+from twolevel_dist.engine.checkpoint import (COMPLETE, atomic_save, epoch_dir,
                                              latest_complete_epoch, mark_complete, rank_file)
-from twolevel_dist.engine.metrics import read_metrics
+from twolevel_dist.engine.metrics import read_metrics, truncate_metrics
 from twolevel_dist.models import build_model
 
 PYTHON = Path(sys.executable)
@@ -64,17 +65,67 @@ def test_two_rank_run_on_synthetic_data_writes_metrics_checkpoints_and_model(tmp
     assert "test_acc5" not in metrics[0]                     # 10 classes: top-1 only
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
-    common = [*SMALL, "train.epochs=3", "groups=2", "model.dropout=0.3"]
-    _train(tmp_path / "full", *common, "train.keep_checkpoints=2")
-    assert complete_epochs(tmp_path / "full") == [3, 2]          # epoch 1's deleted after 3
-    _train(tmp_path / "cut", *[o for o in common if o != "train.epochs=3"], "train.epochs=1")
-    _train(tmp_path / "cut", *common, "resume=true")
-    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
-    assert [m["epoch"] for m in resumed] == [1, 2, 3]
-    for a, b in zip(full, resumed):
-        for key in ("train_loss", "test_loss", "test_acc", "step"):
-            assert a[key] == b[key], (key, a, b)
+def _step_losses(log: str) -> dict:
+    """{"13/16": "2.1234", ...}: the loss of each step the log has a line for."""
+    return {line.split("] step ")[1].split()[0]: line.split(" loss ")[1].split()[0]
+            for line in log.splitlines() if "] step " in line}
+
+
+def test_a_run_resumed_inside_an_epoch_continues_with_the_uninterrupted_losses(tmp_path):
+    common = [*SMALL, "train.epochs=2", "groups=2", "model.dropout=0.3", "train.log_every=1",
+              "train.checkpoint_every_steps=3", "train.keep_checkpoints=null"]
+    full = tmp_path / "full"
+    _train(full, *common)
+    # 8 steps per epoch: checkpoints inside epochs at steps 3, 6, 9, 12, 15, and at 8 and 16.
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == [
+        "epoch_0000_step_000000003", "epoch_0000_step_000000006", "epoch_0001",
+        "epoch_0001_step_000000009", "epoch_0001_step_000000012", "epoch_0001_step_000000015",
+        "epoch_0002"]
+    # Interrupted during step 13 (as a kill leaves it): the newest complete checkpoint is the
+    # one after step 12, 4 steps into epoch 2.
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for name in ("epoch_0001_step_000000015", "epoch_0002"):
+        shutil.rmtree(cut / "checkpoints" / name)
+    (cut / "model.pt").unlink()
+    truncate_metrics(cut, 1)
+    (cut / "train.log").write_text("")
+    _train(cut, *common, "resume=true")
+    log = (cut / "train.log").read_text()
+    assert "epoch_0001_step_000000012 (epoch 1, step 12, 4 steps into epoch 2)" in log
+    resumed, uninterrupted = _step_losses(log), _step_losses((full / "train.log").read_text())
+    assert list(resumed) == ["13/16", "14/16", "15/16", "16/16"]
+    assert resumed == {step: uninterrupted[step] for step in resumed}
+    # The epoch's sums continued where they stopped: its record is the uninterrupted one.
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "step"):
+        assert read_metrics(cut)[-1][key] == read_metrics(full)[-1][key], key
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    first, second = (torch.load(p, weights_only=True)["model"] for p in (a, b))
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_a_checkpoint_resumes_on_fewer_or_more_data_parallel_replicas(tmp_path):
+    """dp x gp = 1 x 2 -> 2 x 2 -> 1 x 2: the same weights after each load (a run resumed with
+    its epochs all done only loads and writes model.pt); one checkpoint file per gp rank."""
+    common = [*SMALL, "groups=2"]
+    narrow, wide, back = tmp_path / "narrow", tmp_path / "wide", tmp_path / "back"
+    _train(narrow, *common, "train.epochs=1")
+    shutil.copytree(narrow, wide)
+    (wide / "model.pt").unlink()
+    _train(wide, *common, "train.epochs=1", "resume=true", nproc=4)
+    _same_weights(narrow / "model.pt", wide / "model.pt")
+    assert "world=4 (dp=2 x gp=2)" in (wide / "train.log").read_text()
+    _train(wide, *common, "train.epochs=2", "resume=true", nproc=4)    # epoch 2 on 2 x 2
+    assert sorted(p.name for p in epoch_dir(wide, 2).iterdir()) == [
+        "COMPLETE", "rank00000.pt", "rank00001.pt"]                      # replica 0 writes
+    shutil.copytree(wide, back)
+    (back / "model.pt").unlink()
+    _train(back, *common, "train.epochs=2", "resume=true")
+    _same_weights(wide / "model.pt", back / "model.pt")
 
 
 def test_a_checkpoint_for_another_conv_or_group_count_is_refused(tmp_path):

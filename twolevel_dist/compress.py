@@ -117,7 +117,7 @@ class Finetuner:
             result = train_one_epoch(model, self.train_loader, optimizer, device=self.device,
                                      amp=self.amp, max_steps=f.max_steps,
                                      first_step=epoch * steps_per_epoch,
-                                     on_step=lambda step: schedule.step(),
+                                     on_step=lambda step, sums: schedule.step(),
                                      on_log=lambda stats: log.info(step_line(
                                          stats, label=f"{phase}, epoch {epoch + 1}/{epochs}",
                                          steps_in_epoch=steps_per_epoch, total_steps=total,

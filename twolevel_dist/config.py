@@ -79,6 +79,9 @@ class TrainLoopConfig:
     # Checkpoints kept: the newest K complete ones (older ones deleted once a newer one is
     # complete); more than one, so that a damaged newest one can be skipped. null: all.
     keep_checkpoints: Optional[int] = 3
+    # Also checkpoint inside epochs, every this many optimizer steps (an ImageNet epoch is hours);
+    # a resumed run continues at the next batch, with the losses of an uninterrupted one.
+    checkpoint_every_steps: Optional[int] = None
 
 
 @dataclass
@@ -122,7 +125,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "log_every"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be at least 1")
-    for name in ("max_steps", "keep_checkpoints"):
+    for name in ("max_steps", "keep_checkpoints", "checkpoint_every_steps"):
         if getattr(t, name) is not None and getattr(t, name) < 1:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be at least 1 (or null)")
     if cfg.dist.timeout_s <= 0:

@@ -14,7 +14,7 @@ died or hung past ``dist.timeout_s`` ends the others with exit code 3.
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
@@ -28,12 +28,13 @@ from omegaconf import OmegaConf
 from twolevel_dist.config import TrainConfig, check_known_keys, register_resolvers, validate
 from twolevel_dist.data import DataError
 from twolevel_dist.data.seeding import derive_seed
-from twolevel_dist.engine.checkpoint import (atomic_save, latest_complete_epoch,
+from twolevel_dist.engine.checkpoint import (Position, atomic_save, epoch_dir, latest_complete,
                                              load_newest_readable, mark_complete, prune,
                                              rank_file, read_model_file)
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
 from twolevel_dist.engine.loaders import build_loaders
-from twolevel_dist.engine.loop import average_batch_norm_statistics, evaluate, train_one_epoch
+from twolevel_dist.engine.loop import (EpochSums, average_batch_norm_statistics, evaluate,
+                                       train_one_epoch)
 from twolevel_dist.engine.metrics import MetricsWriter, step_line, truncate_metrics
 from twolevel_dist.engine.run_dir import claim as run_dir_claim
 from twolevel_dist.engine.run_dir import remove_if_empty
@@ -112,6 +113,18 @@ class Job:
     def dp_rank(self) -> int:
         return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
 
+    @property
+    def gp_rank(self) -> int:
+        return self.mesh["gp"].get_local_rank() if self.mesh is not None else 0
+
+    def gather_dp(self, value) -> list:
+        """``value`` of every dp replica of this gp rank, in dp order."""
+        if self.dp_size == 1:
+            return [value]
+        values = [None] * self.dp_size
+        dist.all_gather_object(values, value, group=self.dp_group)
+        return values
+
     def agree(self, problem):
         """Every rank's ``problem`` (None: all went well), so that all ranks act alike."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -150,7 +163,7 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
             channels_last=cfg.train.channels_last)
         model, optimizer, scheduler, meta, parameters = _build(cfg, job,
                                                                train_loader.num_classes)
-        epochs_done, global_step = _restore(cfg, run_dir, job, model, optimizer, scheduler, meta)
+        progress = _restore(cfg, run_dir, job, model, optimizer, scheduler, meta)
         log.info(f"{cfg.model.name} {cfg.model.build_kwargs()} conv={cfg.conv.kind} "
                  f"groups={meta['groups']}: {parameters:,} parameters; "
                  f"world={job.world} (dp={job.dp_size} x gp={job.gp}); {cfg.dataset.name}: "
@@ -165,7 +178,7 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
             job.barrier()
             return dict(test_loss=test_loss, test_acc=test_acc, test_acc5=test_acc5)
         record = _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta,
-                      (train_loader, test_loader), epochs_done, global_step)
+                      (train_loader, test_loader), *progress)
         _finish(run_dir, job, model, meta, record)
         return record
     finally:
@@ -237,50 +250,69 @@ def _build(cfg: TrainConfig, job: Job, num_classes: int):
     else:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(cfg.schedule.milestones), gamma=cfg.schedule.gamma)
+    # What a checkpoint must match to be resumed: not the world size, since the data-parallel
+    # replicas hold the same shard and may change in number between runs.
     meta = dict(model=cfg.model.name, model_kwargs=repr(sorted(model_kwargs.items())),
-                conv=cfg.conv.kind, groups=cfg.groups or job.world, world=job.world, gp=job.gp)
+                conv=cfg.conv.kind, groups=cfg.groups or job.world, gp=job.gp)
     return model, optimizer, scheduler, meta, parameters
 
 
-def _restore(cfg, run_dir, job, model, optimizer, scheduler, meta) -> tuple[int, int]:
-    """(epochs done, global step): from the newest checkpoint every rank can read when resuming
-    (resume=true, or torchrun restarting the workers after a failure), else (0, 0)."""
+def _restore(cfg, run_dir, job, model, optimizer, scheduler, meta):
+    """(epochs done, global step, the sums of the epoch in progress or None): from the newest
+    checkpoint every rank can read when resuming (resume=true, or torchrun restarting the
+    workers after a failure), else (0, 0, None). Any number of dp replicas may resume it."""
     if not (cfg.resume or job.restarted):
-        return 0, 0
-    if latest_complete_epoch(run_dir) is None:
+        return 0, 0, None
+    if latest_complete(run_dir) is None:
         if job.restarted and not cfg.resume:
-            return 0, 0                   # the failure came before the first checkpoint
+            return 0, 0, None             # the failure came before the first checkpoint
         raise ConfigError(f"resume=true but {run_dir}/checkpoints holds no complete "
                           f"checkpoint; start without resume")
-    epoch, state, notes = load_newest_readable(run_dir, job.rank, meta, job.agree)
+    position, state, notes = load_newest_readable(run_dir, job.gp_rank, meta, job.agree)
     for note in notes:
         log.warning(f"resume: {note}")
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"], job.device)
+    _restore_rng(state["rng"], job, cfg.seed, state["global_step"])
+    sums = EpochSums(**state["epoch_sums"]) if state.get("epoch_sums") else None
     if job.rank == 0:
         truncate_metrics(run_dir, state["epochs_done"])   # drop epochs logged after it
-    log.info(f"resumed from {rank_file(run_dir, epoch, job.rank).parent} "
-             f"(epoch {state['epochs_done']}, step {state['global_step']})")
-    return state["epochs_done"], state["global_step"]
+    inside = f", {sums.steps} steps into epoch {state['epochs_done'] + 1}" if sums else ""
+    log.info(f"resumed from {epoch_dir(run_dir, position)} (epoch {state['epochs_done']}, "
+             f"step {state['global_step']}{inside})")
+    return state["epochs_done"], state["global_step"], sums
+
+
+def _restore_rng(saved, job, seed: int, step: int) -> None:
+    """This rank's random state (dropout masks): its own dp replica's where the checkpoint has
+    one (a list by dp rank; older checkpoints hold one state), a fresh seed for a replica the
+    checkpointed run did not have."""
+    states = saved if isinstance(saved, list) else [saved]
+    if job.dp_rank < len(states):
+        set_rng_state(states[job.dp_rank], job.device)
+    else:
+        torch.manual_seed(derive_seed(seed, "rank", job.rank, "resumed at step", step))
 
 
 def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loaders,
-         epochs_done, global_step) -> dict:
-    """The epochs: train, average BN statistics over dp, evaluate, log, checkpoint."""
+         epochs_done, global_step, sums) -> dict:
+    """The epochs: train (checkpointing every ``train.checkpoint_every_steps``), average BN
+    statistics over dp, evaluate, log, checkpoint. ``sums``: the epoch a checkpoint interrupted,
+    which continues at its next batch."""
     train_loader, test_loader = loaders
     writer = MetricsWriter(run_dir, enabled=job.rank == 0, tensorboard=cfg.tensorboard)
     total_steps = cfg.train.epochs * len(train_loader)
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    top5 = train_loader.num_classes >= TOP5_CLASSES
+    every, keep = cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints
     record = {}
     for epoch in range(epochs_done, cfg.train.epochs):
         remaining = None if cfg.train.max_steps is None else cfg.train.max_steps - global_step
         if remaining is not None and remaining <= 0:
             break
-        train_loader.set_epoch(epoch)
+        done_before = sums.steps if sums else 0
+        train_loader.set_epoch(epoch, skip_batches=done_before)
         lr = optimizer.param_groups[0]["lr"]
 
         def log_step(stats, lr=lr, label=f"epoch {epoch + 1}/{cfg.train.epochs}"):
@@ -293,33 +325,49 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
             log.info(step_line(stats, label=label, steps_in_epoch=len(train_loader),
                                total_steps=total_steps, lr=lr, replicas=job.dp_size))
 
+        def checkpoint_inside(step, epoch_sums, epoch=epoch, first=global_step - done_before):
+            if every and step % every == 0 and step - first < len(train_loader):
+                average_batch_norm_statistics(model, job.dp_group)
+                _save_checkpoint(run_dir, Position(epoch, step), job, model, optimizer,
+                                 scheduler, meta, keep, epochs_done=epoch, global_step=step,
+                                 sums=epoch_sums())
+
         result = train_one_epoch(step_model, train_loader, optimizer, device=job.device,
                                  amp=job.amp, max_steps=remaining, first_step=global_step,
                                  log_every=cfg.train.log_every, on_log=log_step,
-                                 dp_group=job.dp_group)
-        global_step += result.steps
+                                 on_step=checkpoint_inside, dp_group=job.dp_group, start=sums)
+        global_step += result.steps - done_before
+        sums = None
         average_batch_norm_statistics(model, job.dp_group)
-        test_loss, test_acc, test_acc5 = evaluate(step_model, test_loader, device=job.device,
-                                                  amp=job.amp, dp_group=job.dp_group)
+        record = _evaluate_epoch(cfg, job, step_model, test_loader, result, epoch, global_step,
+                                 lr, train_loader.num_classes >= TOP5_CLASSES)
         scheduler.step()
-        loss_sum, correct, samples = all_reduce_values(
-            [result.loss * result.samples, result.accuracy * result.samples, result.samples],
-            device=job.device, group=job.dp_group).tolist()
-        record = dict(epoch=epoch + 1, step=global_step, train_loss=loss_sum / samples,
-                      train_acc=correct / samples, test_loss=test_loss, test_acc=test_acc, lr=lr,
-                      epoch_time_s=result.seconds, images_per_s=samples / result.seconds,
-                      comm_bytes_per_step=result.comm_bytes_per_step)
-        if top5:
-            record["test_acc5"] = test_acc5
         writer.epoch(record)
-        log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {global_step}: train loss "
-                 f"{record['train_loss']:.4f} acc {record['train_acc']:.2f}% | test loss "
-                 f"{test_loss:.4f} acc {test_acc:.2f}%"
-                 + (f" top-5 {test_acc5:.2f}%" if top5 else "") +
-                 f" | {record['images_per_s']:,.0f} img/s, {result.seconds:.1f} s")
-        _save_checkpoint(run_dir, epoch + 1, job, model, optimizer, scheduler, meta,
-                         global_step, keep=cfg.train.keep_checkpoints)
+        _save_checkpoint(run_dir, epoch + 1, job, model, optimizer, scheduler, meta, keep,
+                         epochs_done=epoch + 1, global_step=global_step)
     writer.close()
+    return record
+
+
+def _evaluate_epoch(cfg, job, step_model, test_loader, result, epoch, global_step, lr,
+                    top5) -> dict:
+    """The epoch's record (metrics.jsonl) and its log line: the training sums over the dp
+    replicas and the test set's loss and accuracy (top-5 too for ``top5``)."""
+    test_loss, test_acc, test_acc5 = evaluate(step_model, test_loader, device=job.device,
+                                              amp=job.amp, dp_group=job.dp_group)
+    loss_sum, correct, samples = all_reduce_values(
+        [result.loss * result.samples, result.accuracy * result.samples, result.samples],
+        device=job.device, group=job.dp_group).tolist()
+    record = dict(epoch=epoch + 1, step=global_step, train_loss=loss_sum / samples,
+                  train_acc=correct / samples, test_loss=test_loss, test_acc=test_acc, lr=lr,
+                  epoch_time_s=result.seconds, images_per_s=samples / result.seconds,
+                  comm_bytes_per_step=result.comm_bytes_per_step)
+    if top5:
+        record["test_acc5"] = test_acc5
+    log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {global_step}: train loss "
+             f"{record['train_loss']:.4f} acc {record['train_acc']:.2f}% | test loss "
+             f"{test_loss:.4f} acc {test_acc:.2f}%" + (f" top-5 {test_acc5:.2f}%" if top5 else "")
+             + f" | {record['images_per_s']:,.0f} img/s, {result.seconds:.1f} s")
     return record
 
 
@@ -349,24 +397,28 @@ def _require_finite(named_tensors, path) -> None:
                        f"{bad[0]}); the run diverged, start again with a lower optim.lr")
 
 
-def _save_checkpoint(run_dir, epochs_done, job, model, optimizer, scheduler, meta,
-                     global_step, keep) -> None:
-    """Every rank writes its shard atomically; rank 0 marks the epoch complete only after all
-    ranks have written, so a job killed mid-write never leaves a "latest" that cannot load, and
-    only then deletes the checkpoints beyond the newest ``keep``. A failed write (a full disk)
-    stops every rank with its cause, the epoch left incomplete."""
-    path, state = rank_file(run_dir, epochs_done, job.rank), unwrap(model).state_dict()
-    _require_finite(state.items(), path)
-    problem = None
-    try:
-        atomic_save(dict(model=state, optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), rng=rng_state(job.device),
-                         epochs_done=epochs_done, global_step=global_step, meta=meta), path)
-    except RunError as error:
-        problem = f"rank {job.rank}: {error}"
+def _save_checkpoint(run_dir, at, job, model, optimizer, scheduler, meta, keep, *,
+                     epochs_done, global_step, sums=None) -> None:
+    """A checkpoint at ``at`` (an epoch's end, or a Position inside one with the epoch's
+    ``sums``). Replica 0 of each gp rank writes its shard atomically, with every replica's RNG
+    state; rank 0 marks it complete only after all have written, so a job killed mid-write never
+    leaves a "latest" that cannot load, and only then deletes the checkpoints beyond the newest
+    ``keep``. A failed write (a full disk) stops every rank with its cause, the checkpoint left
+    incomplete."""
+    rngs, problem = job.gather_dp(rng_state(job.device)), None
+    if job.dp_rank == 0:
+        path, state = rank_file(run_dir, at, job.gp_rank), unwrap(model).state_dict()
+        try:
+            _require_finite(state.items(), path)
+            atomic_save(dict(model=state, optimizer=optimizer.state_dict(),
+                             scheduler=scheduler.state_dict(), rng=rngs, epochs_done=epochs_done,
+                             global_step=global_step, epoch_sums=asdict(sums) if sums else None,
+                             meta=meta), path)
+        except RunError as error:
+            problem = f"rank {job.rank}: {error}"
     job.raise_first(problem, RunError)
     if job.rank == 0:
-        mark_complete(run_dir, epochs_done)
+        mark_complete(run_dir, at)
         prune(run_dir, keep)
 
 

@@ -73,7 +73,7 @@ class DeviceLoader:
         self.drop_last = self.train if drop_last is None else bool(drop_last)
         self.dtype = dtype
         self.channels_last = bool(channels_last)
-        self.epoch = 0
+        self.epoch, self.skip_batches = 0, 0
         self.num_classes = data.num_classes
 
         total = len(data)
@@ -97,10 +97,11 @@ class DeviceLoader:
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose permutation and augmentation the next iteration uses."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch whose permutation and augmentation the next iteration uses, from its
+        batch ``skip_batches`` on (a resumed epoch: the same batches as if never interrupted)."""
         _require_int("epoch", epoch, minimum=0, fix="epochs count from 0")
-        self.epoch = epoch
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -129,7 +130,7 @@ class DeviceLoader:
         augment = self.pad > 0 or self.flip
         if augment:
             offsets_y, offsets_x, flips = (t.to(self.device) for t in (offsets_y, offsets_x, flips))
-        for batch in range(len(self)):
+        for batch in range(self.skip_batches, len(self)):
             start = batch * self.batch_size
             stop = min(start + self.batch_size, self.num_samples)
             batch_indices = indices[start:stop]

@@ -63,7 +63,8 @@ class ShardedSampler(Sampler[int]):
     """Per-epoch permutation seeded by (seed, epoch), identical on every rank; replica
     ``dp_rank`` takes ``perm[dp_rank::dp_size]`` (train: truncated to equal length)."""
 
-    def __init__(self, num_samples: int, *, shuffle: bool, seed: int, epoch: int, dp_rank: int, dp_size: int) -> None:
+    def __init__(self, num_samples: int, *, shuffle: bool, seed: int, epoch: int, dp_rank: int, dp_size: int,
+                 skip: int = 0) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank must be in [0, {dp_size - 1}] with dp_size >= 1, got dp_rank={dp_rank}, dp_size={dp_size}.")
         self.total = num_samples
@@ -72,6 +73,7 @@ class ShardedSampler(Sampler[int]):
         self.epoch = epoch
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.skip = skip      # the first samples of the epoch, already trained on (a resumed epoch)
         self.length = num_samples // dp_size if shuffle else len(range(dp_rank, num_samples, dp_size))
         if self.length == 0:
             raise DataError(
@@ -89,7 +91,7 @@ class ShardedSampler(Sampler[int]):
         return permutation[self.dp_rank :: self.dp_size][: self.length].tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices())
+        return iter(self.indices()[self.skip :])
 
     def __len__(self) -> int:
         return self.length
@@ -160,11 +162,13 @@ def make_streaming_loader(
     drop_last: bool | None = None,
     pin_memory: bool = False,
     backend: Backend = "auto",
+    skip_batches: int = 0,
 ) -> DataLoader:
     """DataLoader over ``root/<split>/<class>/*`` for one epoch of one data-parallel replica.
 
     Call again (or ``loader.sampler.set_epoch(e); loader.dataset.set_epoch(e)``) per epoch.
     ``batch_size`` is per replica. Class indices follow the sorted folder names of ``split``.
+    ``skip_batches``: start the epoch after its first batches (a resumed epoch; never decoded).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive int (per replica), got {batch_size!r}.")
@@ -179,7 +183,8 @@ def make_streaming_loader(
     dataset = ImageFileDataset(
         files, labels, train=train, image_size=image_size, seed=seed, epoch=epoch, backend=chosen
     )
-    sampler = ShardedSampler(len(files), shuffle=train, seed=seed, epoch=epoch, dp_rank=dp_rank, dp_size=dp_size)
+    sampler = ShardedSampler(len(files), shuffle=train, seed=seed, epoch=epoch, dp_rank=dp_rank, dp_size=dp_size,
+                             skip=skip_batches * batch_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -309,9 +314,11 @@ class StreamingEpochLoader:
                             dp_rank=dp_rank, dp_size=dp_size,
                             pin_memory=self.device.type == "cuda")
         self.epoch = 0
+        self.skip_batches = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The epoch the next iteration reads, from its batch ``skip_batches`` on."""
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     def __len__(self) -> int:
         samples = ShardedSampler(len(self.files), shuffle=self.options["train"],
@@ -323,7 +330,7 @@ class StreamingEpochLoader:
 
     def __iter__(self):
         loader = make_streaming_loader(self.root, self.split, self.batch_size, epoch=self.epoch,
-                                       **self.options)
+                                       skip_batches=self.skip_batches, **self.options)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         for images, labels in loader:
             yield (images.to(self.device, non_blocking=True, memory_format=memory_format),

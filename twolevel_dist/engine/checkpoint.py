@@ -1,15 +1,20 @@
-"""Per-rank checkpoints, written atomically, loaded with ``weights_only=True``.
+"""Checkpoints, one file per gp rank, written atomically, loaded with ``weights_only=True``.
 
 Layout under the run directory:
-    checkpoints/epoch_0003/rank00000.pt ...   each rank's shard + optimizer + RNG state
-    checkpoints/epoch_0003/COMPLETE           written by rank 0 after every rank has written
-A checkpoint without COMPLETE (a job killed while writing) is never "latest".
+    checkpoints/epoch_0003/rank00000.pt ...    at the end of epoch 3: gp rank g's shard,
+                                               optimizer and the RNG states of its dp replicas
+    checkpoints/epoch_0003_step_000000500/     during epoch 4, after global step 500
+    checkpoints/<either>/COMPLETE              written by rank 0 after every file is written
+Data-parallel replicas hold the same shard, so only replica 0 writes (its rank is the gp rank);
+every replica reads them, whatever the number of replicas. A checkpoint without COMPLETE (a job
+killed while writing) is never "latest".
 """
 
 import errno
 import os
 import re
 import shutil
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -17,7 +22,23 @@ import torch
 from twolevel_dist.errors import ConfigError, RunError
 
 COMPLETE = "COMPLETE"
-_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+_CHECKPOINT_DIR = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")
+
+
+class Position(NamedTuple):
+    """Where a checkpoint was taken: after ``epochs`` complete epochs and, for one taken inside
+    the next epoch, at global ``step`` (0: at the epoch's end). Ordered as the run went."""
+
+    epochs: int
+    step: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"epoch_{self.epochs:04d}" + (f"_step_{self.step:09d}" if self.step else "")
+
+
+def _position(at) -> Position:
+    return at if isinstance(at, Position) else Position(int(at))
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -54,46 +75,59 @@ def _disk_full(error: BaseException | None) -> bool:
     return False
 
 
-def epoch_dir(run_dir: Path, epoch: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}"
+def epoch_dir(run_dir: Path, at) -> Path:
+    """The folder of the checkpoint at ``at``: a Position, or an epoch number (its end)."""
+    return Path(run_dir) / "checkpoints" / _position(at).name
 
 
-def rank_file(run_dir: Path, epoch: int, rank: int) -> Path:
-    return epoch_dir(run_dir, epoch) / f"rank{rank:05d}.pt"
+def rank_file(run_dir: Path, at, gp_rank: int) -> Path:
+    return epoch_dir(run_dir, at) / f"rank{gp_rank:05d}.pt"
 
 
-def mark_complete(run_dir: Path, epoch: int) -> None:
-    marker = epoch_dir(run_dir, epoch) / COMPLETE
+def mark_complete(run_dir: Path, at) -> None:
+    marker = epoch_dir(run_dir, at) / COMPLETE
     tmp = marker.with_name(f".{COMPLETE}.tmp")
-    tmp.write_text(f"epoch {epoch}\n")
+    tmp.write_text(f"{_position(at).name}\n")
     os.replace(tmp, marker)
 
 
-def complete_epochs(run_dir: Path) -> list[int]:
-    """Epochs with a complete checkpoint, newest first."""
+def _positions(run_dir: Path, complete: bool) -> list[Position]:
     root = Path(run_dir) / "checkpoints"
-    epochs = [int(m.group(1)) for d in (root.iterdir() if root.is_dir() else [])
-              if (m := _EPOCH_DIR.match(d.name)) and (d / COMPLETE).is_file()]
-    return sorted(epochs, reverse=True)
+    found = [Position(int(m.group(1)), int(m.group(2) or 0))
+             for d in (root.iterdir() if root.is_dir() else [])
+             if (m := _CHECKPOINT_DIR.match(d.name)) and (d / COMPLETE).is_file() == complete]
+    return sorted(found, reverse=True)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Position]:
+    """Every complete checkpoint, epoch ends and inside epochs alike, newest first."""
+    return _positions(run_dir, complete=True)
+
+
+def latest_complete(run_dir: Path) -> Position | None:
+    positions = complete_checkpoints(run_dir)
+    return positions[0] if positions else None
+
+
+def complete_epochs(run_dir: Path) -> list[int]:
+    """Epochs with a complete end-of-epoch checkpoint, newest first."""
+    return [p.epochs for p in complete_checkpoints(run_dir) if not p.step]
 
 
 def prune(run_dir: Path, keep: int | None) -> list[int]:
     """Delete all but the newest ``keep`` complete checkpoints, and the incomplete ones older
     than the newest complete one (left by a job killed while writing); None keeps everything.
     Called after a new checkpoint is marked complete, so a kill during the deletion never
-    leaves fewer than ``keep`` loadable. Returns the epochs deleted."""
+    leaves fewer than ``keep`` loadable. Returns the positions deleted."""
     if keep is None:
         return []
-    complete = complete_epochs(run_dir)
+    complete = complete_checkpoints(run_dir)
     if not complete:
         return []
-    root = Path(run_dir) / "checkpoints"
-    doomed = set(complete[keep:]) | {
-        int(m.group(1)) for d in root.iterdir()
-        if (m := _EPOCH_DIR.match(d.name)) and int(m.group(1)) < complete[0]
-        and int(m.group(1)) not in complete}
-    for epoch in sorted(doomed):
-        shutil.rmtree(epoch_dir(run_dir, epoch), ignore_errors=True)
+    doomed = complete[keep:] + [p for p in _positions(run_dir, complete=False)
+                                if p < complete[0]]
+    for position in sorted(doomed):
+        shutil.rmtree(epoch_dir(run_dir, position), ignore_errors=True)
     return sorted(doomed)
 
 
@@ -106,12 +140,12 @@ class DamagedCheckpoint(ConfigError):
     """A rank's file of a checkpoint marked complete is missing or unreadable."""
 
 
-def load_rank_checkpoint(run_dir: Path, epoch: int, rank: int, expected_meta: dict) -> dict:
-    path = rank_file(run_dir, epoch, rank)
+def load_rank_checkpoint(run_dir: Path, at, gp_rank: int, expected_meta: dict) -> dict:
+    path = rank_file(run_dir, at, gp_rank)
     if not path.is_file():
         raise DamagedCheckpoint(
-            f"checkpoint {path} is missing although epoch {epoch} is marked complete (deleted, "
-            f"or the run had fewer ranks); resume with the run's torchrun world size")
+            f"checkpoint {path} is missing although {_position(at).name} is marked complete "
+            f"(deleted, or the run had fewer ranks per model); resume with the run's groups")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:     # truncated, overwritten, foreign: say which file, not a trace
@@ -123,20 +157,22 @@ def load_rank_checkpoint(run_dir: Path, epoch: int, rank: int, expected_meta: di
     return state
 
 
-def load_newest_readable(run_dir: Path, rank: int, expected_meta: dict, agree):
-    """(epoch, this rank's state, notes) of the newest complete checkpoint that loads on every
-    rank. ``agree(problem)`` gathers each rank's problem (None: loaded) so all ranks fall back
-    together; a checkpoint of another model or layout is refused outright, not skipped."""
+def load_newest_readable(run_dir: Path, gp_rank: int, expected_meta: dict, agree):
+    """(position, this gp rank's state, notes) of the newest complete checkpoint that loads on
+    every rank. ``agree(problem)`` gathers each rank's problem (None: loaded) so all ranks fall
+    back together; a checkpoint of another model or layout is refused outright, not skipped."""
     notes = []
-    for epoch in complete_epochs(run_dir):
+    for position in complete_checkpoints(run_dir):
         try:
-            state, problem = load_rank_checkpoint(run_dir, epoch, rank, expected_meta), None
+            state = load_rank_checkpoint(run_dir, position, gp_rank, expected_meta)
+            problem = None
         except DamagedCheckpoint as error:
             state, problem = None, str(error)
         problems = [p for p in agree(problem) if p is not None]
         if not problems:
-            return epoch, state, notes
-        notes.append(f"skipped epoch {epoch}: {problems[0]}")
+            return position, state, notes
+        label = f"epoch {position.epochs}" if not position.step else position.name
+        notes.append(f"skipped {label}: {problems[0]}")
     raise ConfigError(f"resume: no complete checkpoint under {Path(run_dir) / 'checkpoints'} "
                       f"loads on every rank ({'; '.join(notes) or 'there is none'}); start "
                       f"without resume=true (with overwrite=true to replace the run)")
@@ -148,8 +184,8 @@ def check_meta(found: dict, expected: dict, path) -> None:
              for k, v in expected.items() if found.get(k) != v]
     if diffs:
         raise ConfigError(f"checkpoint {path} does not fit this run ({'; '.join(diffs)}); "
-                          f"resume with the same model, conv, groups and world size, or start "
-                          f"a new run_dir")
+                          f"resume with the same model, conv and groups (the data-parallel "
+                          f"replicas may change), or start a new run_dir")
 
 
 def read_model_file(path: str, option: str, hint: str):

@@ -23,6 +23,26 @@ class EpochResult:
     comm_bytes_per_step: float
 
 
+@dataclass
+class EpochSums:
+    """What an epoch has summed so far. A checkpoint inside an epoch saves it, so that the
+    resumed epoch reports what an uninterrupted one would (the loss is summed in float32 on the
+    device either way, so the sums agree to the bit)."""
+
+    loss: float = 0.0          # sum over samples
+    correct: int = 0
+    samples: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    comm_bytes: float = 0.0
+
+    def result(self) -> EpochResult:
+        return EpochResult(loss=self.loss / max(self.samples, 1),
+                           accuracy=100.0 * self.correct / max(self.samples, 1),
+                           samples=self.samples, seconds=self.seconds, steps=self.steps,
+                           comm_bytes_per_step=self.comm_bytes / max(self.steps, 1))
+
+
 def _diverged(loss: torch.Tensor, device, dp_group) -> bool:
     """Whether the loss is NaN or infinite on any replica (gp ranks share their loss). Every
     rank gets the same answer, so all stop in the same step."""
@@ -32,9 +52,12 @@ def _diverged(loss: torch.Tensor, device, dp_group) -> bool:
 
 def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=None,
                     first_step: int = 0, log_every: int = 20, on_log=None, on_step=None,
-                    dp_group=None) -> EpochResult:
-    """Trains until the loader ends or ``max_steps`` optimizer steps. ``on_step(global_step)``
-    runs after every step (e.g. a per-step schedule); every ``log_every`` steps the device is
+                    dp_group=None, start: EpochSums | None = None) -> EpochResult:
+    """Trains until the loader ends or ``max_steps`` optimizer steps, continuing ``start`` (the
+    sums of the epoch's steps before a checkpoint; the loader then skips those batches).
+    ``on_step(global_step, sums)`` runs after every step (a per-step schedule, a checkpoint:
+    ``sums()`` gives the epoch's EpochSums so far, at the price of one device sync); every
+    ``log_every`` steps the device is
     synchronised once and ``on_log(stats)`` gets the step (global, and within this epoch), the
     loss, and over the steps since the last report: the mean step time, the part of it spent
     waiting for the loader (host time in ``next``), images/s, bytes communicated, and the peak
@@ -45,11 +68,16 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
     rank before the optimizer steps, so the weights and their checkpoints stay finite. It is the
     one host sync per step (a flag of one number, reduced over ``dp_group``)."""
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    samples = steps = 0
-    comm_bytes = 0
-    start = window_start = clock(device)
+    start = start or EpochSums()
+    loss_sum = torch.tensor(start.loss, dtype=torch.float32, device=device)
+    correct = torch.tensor(start.correct, device=device, dtype=torch.long)
+    samples, steps, comm_bytes = start.samples, 0, start.comm_bytes
+    began = window_start = clock(device)
+
+    def sums() -> EpochSums:
+        return EpochSums(loss=loss_sum.item(), correct=int(correct.item()), samples=samples,
+                         steps=start.steps + steps, comm_bytes=comm_bytes,
+                         seconds=start.seconds + clock(device) - began)
     window_steps = window_images = window_bytes = 0
     window_wait = 0.0
     batches = iter(loader)
@@ -83,10 +111,11 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
         window_steps, window_images = window_steps + 1, window_images + labels.numel()
         window_bytes += comm.total_bytes()
         if on_step is not None:
-            on_step(first_step + steps)
-        if log_every and steps % log_every == 0:
+            on_step(first_step + steps, sums)
+        if log_every and (first_step + steps) % log_every == 0:
             now = clock(device)
-            stats = dict(step=first_step + steps, epoch_step=steps, loss=loss.item(),
+            stats = dict(step=first_step + steps, epoch_step=start.steps + steps,
+                         loss=loss.item(),
                          step_time_s=(now - window_start) / window_steps,
                          data_wait_s=window_wait / window_steps,
                          images_per_s=window_images / (now - window_start),
@@ -96,11 +125,7 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
                 on_log(stats)
             window_start, window_steps, window_images, window_bytes = now, 0, 0, 0
             window_wait = 0.0
-    seconds = clock(device) - start
-    return EpochResult(loss=(loss_sum / max(samples, 1)).item(),
-                       accuracy=100.0 * correct.item() / max(samples, 1), samples=samples,
-                       seconds=seconds, steps=steps,
-                       comm_bytes_per_step=comm_bytes / max(steps, 1))
+    return sums().result()
 
 
 @torch.no_grad()
