@@ -93,3 +93,20 @@ def test_transport_benchmark_measures_both_transports_of_both_exchanges(tmp_path
         assert row["N"] == "2" and float(row["wall_ms"]) > 0
         assert float(row["overlapped_wall_ms"]) > 0 and float(row["backend_threads_cpu_ms"]) >= 0
     assert "transport.py --ranks 2" in stem.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow          # two torchrun jobs: run with -m slow (README, "Tests")
+def test_streaming_benchmark_times_both_decode_modes(tmp_path):
+    from PIL import Image
+    for c in ("a", "b"):
+        folder = tmp_path / "images" / "train" / c
+        folder.mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (20, 20), (i * 20, 0, 0)).save(folder / f"{i}.jpg")
+    stem = tmp_path / "streaming"
+    _run("streaming.py", "--root", str(tmp_path / "images"), "--batch", "4", "--batches", "2",
+         "--reps", "1", "--image-size", "16", "--workers", "0", "--out", str(stem))
+    rows = _rows(stem)
+    assert [r["mode"].split()[0] for r in rows] == ["every", "each"]
+    assert float(rows[1]["speedup"]) == pytest.approx(
+        float(rows[0]["batch_s"]) / float(rows[1]["batch_s"]), rel=0.02)

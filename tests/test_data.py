@@ -953,15 +953,17 @@ def loader_batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x, y) for x, y in loader]
 
 
-def test_streaming_train_batches_are_normalised_and_deterministic(streaming_root):
+def test_streaming_train_batches_are_uint8_normalised_on_the_device_and_deterministic(streaming_root):
     make = lambda **kw: make_streaming_loader(
         streaming_root, "train", 4, train=True, image_size=16, workers=0, seed=1, epoch=0, backend="pil", **kw
     )
     first, again = loader_batches(make()), loader_batches(make())
     assert len(first) == 3  # 12 images, batch 4, drop_last
     x, y = first[0]
-    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert -2.2 < float(x.min()) and float(x.max()) < 2.7  # ImageNet-normalised range
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    normalised = streaming_module.normalise(x)  # where the batch lands (the device)
+    assert normalised.dtype == torch.float32
+    assert -2.2 < float(normalised.min()) and float(normalised.max()) < 2.7  # ImageNet range
     for (xa, ya), (xb, yb) in zip(first, again):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     next_epoch = loader_batches(
@@ -994,6 +996,38 @@ def test_streaming_sampler_shards_are_disjoint_and_shared_within_a_dp_rank():
     assert sorted(sum(evaluation, [])) == list(range(10))
 
 
+def test_streaming_sampler_parts_split_each_full_batch_between_the_gp_ranks():
+    common = dict(shuffle=True, seed=0, epoch=3, dp_rank=1, dp_size=2, batch_size=8)
+    whole = list(streaming_module.ShardedSampler(43, **common))            # 21: 2 full batches
+    parts = [list(streaming_module.ShardedSampler(43, part=p, parts=4, **common)) for p in range(4)]
+    assert all(len(p) == 4 for p in parts)                                  # 2 per batch each
+    batches = [sum((p[2 * b : 2 * b + 2] for p in parts), []) for b in range(2)]
+    assert batches == [whole[:8], whole[8:16]]      # gathered in part order: the whole batches
+    resumed = streaming_module.ShardedSampler(43, skip=8, part=1, parts=4, **common)
+    assert list(resumed) == parts[1][2:] and len(resumed) == 2
+
+
+def _gp_batches(root):
+    import torch.distributed as dist
+    loader = streaming_module.StreamingEpochLoader(root, "train", 4, train=True, device="cpu",
+                                                   image_size=16, workers=0, seed=1,
+                                                   gp_group=dist.group.WORLD)
+    loader.set_epoch(2)
+    return [(x, y) for x, y in loader], loader.gp_group is not None
+
+
+def test_gp_ranks_decode_a_slice_each_and_gather_the_batch_of_one_decoder(streaming_root):
+    from distributed import run_on_ranks
+    one = streaming_module.StreamingEpochLoader(streaming_root, "train", 4, train=True,
+                                                device="cpu", image_size=16, workers=0, seed=1)
+    one.set_epoch(2)
+    expected = list(one)
+    for batches, split in run_on_ranks(2, _gp_batches, streaming_root):
+        assert split and len(batches) == len(expected) == 3
+        for (x, y), (ex, ey) in zip(batches, expected):
+            assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
 def test_streaming_eval_is_resize_then_center_crop(streaming_root, tmp_path):
     # Geometry: short side 32 resized to round(16 * 256/224) = 18, a centred 16/18 of it kept.
     assert streaming_module.center_crop_box((64, 32), 16) == (18, 2, 28, 28)
@@ -1003,7 +1037,8 @@ def test_streaming_eval_is_resize_then_center_crop(streaming_root, tmp_path):
     write_png(root / "val" / "a" / "0.png", np.full((30, 50, 3), (255, 0, 128), np.uint8))
     (x, y), = loader_batches(make_streaming_loader(root, "val", 1, train=False, image_size=8, workers=0, backend="pil"))
     expected = (torch.tensor([255, 0, 128]) / 255 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
-    assert torch.allclose(x[0], expected.view(3, 1, 1).expand(3, 8, 8), atol=1e-5)
+    assert torch.equal(x[0], torch.tensor([255, 0, 128], dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8))
+    assert torch.allclose(streaming_module.normalise(x)[0], expected.view(3, 1, 1).expand(3, 8, 8), atol=1e-5)
     assert y.tolist() == [0]
 
 

@@ -160,7 +160,8 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
             cfg.dataset, seed=cfg.seed, device=job.device, rank=job.rank, world=job.world,
             dp_rank=job.dp_rank, dp_size=job.dp_size,
             per_replica=cfg.train.batch_size // job.dp_size,
-            channels_last=cfg.train.channels_last)
+            channels_last=cfg.train.channels_last,
+            gp_group=job.mesh["gp"].get_group() if job.gp > 1 else None)
         model, optimizer, scheduler, meta, parameters = _build(cfg, job,
                                                                train_loader.num_classes)
         progress = _restore(cfg, run_dir, job, model, optimizer, scheduler, meta)

@@ -1,7 +1,8 @@
 """ImageNet-size image folders that do not fit in memory: a DataLoader decoding in workers.
 
-``root/<split>/<class>/<image>`` is listed once; worker processes decode with Pillow and
-augment per sample:
+``root/<split>/<class>/<image>`` is listed once; worker processes (persistent across epochs)
+decode with Pillow and augment per sample, handing over uint8 images that are normalised on the
+device:
 
 * train: random-resized-crop (scale (0.08, 1), ratio (3/4, 4/3)) to ``image_size`` + flip;
 * eval: resize the short side to ``round(image_size * 256 / 224)``, centre-crop ``image_size``.
@@ -64,7 +65,7 @@ class ShardedSampler(Sampler[int]):
     ``dp_rank`` takes ``perm[dp_rank::dp_size]`` (train: truncated to equal length)."""
 
     def __init__(self, num_samples: int, *, shuffle: bool, seed: int, epoch: int, dp_rank: int, dp_size: int,
-                 skip: int = 0) -> None:
+                 skip: int = 0, part: int = 0, parts: int = 1, batch_size: int = 1) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank must be in [0, {dp_size - 1}] with dp_size >= 1, got dp_rank={dp_rank}, dp_size={dp_size}.")
         self.total = num_samples
@@ -74,6 +75,9 @@ class ShardedSampler(Sampler[int]):
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.skip = skip      # the first samples of the epoch, already trained on (a resumed epoch)
+        # Only part ``part`` of ``parts`` equal slices of each full batch of ``batch_size``: the gp
+        # ranks of a model decode one slice each and gather the batch (``StreamingEpochLoader``).
+        self.part, self.parts, self.batch_size = part, parts, batch_size
         self.length = num_samples // dp_size if shuffle else len(range(dp_rank, num_samples, dp_size))
         if self.length == 0:
             raise DataError(
@@ -91,14 +95,42 @@ class ShardedSampler(Sampler[int]):
         return permutation[self.dp_rank :: self.dp_size][: self.length].tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.skip :])
+        indices = self.indices()[self.skip :]
+        if self.parts > 1:
+            size, full = self.batch_size // self.parts, len(indices) - len(indices) % self.batch_size
+            indices = [i for start in range(0, full, self.batch_size)
+                       for i in indices[start + self.part * size : start + (self.part + 1) * size]]
+        return iter(indices)
 
     def __len__(self) -> int:
-        return self.length
+        left = max(self.length - self.skip, 0)
+        if self.parts > 1:
+            return left // self.batch_size * (self.batch_size // self.parts)
+        return left
+
+
+class EpochSampler(Sampler):
+    """A ``ShardedSampler`` whose indices carry their epoch, ``(index, epoch)``: the workers of a
+    persistent DataLoader draw each sample's augmentation for the epoch the main process is in."""
+
+    def __init__(self, sampler: ShardedSampler) -> None:
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.sampler.epoch, self.sampler.skip = epoch, skip_batches * self.sampler.batch_size
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((index, epoch) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class ImageFileDataset(Dataset):
-    """(normalised float [3, S, S] image, label) for sample ``index`` of a file list."""
+    """(uint8 [3, S, S] image, label) for a sample of a file list: ``dataset[index]`` in the
+    dataset's epoch, or ``dataset[(index, epoch)]`` (what ``EpochSampler`` yields, so that
+    persistent workers follow the epochs)."""
 
     def __init__(
         self,
@@ -125,7 +157,8 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         path = self.files[index]
         try:
             with Image.open(path) as opened:
@@ -135,7 +168,7 @@ class ImageFileDataset(Dataset):
                 f"cannot decode image {path}: {type(error).__name__}: {error}. Delete or replace the file."
             ) from error
         if self.train:
-            rng = np.random.default_rng(derive_seed("streaming_augment", self.seed, self.epoch, index))
+            rng = np.random.default_rng(derive_seed("streaming_augment", self.seed, epoch, index))
             box = random_resized_crop_box(image.size, rng)
             flip = bool(rng.random() < 0.5)
         else:
@@ -163,12 +196,18 @@ def make_streaming_loader(
     pin_memory: bool = False,
     backend: Backend = "auto",
     skip_batches: int = 0,
+    part: int = 0,
+    parts: int = 1,
 ) -> DataLoader:
     """DataLoader over ``root/<split>/<class>/*`` for one epoch of one data-parallel replica.
 
     Call again (or ``loader.sampler.set_epoch(e); loader.dataset.set_epoch(e)``) per epoch.
     ``batch_size`` is per replica. Class indices follow the sorted folder names of ``split``.
     ``skip_batches``: start the epoch after its first batches (a resumed epoch; never decoded).
+    ``part`` of ``parts``: only that slice of each batch (``batch_size / parts`` images per
+    yielded batch), for ranks that decode one slice each and gather the batch.
+    Images come as uint8 (a quarter of float32's worker-to-host traffic); normalise them where
+    they are used (``normalise``, on the device).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive int (per replica), got {batch_size!r}.")
@@ -183,16 +222,18 @@ def make_streaming_loader(
     dataset = ImageFileDataset(
         files, labels, train=train, image_size=image_size, seed=seed, epoch=epoch, backend=chosen
     )
+    if parts > 1 and (not train or batch_size % parts):
+        raise DataError(f"only full training batches split into parts: batch_size={batch_size}, parts={parts}.")
     sampler = ShardedSampler(len(files), shuffle=train, seed=seed, epoch=epoch, dp_rank=dp_rank, dp_size=dp_size,
-                             skip=skip_batches * batch_size)
+                             skip=skip_batches * batch_size, part=part, parts=parts, batch_size=batch_size)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        batch_size=batch_size // parts,
+        sampler=EpochSampler(sampler),
         num_workers=workers,
         drop_last=train if drop_last is None else drop_last,
         pin_memory=pin_memory,
-        persistent_workers=False,  # workers must see the dataset's current epoch
+        persistent_workers=workers > 0,  # the epoch travels with each index (EpochSampler)
     )
 
 
@@ -271,9 +312,10 @@ def center_crop_box(size: tuple[int, int], image_size: int) -> tuple[int, int, i
     return round(left), round(top), max(1, round(crop)), max(1, round(crop))
 
 
-def _normalise(pixels: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] to float32, ImageNet-normalised, on their own device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1)
     return (pixels.to(torch.float32) / 255.0 - mean) / std
 
 
@@ -283,8 +325,7 @@ def _crop_pil(image: Image.Image, box: tuple[int, int, int, int], flip: bool, im
     out = image.resize((image_size, image_size), _BILINEAR, box=(left, top, left + w, top + h))
     if flip:
         out = out.transpose(_FLIP)
-    pixels = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return _normalise(pixels)
+    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 def _crop_torchvision(image: Image.Image, box: tuple[int, int, int, int], flip: bool, image_size: int) -> torch.Tensor:
@@ -296,42 +337,56 @@ def _crop_torchvision(image: Image.Image, box: tuple[int, int, int, int], flip: 
     pixels = functional.resized_crop(pixels, top, left, h, w, [image_size, image_size], antialias=True)
     if flip:
         pixels = functional.hflip(pixels)
-    return _normalise(pixels)
+    return pixels.contiguous()
 
 
 class StreamingEpochLoader:
     """``DeviceLoader``'s interface over ``make_streaming_loader``: ``set_epoch``, then iterate
-    (images, labels) on ``device``. A fresh DataLoader per epoch, so workers see the epoch's seed."""
+    (images, labels) on ``device``, normalised there. One DataLoader whose workers persist across
+    epochs (each index carries its epoch).
+
+    With ``gp_group`` (the gp ranks of one model, which all need the same batch), each gp rank
+    decodes 1/gp of every training batch and the uint8 slices are all-gathered over the group:
+    the node decodes each image once instead of gp times. Evaluation batches (the last may be
+    partial) and batches gp does not divide are decoded whole by every rank."""
 
     def __init__(self, root, split: str, batch_size: int, *, train: bool, device,
                  image_size: int = 224, workers: int | None = None, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1, channels_last: bool = False) -> None:
+                 dp_rank: int = 0, dp_size: int = 1, channels_last: bool = False,
+                 gp_group=None) -> None:
         self.root, self.split, self.batch_size = Path(root).expanduser(), split, batch_size
         self.files, self.labels = list_image_files(self.root, split)
         self.num_classes = max(self.labels) + 1
         self.device, self.channels_last = torch.device(device), channels_last
-        self.options = dict(train=train, image_size=image_size, workers=workers, seed=seed,
-                            dp_rank=dp_rank, dp_size=dp_size,
-                            pin_memory=self.device.type == "cuda")
-        self.epoch = 0
-        self.skip_batches = 0
+        gp = torch.distributed.get_world_size(gp_group) if gp_group is not None else 1
+        self.gp_group = gp_group if gp > 1 and train and batch_size % gp == 0 else None
+        parts = dict(part=torch.distributed.get_rank(gp_group), parts=gp) if self.gp_group else {}
+        self.loader = make_streaming_loader(
+            self.root, split, batch_size, train=train, image_size=image_size, workers=workers,
+            seed=seed, dp_rank=dp_rank, dp_size=dp_size, pin_memory=self.device.type == "cuda",
+            **parts)
+        self.sharded = ShardedSampler(len(self.files), shuffle=train, seed=seed, epoch=0,
+                                      dp_rank=dp_rank, dp_size=dp_size)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """The epoch the next iteration reads, from its batch ``skip_batches`` on."""
-        self.epoch, self.skip_batches = epoch, skip_batches
+        self.loader.sampler.set_epoch(epoch, skip_batches)
 
     def __len__(self) -> int:
-        samples = ShardedSampler(len(self.files), shuffle=self.options["train"],
-                                 seed=0, epoch=0, dp_rank=self.options["dp_rank"],
-                                 dp_size=self.options["dp_size"]).length
-        if self.options["train"]:
-            return samples // self.batch_size
-        return -(-samples // self.batch_size)
+        if self.loader.drop_last:
+            return self.sharded.length // self.batch_size
+        return -(-self.sharded.length // self.batch_size)
 
     def __iter__(self):
-        loader = make_streaming_loader(self.root, self.split, self.batch_size, epoch=self.epoch,
-                                       skip_batches=self.skip_batches, **self.options)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for images, labels in loader:
-            yield (images.to(self.device, non_blocking=True, memory_format=memory_format),
-                   labels.to(self.device, non_blocking=True))
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            if self.gp_group is not None:
+                images, labels = (self._gather(t) for t in (images, labels))
+            yield normalise(images).contiguous(memory_format=memory_format), labels
+
+    def _gather(self, part: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(part) for _ in range(torch.distributed.get_world_size(self.gp_group))]
+        torch.distributed.all_gather(parts, part, group=self.gp_group)
+        return torch.cat(parts)

@@ -12,13 +12,14 @@ from twolevel_dist.errors import ConfigError
 
 def build_loaders(dataset, *, seed: int, device: torch.device, rank: int = 0, world: int = 1,
                   dp_rank: int = 0, dp_size: int = 1, per_replica: int,
-                  channels_last: bool = False):
+                  channels_last: bool = False, gp_group=None):
     """(train, test) loaders for ``dataset`` (a ``DatasetConfig``): streamed through DataLoader
     workers for ImageNet-size folders, held on the device otherwise. Every rank of a gp group
-    reads the same batches; dp replicas read disjoint shards of ``per_replica`` images."""
+    reads the same batches (streamed ones decoded a slice per gp rank of ``gp_group`` and
+    gathered); dp replicas read disjoint shards of ``per_replica`` images."""
     if is_streaming(dataset.name):
         return _streaming_loaders(dataset, seed, device, dp_rank, dp_size, per_replica,
-                                  channels_last)
+                                  channels_last, gp_group)
     return _in_memory_loaders(dataset, seed, device, rank, world, dp_rank, dp_size, per_replica,
                               channels_last)
 
@@ -48,7 +49,8 @@ def _in_memory_loaders(dataset, seed, device, rank, world, dp_rank, dp_size, per
             DeviceLoader(test_data, per_replica, train=False, **args))
 
 
-def _streaming_loaders(dataset, seed, device, dp_rank, dp_size, per_replica, channels_last):
+def _streaming_loaders(dataset, seed, device, dp_rank, dp_size, per_replica, channels_last,
+                       gp_group):
     """ImageNet-size folders streamed through DataLoader workers (random-resized crops)."""
     if not dataset.root:
         raise ConfigError(f"dataset={dataset.name} needs dataset.root=<folder with train/ and "
@@ -60,5 +62,5 @@ def _streaming_loaders(dataset, seed, device, dp_rank, dp_size, per_replica, cha
     eval_split = "val" if (root / "val").is_dir() else "test"
     args = dict(device=device, image_size=dataset.image_size or 224, workers=dataset.workers,
                 seed=seed, dp_rank=dp_rank, dp_size=dp_size, channels_last=channels_last)
-    return (StreamingEpochLoader(root, "train", per_replica, train=True, **args),
+    return (StreamingEpochLoader(root, "train", per_replica, train=True, gp_group=gp_group, **args),
             StreamingEpochLoader(root, eval_split, per_replica, train=False, **args))
