@@ -459,13 +459,7 @@ def plot_error_against_n(rows: list[dict], path: Path, title: str) -> bool:
     if sc:
         ax.axhline(sum(sc) / len(sc), color="k", linestyle="--", linewidth=1, label="sc")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("N (groups)")
-    ax.set_ylabel("final test error (%)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish_plot(plt, fig, ax, path, title, "N (groups)", "final test error (%)")
     return True
 
 
@@ -482,14 +476,18 @@ def plot_training_loss(rows: list[dict], path: Path, title: str) -> bool:
                       ["train_loss_per_epoch"].split()]
             ax.plot(range(1, len(losses) + 1), losses, marker=".",
                     label=kind if kind == "sc" else f"{kind}, N = {largest}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss")
+    _finish_plot(plt, fig, ax, path, title, "epoch", "training loss")
+    return True
+
+
+def _finish_plot(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def _pyplot(path: Path):
