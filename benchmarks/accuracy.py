@@ -39,7 +39,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, write_results  # noqa: E402
+from common import REPO, write_results  # noqa: E402
 
 from twolevel_dist.config import ModelConfig  # noqa: E402
 from twolevel_dist.engine.checkpoint import latest_complete, rank_file  # noqa: E402

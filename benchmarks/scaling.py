@@ -25,8 +25,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, default_device, median, model_from_config, time_steps,  # noqa: E402
-                    training_step, write_results)
+from common import (  # noqa: E402
+    REPO,
+    default_device,
+    median,
+    model_from_config,
+    time_steps,
+    training_step,
+    write_results,
+)
 
 from twolevel_dist.engine.device import configure_backends, synchronize  # noqa: E402
 from twolevel_dist.parallel import all_reduce_values, count_collectives, parallelize  # noqa: E402
@@ -133,7 +140,8 @@ def _worker(args) -> None:
     calls, nbytes = _comm_of_one_step(step)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(dict(step_s=times, calls=calls, bytes=nbytes,
-                                          params_per_rank=sum(p.numel() for p in model.parameters()))),
+                                          params_per_rank=sum(p.numel()
+                                                              for p in model.parameters()))),
               flush=True)
     dist.destroy_process_group()
 
@@ -272,7 +280,8 @@ def main(argv=None) -> int:
              f"from the counted bytes over the '{args.link}' link model "
              "(twolevel_dist/parallel/comm_model.py), without overlap."
              if args.mode == "sim" else
-             "Real ranks: each step's time is its slowest rank's (barrier-synchronised); the median "
+             "Real ranks: each step's time is its slowest rank's (barrier-synchronised); the "
+             "median "
              f"over {getattr(args, 'rounds', 1)} interleaved rounds of {args.reps} steps each. "
              "'oversubscribed' marks runs with more threads than cores.")
     write_results(stem, rows, f"Scaling ({args.mode}): {args.model}, batch {args.batch}",

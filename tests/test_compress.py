@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from test_train import _train, run_entry_point
+
 from twolevel_dist.models import build_model, count_parameters
 from twolevel_dist.selfgroup.layers import self_group_model, self_grouped_layers
 

@@ -43,7 +43,18 @@ from twolevel_dist.data import streaming as streaming_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR_JPEG = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 # ============================================================================ helpers
@@ -77,7 +88,9 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
     Image.fromarray(pixels, "RGB").save(path)
 
 
-def make_image_folder(root: Path, classes=("cat", "ant", "bee"), per_class=(3, 2), size=(6, 5), seed=0):
+def make_image_folder(
+    root: Path, classes=("cat", "ant", "bee"), per_class=(3, 2), size=(6, 5), seed=0
+):
     """A tiny train/test image folder of random PNGs; returns {split: [(label, pixels HWC)]}."""
     rng = np.random.default_rng(seed)
     expected: dict[str, list[tuple[int, np.ndarray]]] = {"train": [], "test": []}
@@ -93,7 +106,10 @@ def make_image_folder(root: Path, classes=("cat", "ant", "bee"), per_class=(3, 2
 def make_tar_gz(archive: Path, source_dir: Path, arcname_root: str | None = None) -> Path:
     with tarfile.open(archive, "w:gz") as tar:
         for entry in sorted(source_dir.iterdir()):
-            tar.add(entry, arcname=entry.name if arcname_root is None else f"{arcname_root}/{entry.name}")
+            tar.add(
+                entry,
+                arcname=entry.name if arcname_root is None else f"{arcname_root}/{entry.name}",
+            )
     return archive
 
 
@@ -136,12 +152,20 @@ def write_cifar10(root: Path, per_batch: int = 20, test_size: int = 20) -> dict[
     test_labels = [j % 10 for j in range(test_size)]
     dump_official(
         folder / "test_batch",
-        {b"batch_label": b"testing batch 1 of 1", b"labels": test_labels, b"data": test_rows,
-         b"filenames": [f"t{j}.png".encode() for j in range(test_size)]},
+        {
+            b"batch_label": b"testing batch 1 of 1",
+            b"labels": test_labels,
+            b"data": test_rows,
+            b"filenames": [f"t{j}.png".encode() for j in range(test_size)],
+        },
     )
     dump_official(
         folder / "batches.meta",
-        {b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072},
+        {
+            b"num_cases_per_batch": per_batch,
+            b"label_names": [c.encode() for c in CIFAR10_CLASSES],
+            b"num_vis": 3072,
+        },
     )
     return {
         "train_rows": np.concatenate(rows),
@@ -160,14 +184,21 @@ def write_cifar100(root: Path, train_size: int = 30, test_size: int = 12) -> dic
         fine = [(j * 37) % 100 for j in range(n)]
         dump_official(
             folder / split,
-            {b"filenames": [b"x.png"] * n, b"batch_label": split.encode(), b"fine_labels": fine,
-             b"coarse_labels": [f % 20 for f in fine], b"data": rows},
+            {
+                b"filenames": [b"x.png"] * n,
+                b"batch_label": split.encode(),
+                b"fine_labels": fine,
+                b"coarse_labels": [f % 20 for f in fine],
+                b"data": rows,
+            },
         )
         out[f"{split}_rows"], out[f"{split}_labels"] = rows, np.array(fine)
     dump_official(
         folder / "meta",
-        {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-         b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]},
+        {
+            b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+        },
     )
     return out
 
@@ -198,14 +229,44 @@ def test_image_arrays_makes_non_contiguous_images_contiguous():
     "images, labels, classes, message",
     [
         (torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.int64), ["a"], "uint8"),
-        (torch.zeros(2, 4, 4, 3, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), ["a"], "permute"),
-        (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.int32), ["a"], "labels.long()"),
-        (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64), ["a"], "one label per image"),
+        (
+            torch.zeros(2, 4, 4, 3, dtype=torch.uint8),
+            torch.zeros(2, dtype=torch.int64),
+            ["a"],
+            "permute",
+        ),
+        (
+            torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
+            torch.zeros(2, dtype=torch.int32),
+            ["a"],
+            "labels.long()",
+        ),
+        (
+            torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
+            torch.zeros(3, dtype=torch.int64),
+            ["a"],
+            "one label per image",
+        ),
         (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 2]), ["a", "b"], "[0, 1]"),
         (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, -1]), ["a", "b"], "[0, 1]"),
-        (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), [], "at least one class"),
-        (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), ["a", "a"], "duplicate"),
-        (np.zeros((2, 3, 4, 4), np.uint8), torch.zeros(2, dtype=torch.int64), ["a"], "torch.from_numpy"),
+        (
+            torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
+            torch.zeros(2, dtype=torch.int64),
+            [],
+            "at least one class",
+        ),
+        (
+            torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
+            torch.zeros(2, dtype=torch.int64),
+            ["a", "a"],
+            "duplicate",
+        ),
+        (
+            np.zeros((2, 3, 4, 4), np.uint8),
+            torch.zeros(2, dtype=torch.int64),
+            ["a"],
+            "torch.from_numpy",
+        ),
     ],
 )
 def test_image_arrays_rejects_bad_input_with_fix(images, labels, classes, message):
@@ -224,7 +285,9 @@ def test_mean_std_matches_direct_float_computation():
 
 
 def test_mean_std_of_empty_arrays_explains_fix():
-    empty = ImageArrays(torch.zeros(0, 3, 4, 4, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), ["a"])
+    empty = ImageArrays(
+        torch.zeros(0, 3, 4, 4, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), ["a"]
+    )
     with pytest.raises(DataError, match="pass mean= and std="):
         empty.mean_std()
 
@@ -239,11 +302,14 @@ def test_balanced_subset_takes_the_first_images_of_each_class_in_stored_order():
     assert torch.bincount(subset.labels).tolist() == [2, 2, 2]
 
 
-@pytest.mark.parametrize("count, message", [(7, "positive multiple of 3"), (0, "positive multiple"),
-                                            (15, "give at most 12")])
+@pytest.mark.parametrize(
+    "count, message",
+    [(7, "positive multiple of 3"), (0, "positive multiple"), (15, "give at most 12")],
+)
 def test_balanced_subset_refuses_impossible_sizes_with_the_fix(count, message):
-    arrays = ImageArrays(torch.zeros(12, 3, 2, 2, dtype=torch.uint8), torch.arange(12) % 3,
-                         ["a", "b", "c"])
+    arrays = ImageArrays(
+        torch.zeros(12, 3, 2, 2, dtype=torch.uint8), torch.arange(12) % 3, ["a", "b", "c"]
+    )
     with pytest.raises(DataError, match=message):
         arrays.balanced_subset(count)
 
@@ -255,7 +321,9 @@ def test_synthetic_is_bit_identical_for_same_seed_and_differs_across_seeds():
     a_train, a_test = make_synthetic(train_size=500, test_size=100, seed=7)
     b_train, b_test = make_synthetic(train_size=500, test_size=100, seed=7)
     c_train, _ = make_synthetic(train_size=500, test_size=100, seed=8)
-    assert torch.equal(a_train.images, b_train.images) and torch.equal(a_train.labels, b_train.labels)
+    assert torch.equal(a_train.images, b_train.images) and torch.equal(
+        a_train.labels, b_train.labels
+    )
     assert torch.equal(a_test.images, b_test.images) and torch.equal(a_test.labels, b_test.labels)
     assert not torch.equal(a_train.images, c_train.images)
     # Train and test share templates but not noise.
@@ -325,10 +393,14 @@ def test_cifar10_pickles_load_with_pixels_at_the_right_positions(tmp_path):
     # Spot checks against the layout's definition, including every corner and a batch seam.
     for index in (0, 19, 20, 57, 99):
         for c, y, x in ((0, 0, 0), (1, 0, 31), (2, 31, 0), (2, 31, 31), (1, 5, 17), (0, 30, 2)):
-            assert int(train.images[index, c, y, x]) == pixel_at(written["train_rows"][index], c, y, x)
+            assert int(train.images[index, c, y, x]) == pixel_at(
+                written["train_rows"][index], c, y, x
+            )
     # And one full image, pixel by pixel.
     row = written["test_rows"][13]
-    reference = np.array([[[pixel_at(row, c, y, x) for x in range(32)] for y in range(32)] for c in range(3)])
+    reference = np.array(
+        [[[pixel_at(row, c, y, x) for x in range(32)] for y in range(32)] for c in range(3)]
+    )
     assert np.array_equal(test.images[13].numpy(), reference)
 
 
@@ -380,11 +452,12 @@ def test_a_cifar_pickle_carrying_code_is_refused_and_the_code_never_runs(tmp_pat
     path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
     rows = np.zeros((20, 3072), np.uint8)
     with open(path, "wb") as f:
-        pickle.dump({b"labels": [0] * 20, b"data": rows, b"extra": _Payload(marker)}, f,
-                    protocol=protocol)
+        pickle.dump(
+            {b"labels": [0] * 20, b"data": rows, b"extra": _Payload(marker)}, f, protocol=protocol
+        )
     with pytest.raises(DataError) as info:
         load_cifar(tmp_path, "cifar10")
-    assert not marker.exists()                       # the payload did not run
+    assert not marker.exists()  # the payload did not run
     assert str(path) in str(info.value) and "which no CIFAR pickle holds" in str(info.value)
     assert "could run code" in str(info.value)
     # The same file without the payload, in either protocol (numpy arrays included), loads.
@@ -482,7 +555,9 @@ def _offline_cifar10_archive(tmp_path: Path, monkeypatch) -> tuple[Path, list[st
     write_cifar10(source)
     archive = make_tar_gz(tmp_path / "local.tar.gz", source)
     spec = cifar_module.CIFAR_SPECS["cifar10"]
-    monkeypatch.setitem(cifar_module.CIFAR_SPECS, "cifar10", dataclasses.replace(spec, md5=md5(archive)))
+    monkeypatch.setitem(
+        cifar_module.CIFAR_SPECS, "cifar10", dataclasses.replace(spec, md5=md5(archive))
+    )
     fetched: list[str] = []
 
     def fake_fetch(url: str, destination: Path) -> None:
@@ -506,7 +581,9 @@ def test_download_fetches_verifies_extracts_once(tmp_path, monkeypatch):
 
 def test_download_with_corrupt_fetch_reports_md5(tmp_path, monkeypatch):
     _, fetched = _offline_cifar10_archive(tmp_path, monkeypatch)
-    monkeypatch.setattr(cifar_module, "_fetch_url", lambda url, dest: Path(dest).write_bytes(b"garbage"))
+    monkeypatch.setattr(
+        cifar_module, "_fetch_url", lambda url, dest: Path(dest).write_bytes(b"garbage")
+    )
     root = tmp_path / "root"
     with pytest.raises(DataError, match="checksum mismatch.*delete it and retry"):
         load_cifar(root, "cifar10", download=True)
@@ -569,7 +646,11 @@ def test_image_folder_cache_is_written_then_read_without_decoding(tmp_path, monk
     monkeypatch.setattr(image_folder_module.decode, "decode_chunk", no_decoding)
     second = load_image_folder(root)
     for a, b in zip(first, second):
-        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.classes == b.classes
+        assert (
+            torch.equal(a.images, b.images)
+            and torch.equal(a.labels, b.labels)
+            and a.classes == b.classes
+        )
     # Loading did not leave temporary files next to the cache.
     assert [p.suffix for p in (root / ".twolevel_cache").iterdir()] == [".npz"]
 
@@ -639,7 +720,9 @@ def test_image_folder_converts_grayscale_and_rgba_to_rgb(tmp_path):
     root = tmp_path / "set"
     make_image_folder(root)
     Image.fromarray(np.full((5, 6), 200, np.uint8), "L").save(root / "train" / "ant" / "gray.png")
-    Image.fromarray(np.full((5, 6, 4), 50, np.uint8), "RGBA").save(root / "test" / "ant" / "rgba.png")
+    Image.fromarray(np.full((5, 6, 4), 50, np.uint8), "RGBA").save(
+        root / "test" / "ant" / "rgba.png"
+    )
     train, test = load_image_folder(root, use_cache=False)
     assert (train.images[3] == 200).all()  # ant: 000, 001, 002, gray
     assert (test.images[2] == 50).all()  # ant: 000, 001, rgba
@@ -728,7 +811,10 @@ def test_extract_tar_helper(tmp_path):
 @pytest.fixture(scope="session")
 def cifar10_jpeg_root(tmp_path_factory) -> Path:
     if not SHARED_CIFAR_JPEG.is_file():
-        pytest.skip(f"real-data archive {SHARED_CIFAR_JPEG} is absent (it lives in ../shared/data on the dev machines)")
+        pytest.skip(
+            f"real-data archive {SHARED_CIFAR_JPEG} is absent (it lives in ../shared/data on the "
+            "dev machines)"
+        )
     destination = tmp_path_factory.mktemp("cifar10_jpeg")
     data.extract_tar(SHARED_CIFAR_JPEG, destination)
     return destination
@@ -750,7 +836,9 @@ def test_real_cifar10_jpeg_folder_loads_and_caches(cifar10_jpeg_root, monkeypatc
 
     monkeypatch.setattr(image_folder_module.decode, "decode_chunk", no_decoding)
     cached_train, cached_test = load_image_folder(cifar10_jpeg_root)
-    assert torch.equal(cached_train.images, train.images) and torch.equal(cached_test.labels, test.labels)
+    assert torch.equal(cached_train.images, train.images) and torch.equal(
+        cached_test.labels, test.labels
+    )
 
 
 # ============================================================================ DeviceLoader
@@ -762,7 +850,9 @@ def batches(loader: DeviceLoader) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_device_loader_same_seed_gives_identical_batches_and_epochs_differ():
     arrays = random_arrays(40)
-    make = lambda: DeviceLoader(arrays, 8, train=True, device="cpu", seed=3, dp_rank=1, dp_size=2)
+    def make():
+        return DeviceLoader(arrays, 8, train=True, device="cpu", seed=3, dp_rank=1, dp_size=2)
+
     a, b = make(), make()
     first_a, first_b = batches(a), batches(b)
     assert len(first_a) == len(a) == 2  # 20 samples per replica, 8 per batch, drop_last
@@ -774,7 +864,9 @@ def test_device_loader_same_seed_gives_identical_batches_and_epochs_differ():
     a.set_epoch(0)
     again = batches(a)
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(again, first_a))
-    other_seed = batches(DeviceLoader(arrays, 8, train=True, device="cpu", seed=4, dp_rank=1, dp_size=2))
+    other_seed = batches(
+        DeviceLoader(arrays, 8, train=True, device="cpu", seed=4, dp_rank=1, dp_size=2)
+    )
     assert not torch.equal(other_seed[0][0], first_a[0][0])
 
 
@@ -792,7 +884,12 @@ def test_device_loader_train_shards_are_disjoint_equal_and_from_one_permutation(
             assert not seen[i] & seen[j]
     assert len(set().union(*seen)) == 100  # 103 // 4 * 4; the 3 left over are dropped this epoch
     # The shards interleave one shared permutation: rank r holds perm[r::4].
-    perms = [DeviceLoader(arrays, 5, train=True, device="cpu", seed=0, dp_rank=r, dp_size=4).shard_indices() for r in range(4)]
+    perms = [
+        DeviceLoader(
+            arrays, 5, train=True, device="cpu", seed=0, dp_rank=r, dp_size=4
+        ).shard_indices()
+        for r in range(4)
+    ]
     interleaved = torch.stack(perms, dim=1).flatten()
     assert sorted(interleaved.tolist()) == sorted(set(interleaved.tolist()))
 
@@ -801,9 +898,13 @@ def test_device_loader_eval_covers_every_sample_exactly_once_in_order():
     arrays = identity_arrays(23)
     collected = []
     for rank in range(3):
-        loader = DeviceLoader(arrays, 4, train=False, device="cpu", seed=0, dp_rank=rank, dp_size=3, **RAW_PIXELS)
+        loader = DeviceLoader(
+            arrays, 4, train=False, device="cpu", seed=0, dp_rank=rank, dp_size=3, **RAW_PIXELS
+        )
         got = batches(loader)
-        assert len(got) == len(loader) == -(-len(range(rank, 23, 3)) // 4)  # last partial batch kept
+        assert (
+            len(got) == len(loader) == -(-len(range(rank, 23, 3)) // 4)
+        )  # last partial batch kept
         labels = torch.cat([y for _, y in got])
         assert labels.tolist() == list(range(rank, 23, 3))  # no shuffle
         images = torch.cat([x for x, _ in got])
@@ -819,7 +920,7 @@ def test_device_loader_train_images_are_real_crops_and_flips_of_their_source():
     pad, size = 2, 8
     arrays = identity_arrays(64, size=size, seed=5)
     loader = DeviceLoader(arrays, 64, train=True, device="cpu", seed=1, pad=pad, **RAW_PIXELS)
-    (images, labels), = batches(loader)
+    ((images, labels),) = batches(loader)
     images = as_pixels(images)
     padded = torch.nn.functional.pad(arrays.images.long(), (pad,) * 4)
     used = set()
@@ -876,17 +977,21 @@ def test_device_loader_normalises_then_casts_and_sets_memory_format():
     arrays = random_arrays(10)
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.125)
     loader = DeviceLoader(arrays, 10, train=False, device="cpu", seed=0, mean=mean, std=std)
-    (x, y), = batches(loader)
-    expected = (arrays.images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    ((x, y),) = batches(loader)
+    expected = (arrays.images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std
+    ).view(1, 3, 1, 1)
     assert x.dtype == torch.float32 and torch.allclose(x, expected, atol=1e-6)
     assert y.dtype == torch.int64 and torch.equal(y, arrays.labels)
 
     default = DeviceLoader(arrays, 10, train=False, device="cpu", seed=0)
-    (x_default, _), = batches(default)
+    ((x_default, _),) = batches(default)
     assert abs(float(x_default.mean())) < 1e-4  # default mean/std come from the data
     assert abs(float(x_default.std(unbiased=False)) - 1) < 1e-2
 
-    fast = DeviceLoader(arrays, 4, train=True, device="cpu", seed=0, dtype=torch.bfloat16, channels_last=True)
+    fast = DeviceLoader(
+        arrays, 4, train=True, device="cpu", seed=0, dtype=torch.bfloat16, channels_last=True
+    )
     x_fast, _ = next(iter(fast))
     assert x_fast.dtype == torch.bfloat16 and x_fast.shape == (4, 3, 8, 8)
     assert x_fast.is_contiguous(memory_format=torch.channels_last)
@@ -894,8 +999,10 @@ def test_device_loader_normalises_then_casts_and_sets_memory_format():
 
 def test_device_loader_without_augmentation_in_train_mode_only_shuffles():
     arrays = identity_arrays(12)
-    loader = DeviceLoader(arrays, 12, train=True, device="cpu", seed=0, pad=0, flip=False, **RAW_PIXELS)
-    (x, y), = batches(loader)
+    loader = DeviceLoader(
+        arrays, 12, train=True, device="cpu", seed=0, pad=0, flip=False, **RAW_PIXELS
+    )
+    ((x, y),) = batches(loader)
     assert sorted(y.tolist()) == list(range(12)) and y.tolist() != list(range(12))
     assert torch.equal(as_pixels(x), arrays.images[y].long())
 
@@ -945,7 +1052,10 @@ def streaming_root(tmp_path) -> Path:
         for name in ("n01", "n02"):
             for i in range(count):
                 w, h = sizes[i % len(sizes)]
-                write_png(tmp_path / split / name / f"{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                write_png(
+                    tmp_path / split / name / f"{i}.png",
+                    rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                )
     return tmp_path
 
 
@@ -953,10 +1063,23 @@ def loader_batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x, y) for x, y in loader]
 
 
-def test_streaming_train_batches_are_uint8_normalised_on_the_device_and_deterministic(streaming_root):
-    make = lambda **kw: make_streaming_loader(
-        streaming_root, "train", 4, train=True, image_size=16, workers=0, seed=1, epoch=0, backend="pil", **kw
-    )
+def test_streaming_train_batches_are_uint8_normalised_on_the_device_and_deterministic(
+    streaming_root,
+):
+    def make(**kw):
+        return make_streaming_loader(
+            streaming_root,
+            "train",
+            4,
+            train=True,
+            image_size=16,
+            workers=0,
+            seed=1,
+            epoch=0,
+            backend="pil",
+            **kw,
+        )
+
     first, again = loader_batches(make()), loader_batches(make())
     assert len(first) == 3  # 12 images, batch 4, drop_last
     x, y = first[0]
@@ -967,7 +1090,17 @@ def test_streaming_train_batches_are_uint8_normalised_on_the_device_and_determin
     for (xa, ya), (xb, yb) in zip(first, again):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     next_epoch = loader_batches(
-        make_streaming_loader(streaming_root, "train", 4, train=True, image_size=16, workers=0, seed=1, epoch=1, backend="pil")
+        make_streaming_loader(
+            streaming_root,
+            "train",
+            4,
+            train=True,
+            image_size=16,
+            workers=0,
+            seed=1,
+            epoch=1,
+            backend="pil",
+        )
     )
     assert not torch.equal(next_epoch[0][0], first[0][0])
 
@@ -984,42 +1117,67 @@ def test_streaming_augmentation_depends_on_sample_not_on_batching_or_workers(str
 
 
 def test_streaming_sampler_shards_are_disjoint_and_shared_within_a_dp_rank():
-    samplers = [streaming_module.ShardedSampler(103, shuffle=True, seed=0, epoch=4, dp_rank=r, dp_size=4) for r in range(4)]
+    samplers = [
+        streaming_module.ShardedSampler(103, shuffle=True, seed=0, epoch=4, dp_rank=r, dp_size=4)
+        for r in range(4)
+    ]
     shards = [list(s) for s in samplers]
     assert all(len(s) == len(sampler) == 25 for s, sampler in zip(shards, samplers))
     assert len(set().union(*map(set, shards))) == 100
-    same_rank = list(streaming_module.ShardedSampler(103, shuffle=True, seed=0, epoch=4, dp_rank=2, dp_size=4))
+    same_rank = list(
+        streaming_module.ShardedSampler(103, shuffle=True, seed=0, epoch=4, dp_rank=2, dp_size=4)
+    )
     assert same_rank == shards[2]
-    other_epoch = list(streaming_module.ShardedSampler(103, shuffle=True, seed=0, epoch=5, dp_rank=2, dp_size=4))
+    other_epoch = list(
+        streaming_module.ShardedSampler(103, shuffle=True, seed=0, epoch=5, dp_rank=2, dp_size=4)
+    )
     assert other_epoch != shards[2]
-    evaluation = [list(streaming_module.ShardedSampler(10, shuffle=False, seed=0, epoch=0, dp_rank=r, dp_size=3)) for r in range(3)]
+    evaluation = [
+        list(
+            streaming_module.ShardedSampler(
+                10, shuffle=False, seed=0, epoch=0, dp_rank=r, dp_size=3
+            )
+        )
+        for r in range(3)
+    ]
     assert sorted(sum(evaluation, [])) == list(range(10))
 
 
 def test_streaming_sampler_parts_split_each_full_batch_between_the_gp_ranks():
     common = dict(shuffle=True, seed=0, epoch=3, dp_rank=1, dp_size=2, batch_size=8)
-    whole = list(streaming_module.ShardedSampler(43, **common))            # 21: 2 full batches
+    whole = list(streaming_module.ShardedSampler(43, **common))  # 21: 2 full batches
     parts = [list(streaming_module.ShardedSampler(43, part=p, parts=4, **common)) for p in range(4)]
-    assert all(len(p) == 4 for p in parts)                                  # 2 per batch each
+    assert all(len(p) == 4 for p in parts)  # 2 per batch each
     batches = [sum((p[2 * b : 2 * b + 2] for p in parts), []) for b in range(2)]
-    assert batches == [whole[:8], whole[8:16]]      # gathered in part order: the whole batches
+    assert batches == [whole[:8], whole[8:16]]  # gathered in part order: the whole batches
     resumed = streaming_module.ShardedSampler(43, skip=8, part=1, parts=4, **common)
     assert list(resumed) == parts[1][2:] and len(resumed) == 2
 
 
 def _gp_batches(root):
     import torch.distributed as dist
-    loader = streaming_module.StreamingEpochLoader(root, "train", 4, train=True, device="cpu",
-                                                   image_size=16, workers=0, seed=1,
-                                                   gp_group=dist.group.WORLD)
+
+    loader = streaming_module.StreamingEpochLoader(
+        root,
+        "train",
+        4,
+        train=True,
+        device="cpu",
+        image_size=16,
+        workers=0,
+        seed=1,
+        gp_group=dist.group.WORLD,
+    )
     loader.set_epoch(2)
     return [(x, y) for x, y in loader], loader.gp_group is not None
 
 
 def test_gp_ranks_decode_a_slice_each_and_gather_the_batch_of_one_decoder(streaming_root):
     from distributed import run_on_ranks
-    one = streaming_module.StreamingEpochLoader(streaming_root, "train", 4, train=True,
-                                                device="cpu", image_size=16, workers=0, seed=1)
+
+    one = streaming_module.StreamingEpochLoader(
+        streaming_root, "train", 4, train=True, device="cpu", image_size=16, workers=0, seed=1
+    )
     one.set_epoch(2)
     expected = list(one)
     for batches, split in run_on_ranks(2, _gp_batches, streaming_root):
@@ -1035,15 +1193,25 @@ def test_streaming_eval_is_resize_then_center_crop(streaming_root, tmp_path):
     # Pixels: a constant-colour image stays that colour, normalised with ImageNet statistics.
     root = tmp_path / "constant"
     write_png(root / "val" / "a" / "0.png", np.full((30, 50, 3), (255, 0, 128), np.uint8))
-    (x, y), = loader_batches(make_streaming_loader(root, "val", 1, train=False, image_size=8, workers=0, backend="pil"))
-    expected = (torch.tensor([255, 0, 128]) / 255 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
-    assert torch.equal(x[0], torch.tensor([255, 0, 128], dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8))
-    assert torch.allclose(streaming_module.normalise(x)[0], expected.view(3, 1, 1).expand(3, 8, 8), atol=1e-5)
+    ((x, y),) = loader_batches(
+        make_streaming_loader(root, "val", 1, train=False, image_size=8, workers=0, backend="pil")
+    )
+    expected = (
+        torch.tensor([255, 0, 128]) / 255 - torch.tensor(data.IMAGENET_MEAN)
+    ) / torch.tensor(data.IMAGENET_STD)
+    assert torch.equal(
+        x[0], torch.tensor([255, 0, 128], dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8)
+    )
+    assert torch.allclose(
+        streaming_module.normalise(x)[0], expected.view(3, 1, 1).expand(3, 8, 8), atol=1e-5
+    )
     assert y.tolist() == [0]
 
 
 def test_streaming_eval_keeps_order_and_partial_batch(streaming_root):
-    loader = make_streaming_loader(streaming_root, "val", 4, train=False, image_size=8, workers=0, backend="pil")
+    loader = make_streaming_loader(
+        streaming_root, "val", 4, train=False, image_size=8, workers=0, backend="pil"
+    )
     got = loader_batches(loader)
     assert [len(y) for _, y in got] == [4, 2]
     assert torch.cat([y for _, y in got]).tolist() == [0, 0, 0, 1, 1, 1]
@@ -1088,14 +1256,22 @@ def test_streaming_uses_torchvision_kernels_where_torchvision_imports(streaming_
     def resized_crop(pixels, top, left, height, width, size, antialias=True):
         calls.append(("resized_crop", top, left, height, width, tuple(size)))
         crop = pixels[:, top : top + height, left : left + width].float()[None]
-        return torch.nn.functional.interpolate(crop, size=tuple(size), mode="bilinear")[0].round().to(torch.uint8)
+        return (
+            torch.nn.functional.interpolate(crop, size=tuple(size), mode="bilinear")[0]
+            .round()
+            .to(torch.uint8)
+        )
 
     def hflip(pixels):
         calls.append("hflip")
         return pixels.flip(-1)
 
     functional = types.ModuleType("torchvision.transforms.functional")
-    functional.pil_to_tensor, functional.resized_crop, functional.hflip = pil_to_tensor, resized_crop, hflip
+    functional.pil_to_tensor, functional.resized_crop, functional.hflip = (
+        pil_to_tensor,
+        resized_crop,
+        hflip,
+    )
     transforms = types.ModuleType("torchvision.transforms")
     transforms.functional = functional
     torchvision = types.ModuleType("torchvision")
@@ -1113,7 +1289,9 @@ def test_streaming_uses_torchvision_kernels_where_torchvision_imports(streaming_
     # val/n01/0.png is 40x30: short side 30 -> crop of 30 * 8/9 = 26.67 -> 27 px, centred:
     # left = (40 - 26.67) / 2 = 6.67 -> 7, top = (30 - 26.67) / 2 = 1.67 -> 2.
     assert ("resized_crop", 2, 7, 27, 27, (8, 8)) in calls
-    train = make_streaming_loader(streaming_root, "train", 12, train=True, image_size=8, workers=0, drop_last=False)
+    train = make_streaming_loader(
+        streaming_root, "train", 12, train=True, image_size=8, workers=0, drop_last=False
+    )
     next(iter(train))
     assert "hflip" in calls  # 12 samples: at least one flipped (p = 1 - 2**-12)
 
@@ -1132,7 +1310,12 @@ def test_torchvision_is_not_imported_on_the_cpu_path(tmp_path):
 
 def test_load_arrays_synthetic_forwards_options():
     train, test = load_arrays(
-        "Synthetic", seed=3, image_size=16, synthetic_train_size=40, synthetic_test_size=8, num_classes=4
+        "Synthetic",
+        seed=3,
+        image_size=16,
+        synthetic_train_size=40,
+        synthetic_test_size=8,
+        num_classes=4,
     )
     assert train.images.shape == (40, 3, 16, 16) and len(test) == 8 and train.num_classes == 4
     expected, _ = make_synthetic(num_classes=4, train_size=40, test_size=8, image_size=16, seed=3)
@@ -1145,7 +1328,9 @@ def test_load_arrays_dispatches_to_cifar_and_imagefolder(tmp_path):
     assert len(load_arrays("cifar10", root=tmp_path / "cifar")[0]) == 100
     assert load_arrays("cifar100", root=tmp_path / "cifar")[0].num_classes == 100
     make_image_folder(tmp_path / "folder")
-    train, _ = load_arrays("imagefolder", root=tmp_path / "folder", image_size=4, cache_dir=tmp_path / "c")
+    train, _ = load_arrays(
+        "imagefolder", root=tmp_path / "folder", image_size=4, cache_dir=tmp_path / "c"
+    )
     assert train.images.shape[1:] == (3, 4, 4)
 
 

@@ -1,4 +1,5 @@
-"""The GPU's conditions on a CPU: sharding keeps every tensor where and as it was (``meta`` stands in
+"""The GPU's conditions on a CPU: sharding keeps every tensor where and as it was (``meta``
+stands in
 for ``cuda``, float64 for a dtype other than the default), every collective's tensor lives on the
 model's device (a spy on torch.distributed over a ``meta`` model), every GC-2L path trains under
 bf16 autocast as the single-device model does, the process group serves CPU and CUDA tensors, and
@@ -11,16 +12,22 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from distributed import run_on_ranks
-from twolevel_dist.engine.device import rng_state, resolve_amp, set_rng_state
+
+from twolevel_dist.engine.device import resolve_amp, rng_state, set_rng_state
 from twolevel_dist.engine.loop import average_batch_norm_statistics, train_one_epoch
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import TwoLevelGroupConv2d, to_layout
 from twolevel_dist.layers.two_level import resolve_impl
 from twolevel_dist.models import build_model
-from twolevel_dist.parallel import (all_reduce_values, consolidate_state_dict, init_distributed,
-                                    init_mesh, mesh, parallelize)
+from twolevel_dist.parallel import (
+    all_reduce_values,
+    consolidate_state_dict,
+    init_distributed,
+    init_mesh,
+    mesh,
+    parallelize,
+)
 from twolevel_dist.parallel.sharded import ShardedTwoLevelConv2d, resolve_overlap
 from twolevel_dist.parallel.simulated import simulated_mesh
 

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from distributed import run_on_ranks
 from test_parallel import GC2L, WRN, _cases, _matches_unsharded
+
 from twolevel_dist.engine.device import rng_state, set_rng_state
 from twolevel_dist.layers import make_conv, to_layout
 from twolevel_dist.models import build_model

@@ -12,11 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from slurm_cluster import SlurmCluster, Unavailable
 from test_train import SMALL, TORCHRUN, _train
-from twolevel_dist.engine.checkpoint import (atomic_save, complete_epochs, latest_complete_epoch,
-                                             load_rank_checkpoint, mark_complete, rank_file)
+
+from twolevel_dist.engine.checkpoint import (
+    atomic_save,
+    complete_epochs,
+    latest_complete_epoch,
+    load_rank_checkpoint,
+    mark_complete,
+    rank_file,
+)
 from twolevel_dist.engine.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

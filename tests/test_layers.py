@@ -8,8 +8,12 @@ import torch.nn.functional as F
 
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import CONV_KINDS, make_conv, straight_through_one_hot
-from twolevel_dist.layers.two_level import (InputGradSum, TwoLevelGroupConv2d, local_convolution,
-                                            representatives_taps)
+from twolevel_dist.layers.two_level import (
+    InputGradSum,
+    TwoLevelGroupConv2d,
+    local_convolution,
+    representatives_taps,
+)
 
 torch.manual_seed(0)
 KINDS = sorted(CONV_KINDS)
@@ -150,7 +154,8 @@ def test_gc2l_fused_layout_shapes():
     assert layer.weight.shape == (4, 16 // 4 + 1, 8 // 4, 3, 3)
     assert layer.coarse_weight.shape == (16, 4)
     n_params = sum(p.numel() for p in layer.parameters())
-    assert n_params == 8 * 16 * 9 // 4 + 8 * 9 + 4 * 16   # DESIGN.md: C_in C_out k^2/N + C_in k^2 + N C_out
+    # DESIGN.md: C_in C_out k^2/N + C_in k^2 + N C_out
+    assert n_params == 8 * 16 * 9 // 4 + 8 * 9 + 4 * 16
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -5,11 +5,16 @@ import torch
 import torch.nn as nn
 
 from twolevel_dist.errors import ConfigError
-from twolevel_dist.layers import (CONV_KINDS, DepthwiseConv2d, StemConv2d, TwoLevelGroupConv2d,
-                                  GroupConv2d)
+from twolevel_dist.layers import (
+    CONV_KINDS,
+    DepthwiseConv2d,
+    GroupConv2d,
+    StemConv2d,
+    TwoLevelGroupConv2d,
+)
 from twolevel_dist.models import build_model, count_parameters
-from twolevel_dist.params import count_millions, format_markdown, main, paper_table
 from twolevel_dist.paper import PAPER_PARAMS_M, TOLERANCE_M
+from twolevel_dist.params import count_millions, format_markdown, main, paper_table
 
 
 @pytest.mark.parametrize("key", sorted(PAPER_PARAMS_M), ids=lambda k: f"{k[0]}-{k[1]}-{k[2]}")

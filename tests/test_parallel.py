@@ -8,13 +8,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from distributed import run_on_ranks
+
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import ShuffleGroupConv2d, TwoLevelGroupConv2d, to_layout
 from twolevel_dist.models import build_model
-from twolevel_dist.parallel import (collectives, consolidate_state_dict, count_collectives,
-                                    init_mesh, parallelize, shard_state_dict)
+from twolevel_dist.parallel import (
+    collectives,
+    consolidate_state_dict,
+    count_collectives,
+    init_mesh,
+    parallelize,
+    shard_state_dict,
+)
 from twolevel_dist.parallel.rules import _shard_shuffle
 from twolevel_dist.parallel.sharded import ShardedTwoLevelConv2d
 from twolevel_dist.parallel.simulated import simulated_mesh
@@ -86,7 +92,8 @@ def _matches_unsharded(dp, gp, cases, transport="direct", device="cpu"):
         reference = replicas[dp_rank]
         ref_after = reference(xs[dp_rank])
         label = (name, conv, overlap, train, dtype)
-        torch.testing.assert_close(logits, ref_logits[dp_rank], **TOL, msg=lambda m: f"{label}: {m}")
+        torch.testing.assert_close(logits, ref_logits[dp_rank], **TOL,
+                                   msg=lambda m: f"{label}: {m}")
         torch.testing.assert_close(loss, ref_losses[dp_rank], **TOL)
         torch.testing.assert_close(logits_after, ref_after, **TOL, msg=lambda m: f"{label}: {m}")
         ref_state = reference.state_dict()
@@ -219,7 +226,8 @@ def test_parameters_per_rank_follow_the_papers_per_processor_count():
         n = 4
         assert r["per_rank"] == (r["total"] - r["replicated"]) // n + r["replicated"]
         cin, cout, k = r["layer"]
-        # C_in C_out k^2 / N^2 + C_in k^2 / N + C_out: GC's share, the representative filter, A0's rows.
+        # C_in C_out k^2 / N^2 + C_in k^2 / N + C_out: GC's share, the representative filter,
+        # A0's rows.
         assert r["layer_per_rank"] == cin * cout * k * k // n ** 2 + cin * k * k // n + cout
 
 

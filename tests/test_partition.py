@@ -9,12 +9,19 @@ import torch.nn as nn
 
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.models import build_model
-from twolevel_dist.selfgroup.convert import (convert_to_grouped, permute_channels,
-                                             wrn_channel_graph)
-from twolevel_dist.selfgroup.partition import (ChannelGraph, ChannelSpace, GroupedLayer,
-                                               balanced_assignment, balanced_partition,
-                                               check_partitions, contiguous_partition, contiguous_partitions,
-                                               diagonal_mass, total_mass)
+from twolevel_dist.selfgroup.convert import convert_to_grouped, permute_channels, wrn_channel_graph
+from twolevel_dist.selfgroup.partition import (
+    ChannelGraph,
+    ChannelSpace,
+    GroupedLayer,
+    balanced_assignment,
+    balanced_partition,
+    check_partitions,
+    contiguous_partition,
+    contiguous_partitions,
+    diagonal_mass,
+    total_mass,
+)
 
 WRN_CIFAR = ("wrn", dict(depth=10, widen=2))
 

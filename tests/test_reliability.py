@@ -12,10 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_train import PYTHON, SMALL, TORCHRUN, _train
-from twolevel_dist.engine.checkpoint import (COMPLETE, atomic_save, complete_epochs, epoch_dir,
-                                             latest_complete_epoch, mark_complete, rank_file)
+
+from twolevel_dist.engine.checkpoint import (
+    COMPLETE,
+    atomic_save,
+    complete_epochs,
+    epoch_dir,
+    latest_complete_epoch,
+    mark_complete,
+    rank_file,
+)
 from twolevel_dist.engine.metrics import read_metrics
 from twolevel_dist.errors import RunError
 

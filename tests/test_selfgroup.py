@@ -12,12 +12,21 @@ from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import GroupConv2d
 from twolevel_dist.models import build_model, count_parameters
 from twolevel_dist.selfgroup.accounting import layer_report, markdown_table, totals
-from twolevel_dist.selfgroup.grouping import (kept_channels, percentile, progressive_schedule,
-                                              prune_step)
+from twolevel_dist.selfgroup.grouping import (
+    kept_channels,
+    percentile,
+    progressive_schedule,
+    prune_step,
+)
 from twolevel_dist.selfgroup.importance import importance_vectors
 from twolevel_dist.selfgroup.kmeans import kmeans
-from twolevel_dist.selfgroup.layers import (SelfGroupedConv2d, SelfGroupedLinear,
-                                            self_group_model, self_grouped_layers, set_mode)
+from twolevel_dist.selfgroup.layers import (
+    SelfGroupedConv2d,
+    SelfGroupedLinear,
+    self_group_model,
+    self_grouped_layers,
+    set_mode,
+)
 
 WRN = dict(conv="sc", groups=1, depth=10, widen=2, num_classes=10)
 
@@ -253,7 +262,8 @@ def test_masked_and_compact_linear_agree(shape):
     assert torch.all(compact[1][~layer.mask] == 0)
 
 
-@pytest.mark.parametrize("make", [lambda: SelfGroupedConv2d(6, 7, 3), lambda: SelfGroupedLinear(6, 7)])
+@pytest.mark.parametrize("make", [lambda: SelfGroupedConv2d(6, 7, 3),
+                                  lambda: SelfGroupedLinear(6, 7)])
 def test_a_pruned_connection_is_never_used(make):
     generator = torch.Generator().manual_seed(5)
     layer = make()

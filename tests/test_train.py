@@ -9,10 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from test_data import write_cifar10
-from twolevel_dist.engine.checkpoint import (COMPLETE, atomic_save, epoch_dir,
-                                             latest_complete_epoch, mark_complete, rank_file)
+
+from twolevel_dist.engine.checkpoint import (
+    COMPLETE,
+    atomic_save,
+    epoch_dir,
+    latest_complete_epoch,
+    mark_complete,
+    rank_file,
+)
 from twolevel_dist.engine.metrics import read_metrics, truncate_metrics
 from twolevel_dist.models import build_model
 

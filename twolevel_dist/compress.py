@@ -1,6 +1,7 @@
 """The compression entry point (Hydra): from a trained SC network to a cheaper one, on one device.
 
-    python -m twolevel_dist.compress checkpoint=<run>/model.pt model=wrn10_2 dataset=cifar10 method=sg
+    python -m twolevel_dist.compress checkpoint=<run>/model.pt model=wrn10_2 dataset=cifar10 \\
+        method=sg
     python -m twolevel_dist.compress checkpoint=<run>/model.pt model=wrn10_2 dataset=cifar10 \\
         method=convert convert.conv=gc2l convert.groups=4
 
@@ -34,8 +35,12 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from twolevel_dist.config import (CompressConfig, check_known_keys, register_resolvers,
-                                  validate_compress)
+from twolevel_dist.config import (
+    CompressConfig,
+    check_known_keys,
+    register_resolvers,
+    validate_compress,
+)
 from twolevel_dist.data import DataError
 from twolevel_dist.engine.checkpoint import atomic_save, read_model_file
 from twolevel_dist.engine.device import clock, configure_backends, resolve_amp
@@ -61,9 +66,11 @@ ConfigStore.instance().store(name="compress_schema", node=CompressConfig)
 
 
 def load_sc_checkpoint(path: str, cfg: CompressConfig, num_classes: int) -> torch.nn.Module:
-    """The SC network of a training run's consolidated ``model.pt``, checked against ``cfg.model``."""
+    """The SC network of a training run's consolidated ``model.pt``, checked against
+    ``cfg.model``."""
     saved = read_model_file(path, "checkpoint", "pass the model.pt a training run wrote "
-                                                "(python -m twolevel_dist.train conv=sc groups=1 ...)")
+                                                "(python -m twolevel_dist.train conv=sc groups=1 "
+                                                "...)")
     if not isinstance(saved, dict) or "model" not in saved:
         raise ConfigError(f"checkpoint={path} is not a twolevel_dist model.pt (no 'model' entry)")
     meta = saved.get("meta", {})

@@ -60,8 +60,13 @@ def main(argv=None) -> int:
 
     import torch.distributed as dist
 
-    from twolevel_dist.parallel import (all_reduce_values, count_collectives, init_distributed,
-                                        init_mesh, parallelize)
+    from twolevel_dist.parallel import (
+        all_reduce_values,
+        count_collectives,
+        init_distributed,
+        init_mesh,
+        parallelize,
+    )
     device = init_distributed()
     world = dist.get_world_size()
     groups = args.groups or world

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_markdown(rows))
     print("\nMobileNetV2 GC-2L keeps its final 320->1280 convolution as plain GC (the paper's "
           "figures); with coarse_last_conv=True: "
-          + ", ".join(f"N={n}: {count_millions('MobileNetV2', 'gc2l', n, coarse_last_conv=True):.3f}M"
+          + ", ".join(f"N={n}: "
+                      f"{count_millions('MobileNetV2', 'gc2l', n, coarse_last_conv=True):.3f}M"
                       for n in (2, 4, 8)))
     return 0 if all(r["match"] for r in rows) else 1
 

@@ -28,22 +28,42 @@ from omegaconf import OmegaConf
 from twolevel_dist.config import TrainConfig, check_known_keys, register_resolvers, validate
 from twolevel_dist.data import DataError
 from twolevel_dist.data.seeding import derive_seed
-from twolevel_dist.engine.checkpoint import (Position, atomic_save, epoch_dir, latest_complete,
-                                             load_newest_readable, mark_complete, prune,
-                                             rank_file, read_model_file)
+from twolevel_dist.engine.checkpoint import (
+    Position,
+    atomic_save,
+    epoch_dir,
+    latest_complete,
+    load_newest_readable,
+    mark_complete,
+    prune,
+    rank_file,
+    read_model_file,
+)
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
 from twolevel_dist.engine.loaders import build_loaders
-from twolevel_dist.engine.loop import (EpochSums, average_batch_norm_statistics, evaluate,
-                                       train_one_epoch)
+from twolevel_dist.engine.loop import (
+    EpochSums,
+    average_batch_norm_statistics,
+    evaluate,
+    train_one_epoch,
+)
 from twolevel_dist.engine.metrics import MetricsWriter, step_line, truncate_metrics
 from twolevel_dist.engine.run_dir import claim as run_dir_claim
 from twolevel_dist.engine.run_dir import remove_if_empty
 from twolevel_dist.errors import ConfigError, RunError
 from twolevel_dist.layers import to_layout
 from twolevel_dist.models import build_model, count_parameters
-from twolevel_dist.parallel import (all_reduce_values, consolidate_state_dict, env_rank,
-                                    env_world_size, init_distributed, init_mesh, local_device,
-                                    parallelize, unwrap)
+from twolevel_dist.parallel import (
+    all_reduce_values,
+    consolidate_state_dict,
+    env_rank,
+    env_world_size,
+    init_distributed,
+    init_mesh,
+    local_device,
+    parallelize,
+    unwrap,
+)
 
 log = logging.getLogger("twolevel_dist")
 TOP5_CLASSES = 100      # top-5 accuracy is reported for data sets of at least this many classes

@@ -40,7 +40,8 @@ class ImageArrays:
         if images.dtype != torch.uint8:
             raise DataError(
                 f"ImageArrays.images must be uint8 (0..255 pixel values), got {images.dtype}; "
-                "convert float images in [0, 1] with (x * 255).round().clamp(0, 255).to(torch.uint8)."
+                "convert float images in [0, 1] with (x * 255).round().clamp(0, "
+                "255).to(torch.uint8)."
             )
         if images.dim() != 4 or images.shape[1] != 3:
             raise DataError(
@@ -66,7 +67,9 @@ class ImageArrays:
             raise DataError("ImageArrays.classes is empty; a data set needs at least one class.")
         if len(set(classes)) != len(classes):
             duplicates = sorted({c for c in classes if list(classes).count(c) > 1})
-            raise DataError(f"ImageArrays.classes has duplicate names {duplicates}; names must be unique.")
+            raise DataError(
+                f"ImageArrays.classes has duplicate names {duplicates}; names must be unique."
+            )
         self.classes = list(classes)
 
     def _check_labels(self) -> None:
@@ -114,14 +117,18 @@ class ImageArrays:
         per_class, left = divmod(count, self.num_classes)
         sizes = torch.bincount(self.labels, minlength=self.num_classes)
         if count < 1 or left:
-            raise DataError(f"a class-balanced subset of {count} images is not possible with "
-                            f"{self.num_classes} classes; give a positive multiple of "
-                            f"{self.num_classes}")
+            raise DataError(
+                f"a class-balanced subset of {count} images is not possible with "
+                f"{self.num_classes} classes; give a positive multiple of "
+                f"{self.num_classes}"
+            )
         if per_class > int(sizes.min()):
-            raise DataError(f"a class-balanced subset of {count} images needs {per_class} per "
-                            f"class, but the smallest class has {int(sizes.min())}; give at most "
-                            f"{int(sizes.min()) * self.num_classes} (or null for all "
-                            f"{len(self)})")
+            raise DataError(
+                f"a class-balanced subset of {count} images needs {per_class} per "
+                f"class, but the smallest class has {int(sizes.min())}; give at most "
+                f"{int(sizes.min()) * self.num_classes} (or null for all "
+                f"{len(self)})"
+            )
         # Stable sort by label keeps each class's stored order; its first per_class are taken.
         order = torch.sort(self.labels, stable=True).indices
         starts = torch.cumsum(sizes, 0) - sizes

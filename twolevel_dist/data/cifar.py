@@ -184,9 +184,13 @@ def _missing_files(root: Path, spec: CifarSpec) -> list[Path]:
 # decoder that Python 3's protocol-2 pickles use. A pickle can name any importable callable and
 # run it while loading; these are the only ones a CIFAR file may name.
 _CIFAR_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
 }
 
 
@@ -198,7 +202,8 @@ class _CifarUnpickler(pickle.Unpickler):
         if (module, name) not in _CIFAR_GLOBALS:
             raise pickle.UnpicklingError(
                 f"it names {module}.{name}, which no CIFAR pickle holds (refused: loading it "
-                f"could run code)")
+                f"could run code)"
+            )
         return super().find_class(module, name)
 
 
@@ -213,7 +218,8 @@ def _load_pickle(path: Path, spec: CifarSpec) -> dict:
         ) from error
     if not isinstance(content, dict):
         raise DataError(
-            f"{spec.name}: {path} holds a {type(content).__name__}, expected the official CIFAR dict; "
+            f"{spec.name}: {path} holds a {type(content).__name__}, expected the official CIFAR "
+            "dict; "
             f"delete {path.parent} and {_DOWNLOAD_HINT}."
         )
     return content
@@ -261,8 +267,11 @@ def _check_batch(
             f"format (found {sorted(batch)}); {fix}."
         )
     data = batch[b"data"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or (
-        data.shape[1] != _PIXELS_PER_IMAGE
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or (data.shape[1] != _PIXELS_PER_IMAGE)
     ):
         shape = getattr(data, "shape", None)
         dtype = getattr(data, "dtype", type(data).__name__)
@@ -271,10 +280,15 @@ def _check_batch(
             f"(R, G, B planes of 32x32), got {dtype} of shape {shape}; {fix}."
         )
     labels = np.asarray(batch[spec.label_key])
-    if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+    if (
+        labels.ndim != 1
+        or labels.shape[0] != data.shape[0]
+        or not np.issubdtype(labels.dtype, np.integer)
+    ):
         raise DataError(
             f"{spec.name}: {path} has {data.shape[0]} images but {spec.label_key!r} is "
-            f"{labels.dtype} of shape {list(labels.shape)}; expected {data.shape[0]} integer labels; {fix}."
+            f"{labels.dtype} of shape {list(labels.shape)}; expected {data.shape[0]} integer "
+            f"labels; {fix}."
         )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(

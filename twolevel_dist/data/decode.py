@@ -52,7 +52,9 @@ def decode_chunk(paths: Sequence[str], image_size: int | None = None) -> np.ndar
     return out
 
 
-def mixed_size_error(path_a: str, shape_a: tuple[int, ...], path_b: str, shape_b: tuple[int, ...]) -> DataError:
+def mixed_size_error(
+    path_a: str, shape_a: tuple[int, ...], path_b: str, shape_b: tuple[int, ...]
+) -> DataError:
     return DataError(
         f"images differ in size: {path_a} is {shape_a[2]}x{shape_a[1]} (WxH) but {path_b} is "
         f"{shape_b[2]}x{shape_b[1]}; set image_size (dataset.image_size) to resize all images "

@@ -52,15 +52,35 @@ class DeviceLoader:
         channels_last: bool = False,
     ) -> None:
         if not isinstance(data, ImageArrays):
-            raise DataError(f"DeviceLoader needs an ImageArrays, got {type(data).__name__}; see twolevel_dist.data.load_arrays.")
-        _require_int("batch_size", batch_size, minimum=1, fix="set the per-replica batch size to a positive int")
-        _require_int("dp_size", dp_size, minimum=1, fix="dp_size is the number of data-parallel replicas")
+            raise DataError(
+                f"DeviceLoader needs an ImageArrays, got {type(data).__name__}; see "
+                "twolevel_dist.data.load_arrays."
+            )
+        _require_int(
+            "batch_size",
+            batch_size,
+            minimum=1,
+            fix="set the per-replica batch size to a positive int",
+        )
+        _require_int(
+            "dp_size", dp_size, minimum=1, fix="dp_size is the number of data-parallel replicas"
+        )
         _require_int("seed", seed, minimum=None, fix="pass an int seed")
-        _require_int("pad", pad, minimum=0, fix="pad is the crop padding in pixels (4 for CIFAR, 0 to disable)")
+        _require_int(
+            "pad",
+            pad,
+            minimum=0,
+            fix="pad is the crop padding in pixels (4 for CIFAR, 0 to disable)",
+        )
         if not isinstance(dp_rank, int) or isinstance(dp_rank, bool) or not 0 <= dp_rank < dp_size:
-            raise DataError(f"dp_rank must be an int in [0, {dp_size - 1}] (dp_size={dp_size}), got {dp_rank!r}.")
+            raise DataError(
+                f"dp_rank must be an int in [0, {dp_size - 1}] (dp_size={dp_size}), got "
+                f"{dp_rank!r}."
+            )
         if not dtype.is_floating_point:
-            raise DataError(f"dtype must be a floating-point dtype (float32, bfloat16, ...), got {dtype}.")
+            raise DataError(
+                f"dtype must be a floating-point dtype (float32, bfloat16, ...), got {dtype}."
+            )
 
         self.batch_size = batch_size
         self.train = bool(train)
@@ -81,7 +101,8 @@ class DeviceLoader:
         self.num_samples = total // dp_size if self.train else len(range(dp_rank, total, dp_size))
         if self.num_samples == 0:
             raise DataError(
-                f"data-parallel shard {dp_rank} of {dp_size} is empty: the data set has only {total} "
+                f"data-parallel shard {dp_rank} of {dp_size} is empty: the data set has only "
+                f"{total} "
                 "samples; use fewer data-parallel replicas or a larger data set."
             )
         if self.drop_last and self.num_samples < batch_size:
@@ -113,7 +134,9 @@ class DeviceLoader:
         total = self.images.shape[0]
         if not self.train:
             return torch.arange(self.dp_rank, total, self.dp_size)
-        permutation = torch.randperm(total, generator=make_generator("device_loader", self.seed, self.epoch))
+        permutation = torch.randperm(
+            total, generator=make_generator("device_loader", self.seed, self.epoch)
+        )
         return permutation[self.dp_rank :: self.dp_size][: self.num_samples]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -182,7 +205,11 @@ def crop_and_flip(
 
 
 def _require_int(name: str, value: object, *, minimum: int | None, fix: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or (minimum is not None and value < minimum)
+    ):
         bound = "an int" if minimum is None else f"an int >= {minimum}"
         raise DataError(f"{name} must be {bound}, got {value!r}; {fix}.")
 
@@ -196,7 +223,12 @@ def _check_mean_std(
         std = data_std if std is None else std
     mean, std = [float(m) for m in mean], [float(s) for s in std]
     if len(mean) != 3 or len(std) != 3:
-        raise DataError(f"mean and std need one value per RGB channel (3 each), got mean={mean}, std={std}.")
+        raise DataError(
+            f"mean and std need one value per RGB channel (3 each), got mean={mean}, std={std}."
+        )
     if any(not s > 0 for s in std):
-        raise DataError(f"std must be positive in every channel, got {std}; a constant channel cannot be normalised.")
+        raise DataError(
+            f"std must be positive in every channel, got {std}; a constant channel cannot be "
+            "normalised."
+        )
     return mean, std

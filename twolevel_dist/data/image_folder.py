@@ -57,7 +57,9 @@ def load_image_folder(
     workers: int | None = None,
 ) -> tuple[ImageArrays, ImageArrays]:
     """(train, test) ImageArrays from an image folder (or an archive of one)."""
-    if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1):
+    if image_size is not None and (
+        not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1
+    ):
         raise DataError(f"image_size must be a positive int or None, got {image_size!r}.")
     root = Path(root).expanduser()
     if root.is_file() and root.name.endswith(ARCHIVE_SUFFIXES):
@@ -80,10 +82,14 @@ def load_image_folder(
     images = decode_all(all_paths, image_size, workers=workers)
     num_train = len(train_files.relative_paths)
     train = ImageArrays(
-        torch.from_numpy(images[:num_train]), torch.tensor(train_files.labels, dtype=torch.int64), list(classes)
+        torch.from_numpy(images[:num_train]),
+        torch.tensor(train_files.labels, dtype=torch.int64),
+        list(classes),
     )
     test = ImageArrays(
-        torch.from_numpy(images[num_train:]), torch.tensor(test_files.labels, dtype=torch.int64), list(classes)
+        torch.from_numpy(images[num_train:]),
+        torch.tensor(test_files.labels, dtype=torch.int64),
+        list(classes),
     )
     if cache_path is not None:
         _write_cache(cache_path, key, train, test)
@@ -101,7 +107,9 @@ def extract_tar(archive: str | os.PathLike[str], destination: str | os.PathLike[
 
 def find_split_dirs(root: Path) -> tuple[Path, Path]:
     if not root.is_dir():
-        raise DataError(f"image folder root {root} does not exist or is not a folder; expected {_LAYOUT}.")
+        raise DataError(
+            f"image folder root {root} does not exist or is not a folder; expected {_LAYOUT}."
+        )
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DataError(f"image folder {root} has no train/ folder; expected {_LAYOUT}.")
@@ -113,7 +121,9 @@ def find_split_dirs(root: Path) -> tuple[Path, Path]:
 
 def list_classes(train_dir: Path) -> list[str]:
     """Sorted class-folder names; hidden folders (.cache, .ipynb_checkpoints) are not classes."""
-    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(
+        e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith(".")
+    )
     if not classes:
         raise DataError(
             f"{train_dir} has no class folders; put each class's images in its own folder, "
@@ -122,9 +132,13 @@ def list_classes(train_dir: Path) -> list[str]:
     return classes
 
 
-def _list_split(root: Path, split_dir: Path, classes: list[str], reference: Path | None = None) -> _SplitFiles:
+def _list_split(
+    root: Path, split_dir: Path, classes: list[str], reference: Path | None = None
+) -> _SplitFiles:
     if reference is not None:
-        found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+        found = sorted(
+            e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
+        )
         if found != classes:
             missing = sorted(set(classes) - set(found))
             extra = sorted(set(found) - set(classes))
@@ -152,7 +166,9 @@ def _image_files(class_dir: Path) -> list[Path]:
     for folder, subfolders, files in os.walk(class_dir):
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
         found.extend(
-            Path(folder) / f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+            Path(folder) / f
+            for f in files
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
         )
     return sorted(found)
 
@@ -160,7 +176,9 @@ def _image_files(class_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------------------- decoding
 
 
-def decode_all(paths: list[str], image_size: int | None, *, workers: int | None = None) -> np.ndarray:
+def decode_all(
+    paths: list[str], image_size: int | None, *, workers: int | None = None
+) -> np.ndarray:
     """All ``paths`` decoded into one uint8 ``[N, 3, H, W]`` array, in order.
 
     Uses a process pool for large sets (Pillow decoding is CPU bound and holds the GIL for
@@ -182,7 +200,9 @@ def decode_all(paths: list[str], image_size: int | None, *, workers: int | None 
             parts = list(pool.map(decode.decode_chunk, chunks, [image_size] * len(chunks)))
     for chunk, part in zip(chunks, parts):
         if part.shape[1:] != parts[0].shape[1:]:
-            raise decode.mixed_size_error(chunks[0][0], parts[0].shape[1:], chunk[0], part.shape[1:])
+            raise decode.mixed_size_error(
+                chunks[0][0], parts[0].shape[1:], chunk[0], part.shape[1:]
+            )
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
@@ -196,7 +216,9 @@ def cache_key(root: Path, splits: tuple[_SplitFiles, ...], image_size: int | Non
     for split in splits:
         for relative, label in zip(split.relative_paths, split.labels):
             stat = os.stat(root / relative)
-            digest.update(f"{split.name}\0{relative}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(
+                f"{split.name}\0{relative}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+            )
     return digest.hexdigest()
 
 
@@ -239,13 +261,20 @@ def _read_cache(path: Path, key: str, classes: list[str]) -> tuple[ImageArrays, 
             if str(stored["key"]) != key or stored["classes"].tolist() != classes:
                 return None
             train = ImageArrays(
-                torch.from_numpy(stored["train_images"]), torch.from_numpy(stored["train_labels"]), list(classes)
+                torch.from_numpy(stored["train_images"]),
+                torch.from_numpy(stored["train_labels"]),
+                list(classes),
             )
             test = ImageArrays(
-                torch.from_numpy(stored["test_images"]), torch.from_numpy(stored["test_labels"]), list(classes)
+                torch.from_numpy(stored["test_images"]),
+                torch.from_numpy(stored["test_labels"]),
+                list(classes),
             )
     except Exception as error:  # a damaged cache is only a lost speed-up: decode again
-        warnings.warn(f"ignoring unreadable image cache {path} ({type(error).__name__}: {error}); re-decoding.")
+        warnings.warn(
+            f"ignoring unreadable image cache {path} ({type(error).__name__}: {error}); "
+            "re-decoding."
+        )
         return None
     return train, test
 
@@ -272,7 +301,10 @@ def _write_cache(path: Path, key: str, train: ImageArrays, test: ImageArrays) ->
             os.unlink(temp_name)
             raise
     except OSError as error:  # an unwritable cache must not stop training
-        warnings.warn(f"could not write image cache {path} ({error}); the folder will be decoded again next time.")
+        warnings.warn(
+            f"could not write image cache {path} ({error}); the folder will be decoded again next "
+            "time."
+        )
         return
     # Same folder and image_size, older key: that cache can never be hit again.
     stale_prefix = path.name[: -len(".npz") - 16]
@@ -284,7 +316,9 @@ def _write_cache(path: Path, key: str, train: ImageArrays, test: ImageArrays) ->
 def _extracted_archive(archive: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
     """Extract an image-folder archive once into the cache; later calls reuse the folder."""
     stat = archive.stat()
-    tag = hashlib.sha256(f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    tag = hashlib.sha256(
+        f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
     stem = archive.name
     for suffix in ARCHIVE_SUFFIXES:
         if stem.endswith(suffix):

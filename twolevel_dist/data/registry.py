@@ -60,12 +60,14 @@ def load_arrays(
 
     if root is None:
         raise DataError(
-            f"data set {name!r} needs a root folder; set dataset.root (load_arrays(..., root=PATH))."
+            f"data set {name!r} needs a root folder; set dataset.root (load_arrays(..., "
+            "root=PATH))."
         )
     if name in ("cifar10", "cifar100"):
         if image_size not in (None, CIFAR_IMAGE_SIZE):
             raise DataError(
-                f"{name} images are {CIFAR_IMAGE_SIZE}x{CIFAR_IMAGE_SIZE}; got image_size={image_size}. "
+                f"{name} images are {CIFAR_IMAGE_SIZE}x{CIFAR_IMAGE_SIZE}; got "
+                f"image_size={image_size}. "
                 f"Set dataset.image_size to null or {CIFAR_IMAGE_SIZE}."
             )
         train, test = load_cifar(root, name=name, download=download)
@@ -79,8 +81,10 @@ def load_arrays(
 
     if num_classes is not None and num_classes != train.num_classes:
         raise DataError(
-            f"data set {name!r} at {root} has {train.num_classes} classes but num_classes={num_classes} "
-            f"was requested; set num_classes to {train.num_classes} (or null to take it from the data)."
+            f"data set {name!r} at {root} has {train.num_classes} classes but "
+            f"num_classes={num_classes} "
+            f"was requested; set num_classes to {train.num_classes} (or null to take it from the "
+            "data)."
         )
     return train, test
 

@@ -18,7 +18,9 @@ from pathlib import Path, PurePosixPath
 from .errors import DataError
 
 
-def safe_extract_tar(archive: str | os.PathLike[str], destination: str | os.PathLike[str]) -> list[Path]:
+def safe_extract_tar(
+    archive: str | os.PathLike[str], destination: str | os.PathLike[str]
+) -> list[Path]:
     """Extract ``archive`` into ``destination``; returns the top-level paths it created.
 
     A top-level entry that already exists in ``destination`` is replaced by the archive's
@@ -66,7 +68,11 @@ def _extract_checked(archive: Path, staging: Path) -> set[str]:
 
 def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
     path = PurePosixPath(member.name)
-    if member.name.startswith(("/", "\\")) or path.is_absolute() or (len(member.name) > 1 and member.name[1] == ":"):
+    if (
+        member.name.startswith(("/", "\\"))
+        or path.is_absolute()
+        or (len(member.name) > 1 and member.name[1] == ":")
+    ):
         raise DataError(
             f"refusing to extract {archive}: member {member.name!r} has an absolute path, which "
             "would write outside the destination. Use a trusted archive."

@@ -64,21 +64,38 @@ class ShardedSampler(Sampler[int]):
     """Per-epoch permutation seeded by (seed, epoch), identical on every rank; replica
     ``dp_rank`` takes ``perm[dp_rank::dp_size]`` (train: truncated to equal length)."""
 
-    def __init__(self, num_samples: int, *, shuffle: bool, seed: int, epoch: int, dp_rank: int, dp_size: int,
-                 skip: int = 0, part: int = 0, parts: int = 1, batch_size: int = 1) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        dp_rank: int,
+        dp_size: int,
+        skip: int = 0,
+        part: int = 0,
+        parts: int = 1,
+        batch_size: int = 1,
+    ) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise DataError(f"dp_rank must be in [0, {dp_size - 1}] with dp_size >= 1, got dp_rank={dp_rank}, dp_size={dp_size}.")
+            raise DataError(
+                f"dp_rank must be in [0, {dp_size - 1}] with dp_size >= 1, got dp_rank={dp_rank}, "
+                f"dp_size={dp_size}."
+            )
         self.total = num_samples
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = epoch
         self.dp_rank = dp_rank
         self.dp_size = dp_size
-        self.skip = skip      # the first samples of the epoch, already trained on (a resumed epoch)
+        self.skip = skip  # the first samples of the epoch, already trained on (a resumed epoch)
         # Only part ``part`` of ``parts`` equal slices of each full batch of ``batch_size``: the gp
         # ranks of a model decode one slice each and gather the batch (``StreamingEpochLoader``).
         self.part, self.parts, self.batch_size = part, parts, batch_size
-        self.length = num_samples // dp_size if shuffle else len(range(dp_rank, num_samples, dp_size))
+        self.length = (
+            num_samples // dp_size if shuffle else len(range(dp_rank, num_samples, dp_size))
+        )
         if self.length == 0:
             raise DataError(
                 f"data-parallel shard {dp_rank} of {dp_size} is empty ({num_samples} samples); "
@@ -91,15 +108,23 @@ class ShardedSampler(Sampler[int]):
     def indices(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.dp_rank, self.total, self.dp_size))
-        permutation = torch.randperm(self.total, generator=make_generator("streaming", self.seed, self.epoch))
+        permutation = torch.randperm(
+            self.total, generator=make_generator("streaming", self.seed, self.epoch)
+        )
         return permutation[self.dp_rank :: self.dp_size][: self.length].tolist()
 
     def __iter__(self) -> Iterator[int]:
         indices = self.indices()[self.skip :]
         if self.parts > 1:
-            size, full = self.batch_size // self.parts, len(indices) - len(indices) % self.batch_size
-            indices = [i for start in range(0, full, self.batch_size)
-                       for i in indices[start + self.part * size : start + (self.part + 1) * size]]
+            size, full = (
+                self.batch_size // self.parts,
+                len(indices) - len(indices) % self.batch_size,
+            )
+            indices = [
+                i
+                for start in range(0, full, self.batch_size)
+                for i in indices[start + self.part * size : start + (self.part + 1) * size]
+            ]
         return iter(indices)
 
     def __len__(self) -> int:
@@ -165,7 +190,8 @@ class ImageFileDataset(Dataset):
                 image = opened.convert("RGB")
         except Exception as error:
             raise DataError(
-                f"cannot decode image {path}: {type(error).__name__}: {error}. Delete or replace the file."
+                f"cannot decode image {path}: {type(error).__name__}: {error}. Delete or replace "
+                "the file."
             ) from error
         if self.train:
             rng = np.random.default_rng(derive_seed("streaming_augment", self.seed, epoch, index))
@@ -223,9 +249,21 @@ def make_streaming_loader(
         files, labels, train=train, image_size=image_size, seed=seed, epoch=epoch, backend=chosen
     )
     if parts > 1 and (not train or batch_size % parts):
-        raise DataError(f"only full training batches split into parts: batch_size={batch_size}, parts={parts}.")
-    sampler = ShardedSampler(len(files), shuffle=train, seed=seed, epoch=epoch, dp_rank=dp_rank, dp_size=dp_size,
-                             skip=skip_batches * batch_size, part=part, parts=parts, batch_size=batch_size)
+        raise DataError(
+            f"only full training batches split into parts: batch_size={batch_size}, parts={parts}."
+        )
+    sampler = ShardedSampler(
+        len(files),
+        shuffle=train,
+        seed=seed,
+        epoch=epoch,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        skip=skip_batches * batch_size,
+        part=part,
+        parts=parts,
+        batch_size=batch_size,
+    )
     return DataLoader(
         dataset,
         batch_size=batch_size // parts,
@@ -241,7 +279,8 @@ def list_image_files(root: Path, split: str) -> tuple[list[str], list[int]]:
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(
-            f"{split_dir} does not exist; expected ImageNet-style folders root/{split}/<class>/<image> "
+            f"{split_dir} does not exist; expected ImageNet-style folders "
+            f"root/{split}/<class>/<image> "
             "(e.g. root/train/n01440764/*.JPEG). Check dataset.root and the split name."
         )
     files: list[str] = []
@@ -264,7 +303,10 @@ def _choose_backend(backend: str) -> Literal["pil", "torchvision"]:
     available = load_torchvision_functional() is not None
     if backend == "torchvision":
         if not available:
-            raise DataError("backend='torchvision' but torchvision does not import here; use backend='pil' or 'auto'.")
+            raise DataError(
+                "backend='torchvision' but torchvision does not import here; use backend='pil' or "
+                "'auto'."
+            )
         return "torchvision"
     if backend == "auto":
         return "torchvision" if available else "pil"
@@ -275,7 +317,9 @@ def _choose_backend(backend: str) -> Literal["pil", "torchvision"]:
 # Boxes are (left, top, width, height) in pixels of the decoded image.
 
 
-def random_resized_crop_box(size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    size: tuple[int, int], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params, with a numpy generator."""
     width, height = size
     area = width * height
@@ -306,7 +350,9 @@ def center_crop_box(size: tuple[int, int], image_size: int) -> tuple[int, int, i
     width, height = size
     short = min(width, height)
     resized_short = round(image_size * EVAL_RESIZE_RATIO)
-    crop = min(short, short * image_size / resized_short)  # side of the kept square, original pixels
+    crop = min(
+        short, short * image_size / resized_short
+    )  # side of the kept square, original pixels
     left = (width - crop) / 2
     top = (height - crop) / 2
     return round(left), round(top), max(1, round(crop)), max(1, round(crop))
@@ -319,7 +365,9 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.to(torch.float32) / 255.0 - mean) / std
 
 
-def _crop_pil(image: Image.Image, box: tuple[int, int, int, int], flip: bool, image_size: int) -> torch.Tensor:
+def _crop_pil(
+    image: Image.Image, box: tuple[int, int, int, int], flip: bool, image_size: int
+) -> torch.Tensor:
     left, top, w, h = box
     # resize(box=...) crops and resamples in one step (Pillow >= 7.0 antialiases downscales).
     out = image.resize((image_size, image_size), _BILINEAR, box=(left, top, left + w, top + h))
@@ -328,13 +376,17 @@ def _crop_pil(image: Image.Image, box: tuple[int, int, int, int], flip: bool, im
     return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def _crop_torchvision(image: Image.Image, box: tuple[int, int, int, int], flip: bool, image_size: int) -> torch.Tensor:
+def _crop_torchvision(
+    image: Image.Image, box: tuple[int, int, int, int], flip: bool, image_size: int
+) -> torch.Tensor:
     functional = load_torchvision_functional()
     if functional is None:  # e.g. a worker where the import broke: stay correct, use Pillow
         return _crop_pil(image, box, flip, image_size)
     left, top, w, h = box
     pixels = functional.pil_to_tensor(image)
-    pixels = functional.resized_crop(pixels, top, left, h, w, [image_size, image_size], antialias=True)
+    pixels = functional.resized_crop(
+        pixels, top, left, h, w, [image_size, image_size], antialias=True
+    )
     if flip:
         pixels = functional.hflip(pixels)
     return pixels.contiguous()
@@ -350,10 +402,22 @@ class StreamingEpochLoader:
     the node decodes each image once instead of gp times. Evaluation batches (the last may be
     partial) and batches gp does not divide are decoded whole by every rank."""
 
-    def __init__(self, root, split: str, batch_size: int, *, train: bool, device,
-                 image_size: int = 224, workers: int | None = None, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1, channels_last: bool = False,
-                 gp_group=None) -> None:
+    def __init__(
+        self,
+        root,
+        split: str,
+        batch_size: int,
+        *,
+        train: bool,
+        device,
+        image_size: int = 224,
+        workers: int | None = None,
+        seed: int = 0,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        channels_last: bool = False,
+        gp_group=None,
+    ) -> None:
         self.root, self.split, self.batch_size = Path(root).expanduser(), split, batch_size
         self.files, self.labels = list_image_files(self.root, split)
         self.num_classes = max(self.labels) + 1
@@ -362,11 +426,21 @@ class StreamingEpochLoader:
         self.gp_group = gp_group if gp > 1 and train and batch_size % gp == 0 else None
         parts = dict(part=torch.distributed.get_rank(gp_group), parts=gp) if self.gp_group else {}
         self.loader = make_streaming_loader(
-            self.root, split, batch_size, train=train, image_size=image_size, workers=workers,
-            seed=seed, dp_rank=dp_rank, dp_size=dp_size, pin_memory=self.device.type == "cuda",
-            **parts)
-        self.sharded = ShardedSampler(len(self.files), shuffle=train, seed=seed, epoch=0,
-                                      dp_rank=dp_rank, dp_size=dp_size)
+            self.root,
+            split,
+            batch_size,
+            train=train,
+            image_size=image_size,
+            workers=workers,
+            seed=seed,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            pin_memory=self.device.type == "cuda",
+            **parts,
+        )
+        self.sharded = ShardedSampler(
+            len(self.files), shuffle=train, seed=seed, epoch=0, dp_rank=dp_rank, dp_size=dp_size
+        )
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """The epoch the next iteration reads, from its batch ``skip_batches`` on."""
@@ -387,6 +461,8 @@ class StreamingEpochLoader:
             yield normalise(images).contiguous(memory_format=memory_format), labels
 
     def _gather(self, part: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(part) for _ in range(torch.distributed.get_world_size(self.gp_group))]
+        parts = [
+            torch.empty_like(part) for _ in range(torch.distributed.get_world_size(self.gp_group))
+        ]
         torch.distributed.all_gather(parts, part, group=self.gp_group)
         return torch.cat(parts)

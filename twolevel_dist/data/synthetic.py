@@ -57,8 +57,12 @@ def make_synthetic(
     max_shift = max(1, round(image_size * _MAX_SHIFT_FRACTION))
     templates = _class_templates(num_classes, image_size + 2 * max_shift, seed)
     classes = [f"class_{i}" for i in range(num_classes)]
-    train = _draw_split(templates, train_size, image_size, max_shift, make_generator("synthetic", seed, "train"))
-    test = _draw_split(templates, test_size, image_size, max_shift, make_generator("synthetic", seed, "test"))
+    train = _draw_split(
+        templates, train_size, image_size, max_shift, make_generator("synthetic", seed, "train")
+    )
+    test = _draw_split(
+        templates, test_size, image_size, max_shift, make_generator("synthetic", seed, "test")
+    )
     return ImageArrays(*train, classes=classes), ImageArrays(*test, classes=list(classes))
 
 
@@ -85,7 +89,9 @@ def _draw_split(
     # Balanced classes in random order: every class appears size // num_classes times (+1).
     labels = (torch.arange(size) % num_classes)[torch.randperm(size, generator=generator)]
     # A distractor from a *different* class, so it never reinforces the true one.
-    distractors = (labels + torch.randint(1, num_classes, (size,), generator=generator)) % num_classes
+    distractors = (
+        labels + torch.randint(1, num_classes, (size,), generator=generator)
+    ) % num_classes
 
     # Per-image shift: every (class, offset) crop of the larger template is precomputed
     # (tiny: classes x offsets x 3 x H x W), then each image picks one with a single

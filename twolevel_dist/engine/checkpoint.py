@@ -14,8 +14,8 @@ import errno
 import os
 import re
 import shutil
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 

@@ -2,8 +2,14 @@
 
 from twolevel_dist.layers.factory import CONV_KINDS, make_conv
 from twolevel_dist.layers.flgc import FullyLearnableGroupConv2d, straight_through_one_hot
-from twolevel_dist.layers.group import (DepthwiseConv2d, GroupConv2d, ShuffleGroupConv2d,
-                                        StandardConv2d, StemConv2d, channel_shuffle)
+from twolevel_dist.layers.group import (
+    DepthwiseConv2d,
+    GroupConv2d,
+    ShuffleGroupConv2d,
+    StandardConv2d,
+    StemConv2d,
+    channel_shuffle,
+)
 from twolevel_dist.layers.two_level import TwoLevelGroupConv2d, coarse_correction
 
 

@@ -58,7 +58,8 @@ class StandardConv2d(_KaimingConv2d):
 
 
 class GroupConv2d(_KaimingConv2d):
-    """``gc``: the block-Jacobi approximation of SC; group j maps input block j to output block j."""
+    """``gc``: the block-Jacobi approximation of SC; group j maps input block j to output
+    block j."""
 
     kind = "gc"
 

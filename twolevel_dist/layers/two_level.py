@@ -34,7 +34,6 @@ from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers.checks import GroupedConvGeometry
 from twolevel_dist.layers.init import he_normal_
 
-
 IMPLEMENTATIONS = ("auto", "fused", "taps")
 
 

@@ -1,10 +1,22 @@
 """Group parallelism: one rank per group, one all-gather per GC-2L layer."""
 
-from twolevel_dist.parallel.collectives import (CommStats, count_collectives, exchange_chunks,
-                                                gather_channels, start_gather_channels,
-                                                sum_over_ranks)
-from twolevel_dist.parallel.mesh import (apply_slurm_env, backend_for, env_rank, env_world_size,
-                                         init_distributed, init_mesh, local_device)
+from twolevel_dist.parallel.collectives import (
+                                                CommStats,
+                                                count_collectives,
+                                                exchange_chunks,
+                                                gather_channels,
+                                                start_gather_channels,
+                                                sum_over_ranks,
+)
+from twolevel_dist.parallel.mesh import (
+                                                apply_slurm_env,
+                                                backend_for,
+                                                env_rank,
+                                                env_world_size,
+                                                init_distributed,
+                                                init_mesh,
+                                                local_device,
+)
 from twolevel_dist.parallel.parallelize import parallelize, unwrap
 from twolevel_dist.parallel.scalars import all_reduce_values
 from twolevel_dist.parallel.state import consolidate_state_dict, shard_state_dict

@@ -13,8 +13,9 @@ small per-layer tensors, ``DIRECT_EXCHANGE_BACKENDS``); other backends use their
 
 The process group is always passed explicitly; a size-1 group skips communication; buffers are
 allocated on the input's device. A ``SimulatedGroup`` (``parallel.simulated``) makes every
-collective a local stand-in of the same shape, for the per-rank simulation. Every call is recorded in the active ``CommStats`` counters, so
-the training loop can log collectives and bytes per step and the tests can count them.
+collective a local stand-in of the same shape, for the per-rank simulation. Every call is
+recorded in the active ``CommStats`` counters, so the training loop can log collectives and
+bytes per step and the tests can count them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ ProcessGroup = dist.ProcessGroup
 # torch 2.13 renamed the flat-tensor collectives (*_into_tensor / *_tensor -> *_single) and
 # deprecated the old names; torch 2.11 has only the old ones. Both take dim-0-concatenated tensors.
 # Looked up on torch.distributed at each call, so tools that wrap those functions see every call.
-_ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+_ALL_GATHER = ("all_gather_single" if hasattr(dist, "all_gather_single")
+               else "all_gather_into_tensor")
 _REDUCE_SCATTER = ("reduce_scatter_single" if hasattr(dist, "reduce_scatter_single")
                    else "reduce_scatter_tensor")
 

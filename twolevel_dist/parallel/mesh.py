@@ -151,7 +151,8 @@ def _init_process_group(backend: str, timeout: timedelta) -> None:
 
 
 def init_mesh(groups: int, dp: int | None = None) -> DeviceMesh:
-    """A ("dp", "gp") mesh with gp = ``groups`` ranks per model and dp = world // groups replicas."""
+    """A ("dp", "gp") mesh with gp = ``groups`` ranks per model and dp = world // groups
+    replicas."""
     if not dist.is_initialized():
         raise ConfigError("init_mesh needs torch.distributed initialised first; call "
                           "twolevel_dist.parallel.init_distributed() (under torchrun)")

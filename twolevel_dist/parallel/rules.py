@@ -14,12 +14,23 @@ import torch
 import torch.nn as nn
 
 from twolevel_dist.errors import ConfigError
-from twolevel_dist.layers import (DepthwiseConv2d, FullyLearnableGroupConv2d, GroupConv2d,
-                                  ShuffleGroupConv2d, StandardConv2d, StemConv2d,
-                                  TwoLevelGroupConv2d)
-from twolevel_dist.parallel.sharded import (ShardedGroupConv2d, ShardedLinearHead,
-                                            ShardedShuffleConv2d, ShardedTwoLevelConv2d,
-                                            SplitStandardConv2d, own_copy)
+from twolevel_dist.layers import (
+    DepthwiseConv2d,
+    FullyLearnableGroupConv2d,
+    GroupConv2d,
+    ShuffleGroupConv2d,
+    StandardConv2d,
+    StemConv2d,
+    TwoLevelGroupConv2d,
+)
+from twolevel_dist.parallel.sharded import (
+    ShardedGroupConv2d,
+    ShardedLinearHead,
+    ShardedShuffleConv2d,
+    ShardedTwoLevelConv2d,
+    SplitStandardConv2d,
+    own_copy,
+)
 
 CHANNELWISE_SHARD_DIMS = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0,
                           "num_batches_tracked": None}
@@ -27,7 +38,8 @@ SHARD_DIMS_ATTR = "_twolevel_shard_dims"
 
 
 def shard_slice(tensor: torch.Tensor, dim: int | None, rank: int, world: int) -> torch.Tensor:
-    """Rank ``rank``'s equal slice of ``tensor`` along ``dim`` (the whole tensor if ``dim`` is None)."""
+    """Rank ``rank``'s equal slice of ``tensor`` along ``dim`` (the whole tensor if ``dim`` is
+    None)."""
     return tensor if dim is None else tensor.chunk(world, dim)[rank]
 
 

@@ -9,10 +9,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twolevel_dist.layers.two_level import (InputGradSum, coarse_correction, local_convolution,
-                                            representatives_taps, resolve_impl)
-from twolevel_dist.parallel.collectives import (coarse_exchange, exchange_chunks, gather_channels,
-                                                group_size, start_gather_channels, sum_over_ranks)
+from twolevel_dist.layers.two_level import (
+    InputGradSum,
+    coarse_correction,
+    local_convolution,
+    representatives_taps,
+    resolve_impl,
+)
+from twolevel_dist.parallel.collectives import (
+    coarse_exchange,
+    exchange_chunks,
+    gather_channels,
+    group_size,
+    start_gather_channels,
+    sum_over_ranks,
+)
 
 
 def resolve_overlap(overlap: bool | None, device: torch.device) -> bool:
@@ -106,7 +117,7 @@ class ShardedShuffleConv2d(ShardedGroupConv2d):
         batch, channels = local.shape[:2]
         # Local channel a goes to shuffled position a*N + j, owned by rank a // (C/N^2).
         outgoing = local.unflatten(1, (self.world, channels // self.world)).movedim(1, 0)
-        incoming = exchange_chunks(outgoing, self.group)             # [N (source b), B, C/N^2, H, W]
+        incoming = exchange_chunks(outgoing, self.group)     # [N (source b), B, C/N^2, H, W]
         # Received from rank b: local position a'*N + b of the shuffled block.
         return incoming.permute(1, 2, 0, 3, 4).flatten(1, 2)
 

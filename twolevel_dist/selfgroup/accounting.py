@@ -13,8 +13,11 @@ import torch.nn as nn
 
 from twolevel_dist.layers.two_level import TwoLevelGroupConv2d
 from twolevel_dist.models import count_parameters
-from twolevel_dist.selfgroup.layers import (SELF_GROUPED_TYPES, SelfGroupedConv2d,
-                                            self_grouped_layers)
+from twolevel_dist.selfgroup.layers import (
+    SELF_GROUPED_TYPES,
+    SelfGroupedConv2d,
+    self_grouped_layers,
+)
 
 
 @dataclass
@@ -93,7 +96,8 @@ def layer_report(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32)) ->
 
 def _dense_macs(module: nn.Module, shape: torch.Size) -> int:
     if isinstance(module, TwoLevelGroupConv2d):
-        # GC (C_out filters) and R0 (one filter per group) over C_in/N channels, then A0 (N -> C_out).
+        # GC (C_out filters) and R0 (one filter per group) over C_in/N channels, then A0
+        # (N -> C_out).
         positions = shape[-2] * shape[-1]
         per_filter = module.in_channels // module.groups * module.kernel_size ** 2
         return ((module.out_channels + module.groups) * per_filter

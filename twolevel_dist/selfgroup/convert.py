@@ -30,10 +30,20 @@ from twolevel_dist.layers import GroupConv2d, StandardConv2d, StemConv2d, TwoLev
 from twolevel_dist.models import build_model
 from twolevel_dist.models.wrn import WideResNet
 from twolevel_dist.selfgroup.importance import importance_vectors
-from twolevel_dist.selfgroup.partition import (ChannelGraph, ChannelSpace, GroupedLayer, Partitions,
-                                               balanced_partition, check_groups, check_partitions,
-                                               contiguous_partitions, diagonal_mass, group_order,
-                                               kept_fraction_by_layer, total_mass)
+from twolevel_dist.selfgroup.partition import (
+    ChannelGraph,
+    ChannelSpace,
+    GroupedLayer,
+    Partitions,
+    balanced_partition,
+    check_groups,
+    check_partitions,
+    contiguous_partitions,
+    diagonal_mass,
+    group_order,
+    kept_fraction_by_layer,
+    total_mass,
+)
 
 METHODS = ("selfgroup", "contiguous")
 TARGET_KINDS = ("gc", "gc2l")

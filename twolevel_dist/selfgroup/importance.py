@@ -6,9 +6,9 @@ from twolevel_dist.errors import ConfigError
 
 
 def importance_vectors(weight: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[O, I]: entry (i, j) is the L1 norm of filter i's kernel slice on input channel j, or |W[i, j]|
-    for a linear layer's [O, I] weight. ``mask`` ([O, I], bool or 0/1) zeroes pruned connections,
-    so the vectors describe the layer as it currently computes."""
+    """[O, I]: entry (i, j) is the L1 norm of filter i's kernel slice on input channel j, or
+    |W[i, j]| for a linear layer's [O, I] weight. ``mask`` ([O, I], bool or 0/1) zeroes pruned
+    connections, so the vectors describe the layer as it currently computes."""
     if weight.dim() not in (2, 4):
         raise ConfigError(f"importance vectors need a linear [O, I] or convolution [O, I, k, k] "
                           f"weight, got shape {tuple(weight.shape)}")

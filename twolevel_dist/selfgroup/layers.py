@@ -169,7 +169,8 @@ class SelfGroupedConv2d(_SelfGrouped):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride=1,
                  padding=None, dilation=1, *, device=None, dtype=None):
         super().__init__(out_channels, in_channels, device=device)
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = kernel_size
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         self.padding = _pair(kernel_size // 2 if padding is None else padding)
         self.weight = nn.Parameter(torch.zeros(out_channels, in_channels, kernel_size,
