@@ -51,37 +51,7 @@ class DeviceLoader:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
     ) -> None:
-        if not isinstance(data, ImageArrays):
-            raise DataError(
-                f"DeviceLoader needs an ImageArrays, got {type(data).__name__}; see "
-                "twolevel_dist.data.load_arrays."
-            )
-        _require_int(
-            "batch_size",
-            batch_size,
-            minimum=1,
-            fix="set the per-replica batch size to a positive int",
-        )
-        _require_int(
-            "dp_size", dp_size, minimum=1, fix="dp_size is the number of data-parallel replicas"
-        )
-        _require_int("seed", seed, minimum=None, fix="pass an int seed")
-        _require_int(
-            "pad",
-            pad,
-            minimum=0,
-            fix="pad is the crop padding in pixels (4 for CIFAR, 0 to disable)",
-        )
-        if not isinstance(dp_rank, int) or isinstance(dp_rank, bool) or not 0 <= dp_rank < dp_size:
-            raise DataError(
-                f"dp_rank must be an int in [0, {dp_size - 1}] (dp_size={dp_size}), got "
-                f"{dp_rank!r}."
-            )
-        if not dtype.is_floating_point:
-            raise DataError(
-                f"dtype must be a floating-point dtype (float32, bfloat16, ...), got {dtype}."
-            )
-
+        _check_arguments(data, batch_size, dp_rank, dp_size, seed, pad, dtype)
         self.batch_size = batch_size
         self.train = bool(train)
         self.device = torch.device(device)
@@ -102,8 +72,7 @@ class DeviceLoader:
         if self.num_samples == 0:
             raise DataError(
                 f"data-parallel shard {dp_rank} of {dp_size} is empty: the data set has only "
-                f"{total} "
-                "samples; use fewer data-parallel replicas or a larger data set."
+                f"{total} samples; use fewer data-parallel replicas or a larger data set."
             )
         if self.drop_last and self.num_samples < batch_size:
             raise DataError(
@@ -175,6 +144,39 @@ class DeviceLoader:
         if self.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out
+
+
+def _check_arguments(data, batch_size, dp_rank, dp_size, seed, pad, dtype) -> None:
+    """DeviceLoader's arguments, each refused with its fix."""
+    if not isinstance(data, ImageArrays):
+        raise DataError(
+            f"DeviceLoader needs an ImageArrays, got {type(data).__name__}; see "
+            "twolevel_dist.data.load_arrays."
+        )
+    _require_int(
+        "batch_size",
+        batch_size,
+        minimum=1,
+        fix="set the per-replica batch size to a positive int",
+    )
+    _require_int(
+        "dp_size", dp_size, minimum=1, fix="dp_size is the number of data-parallel replicas"
+    )
+    _require_int("seed", seed, minimum=None, fix="pass an int seed")
+    _require_int(
+        "pad",
+        pad,
+        minimum=0,
+        fix="pad is the crop padding in pixels (4 for CIFAR, 0 to disable)",
+    )
+    if not isinstance(dp_rank, int) or isinstance(dp_rank, bool) or not 0 <= dp_rank < dp_size:
+        raise DataError(
+            f"dp_rank must be an int in [0, {dp_size - 1}] (dp_size={dp_size}), got {dp_rank!r}."
+        )
+    if not dtype.is_floating_point:
+        raise DataError(
+            f"dtype must be a floating-point dtype (float32, bfloat16, ...), got {dtype}."
+        )
 
 
 def crop_and_flip(
