@@ -24,8 +24,10 @@ from common import REPO, default_device, median, time_steps, write_results  # no
 
 from twolevel_dist.engine.device import configure_backends, synchronize  # noqa: E402
 from twolevel_dist.layers import make_conv, to_layout  # noqa: E402
-from twolevel_dist.parallel.collectives import coarse_exchange  # noqa: E402
-from twolevel_dist.parallel.sharded import ShardedTwoLevelConv2d  # noqa: E402
+from twolevel_dist.parallel.sharded import (
+    ShardedTwoLevelConv2d,  # noqa: E402
+    coarse_exchange,  # noqa: E402
+)
 from twolevel_dist.parallel.simulated import SimulatedGroup  # noqa: E402
 
 

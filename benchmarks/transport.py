@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, write_results  # noqa: E402
 
-from twolevel_dist.parallel import all_reduce_values, collectives  # noqa: E402
+from twolevel_dist.parallel import all_reduce_values, set_transport, transport  # noqa: E402
 
 OPS = ("all_gather", "reduce_scatter")
-TRANSPORTS = {"native": (), "direct": ("gloo",)}
+TRANSPORTS = ("native", "direct")
 
 
 def _threads_cpu_ms(main_tid: int) -> float:
@@ -45,8 +45,8 @@ def _threads_cpu_ms(main_tid: int) -> float:
 
 def _call(op: str, tensor: torch.Tensor, group, async_op: bool):
     if op == "all_gather":
-        return collectives._all_gather_flat_buffer(tensor, group, async_op=async_op)[1]
-    return collectives._reduce_scatter_dim0(tensor, group, async_op=async_op)[1]
+        return transport.all_gather_flat_buffer(tensor, group, async_op=async_op)[1]
+    return transport.reduce_scatter_dim0(tensor, group, async_op=async_op)[1]
 
 
 def _worker(args) -> None:
@@ -71,8 +71,8 @@ def _worker(args) -> None:
         numel = kb * 1024 // 4
         for op in OPS:
             tensor = torch.randn((numel,) if op == "all_gather" else (world, numel), device=device)
-            for transport, backends in TRANSPORTS.items():
-                collectives.DIRECT_EXCHANGE_BACKENDS = backends
+            for transport_name in TRANSPORTS:
+                set_transport(transport_name)
                 measured = {}
                 for mode in ("alone", "overlapped"):
                     walls, cpus = [], []
@@ -95,12 +95,12 @@ def _worker(args) -> None:
                 result = all_reduce_values(                         # the slowest rank
                     [measured["alone"][0], measured["overlapped"][0], measured["alone"][1],
                      measured["overlapped"][1]], device=device, group=group, op="max")
-                rows.append(dict(op=op, transport=transport, KB_per_rank=kb, N=world,
+                rows.append(dict(op=op, transport=transport_name, KB_per_rank=kb, N=world,
                                  wall_ms=result[0].item(), overlapped_wall_ms=result[1].item(),
                                  compute_ms=args.overlap_ms,
                                  backend_threads_cpu_ms=result[2].item(),
                                  overlapped_backend_threads_cpu_ms=result[3].item()))
-    collectives.DIRECT_EXCHANGE_BACKENDS = TRANSPORTS["direct"]
+    set_transport("auto")
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(rows), flush=True)
     dist.destroy_process_group()

@@ -14,11 +14,11 @@ from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import ShuffleGroupConv2d, TwoLevelGroupConv2d, to_layout
 from twolevel_dist.models import build_model
 from twolevel_dist.parallel import (
-    collectives,
     consolidate_state_dict,
     count_collectives,
     init_mesh,
     parallelize,
+    set_transport,
     shard_state_dict,
 )
 from twolevel_dist.parallel.rules import _shard_shuffle
@@ -62,9 +62,9 @@ def _reference_step(single, xs, ys, train):
 
 
 def _use_transport(transport):
-    """"direct": gloo's all-gathers and reduce-scatters travel as all-to-all (the default);
-    "native": as gloo's own collectives, the path every other backend takes."""
-    collectives.DIRECT_EXCHANGE_BACKENDS = ("gloo",) if transport == "direct" else ()
+    """"direct": gloo's all-gathers and reduce-scatters travel as all-to-all (what "auto" picks
+    on gloo); "native": as gloo's own collectives, the path every other backend takes."""
+    set_transport(transport)
 
 
 def _matches_unsharded(dp, gp, cases, transport="direct", device="cpu"):

@@ -8,22 +8,62 @@ Each parameter is a copy of the slice it is given, in the slice's device, dtype 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import Function
 
 from twolevel_dist.layers.two_level import (
     InputGradSum,
     coarse_correction,
+    coarse_weight_grad,
     local_convolution,
     representatives_taps,
     resolve_impl,
 )
 from twolevel_dist.parallel.collectives import (
-    coarse_exchange,
+    channels_to_stacked,
     exchange_chunks,
     gather_channels,
-    group_size,
+    stacked_to_channels,
     start_gather_channels,
     sum_over_ranks,
 )
+from twolevel_dist.parallel.transport import all_gather_dim0, group_size, reduce_scatter_dim0
+
+
+class _CoarseExchange(Function):
+    """GC-2L's exchange on one rank, on the fused convolution's output [B, C_out/N + 1, H, W]:
+    all-gather the last channel (the representative) over the group, apply this rank's rows of A0
+    ([C_out/N, N]) and add them to the other channels. One Function, so that backward builds the
+    fused gradient with one concatenation instead of autograd's zero-filled slice gradients."""
+
+    @staticmethod
+    def forward(ctx, fused, coarse_weight, group):
+        local_out = fused.shape[1] - 1
+        # A contiguous copy (B x N x H x W, small): what the bmm wants, and not a view of the
+        # gather buffer, which torch.compile refuses to save for backward.
+        representatives = stacked_to_channels(all_gather_dim0(fused[:, local_out:], group)) \
+            .clone(memory_format=torch.contiguous_format)
+        ctx.save_for_backward(coarse_weight, representatives)
+        ctx.group = group
+        return coarse_correction(coarse_weight, representatives).add_(fused[:, :local_out])
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Under autocast the forward ran in the gradient's (lower) precision; A0 is stored in
+        # float32 and gets its gradient in float32.
+        coarse_weight, representatives = ctx.saved_tensors
+        grad_coarse = coarse_weight_grad(grad, representatives).to(coarse_weight.dtype)
+        grad_representatives = coarse_correction(coarse_weight.t().to(grad.dtype), grad)
+        world = group_size(ctx.group)
+        own, _ = reduce_scatter_dim0(channels_to_stacked(grad_representatives, world), ctx.group)
+        return torch.cat([grad, own.to(grad.dtype)], dim=1), grad_coarse, None
+
+
+def coarse_exchange(fused: torch.Tensor, coarse_weight: torch.Tensor, group) -> torch.Tensor:
+    """local + A0 (all-gathered representatives), from the fused output [B, C_out/N + 1, H, W]."""
+    if group_size(group) == 1:
+        local_out = fused.shape[1] - 1
+        return fused[:, :local_out] + coarse_correction(coarse_weight, fused[:, local_out:])
+    return _CoarseExchange.apply(fused, coarse_weight, group)
 
 
 def resolve_overlap(overlap: bool | None, device: torch.device) -> bool:
