@@ -8,12 +8,8 @@ import torch.nn.functional as F
 
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import CONV_KINDS, make_conv, straight_through_one_hot
-from twolevel_dist.layers.two_level import (
-    InputGradSum,
-    TwoLevelGroupConv2d,
-    local_convolution,
-    representatives_taps,
-)
+from twolevel_dist.layers.taps import InputGradSum, local_convolution, representatives_taps
+from twolevel_dist.layers.two_level import TwoLevelGroupConv2d
 
 torch.manual_seed(0)
 KINDS = sorted(CONV_KINDS)

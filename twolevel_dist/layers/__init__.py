@@ -1,5 +1,6 @@
 """The convolution family (single device): sc, gc, gc2l, shuffle, flgc, and ``make_conv``."""
 
+from twolevel_dist.layers.coarse import coarse_correction, coarse_weight_grad
 from twolevel_dist.layers.factory import CONV_KINDS, make_conv
 from twolevel_dist.layers.flgc import FullyLearnableGroupConv2d, straight_through_one_hot
 from twolevel_dist.layers.group import (
@@ -10,7 +11,8 @@ from twolevel_dist.layers.group import (
     StemConv2d,
     channel_shuffle,
 )
-from twolevel_dist.layers.two_level import TwoLevelGroupConv2d, coarse_correction
+from twolevel_dist.layers.taps import InputGradSum, local_convolution, representatives_taps
+from twolevel_dist.layers.two_level import TwoLevelGroupConv2d, resolve_impl
 
 
 def to_layout(module, memory_format):
@@ -25,4 +27,7 @@ __all__ = [
     "CONV_KINDS", "make_conv", "StandardConv2d", "GroupConv2d", "TwoLevelGroupConv2d",
     "ShuffleGroupConv2d", "FullyLearnableGroupConv2d", "StemConv2d", "DepthwiseConv2d",
     "channel_shuffle", "coarse_correction", "straight_through_one_hot", "to_layout",
+    # what the sharded GC-2L layer (parallel.sharded) builds on
+    "coarse_weight_grad", "InputGradSum", "local_convolution", "representatives_taps",
+    "resolve_impl",
 ]

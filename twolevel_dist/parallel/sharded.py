@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from twolevel_dist.layers.two_level import (
+from twolevel_dist.layers import (
     InputGradSum,
     coarse_correction,
     coarse_weight_grad,
