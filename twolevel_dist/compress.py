@@ -42,11 +42,11 @@ from twolevel_dist.config import (
     validate_compress,
 )
 from twolevel_dist.data import DataError
-from twolevel_dist.engine.checkpoint import atomic_save, read_model_file
 from twolevel_dist.engine.device import clock, configure_backends, resolve_amp
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import evaluate, train_one_epoch
 from twolevel_dist.engine.metrics import MetricsWriter, step_line
+from twolevel_dist.engine.model_file import read_model_file, write_model_file
 from twolevel_dist.engine.run_dir import remove_if_empty
 from twolevel_dist.errors import ConfigError, RunError
 from twolevel_dist.layers import to_layout
@@ -198,9 +198,8 @@ def run_sg(cfg, model, finetuner, input_size, run_dir, meta) -> tuple[list[dict]
                       compact_ms_per_batch=_eval_ms_per_batch(final, finetuner.test_loader))
         rows.append(masked)
         layers[masked["result"]] = [asdict(r) for r in layer_report(final, input_size)]
-        atomic_save({"model": {k: v.cpu() for k, v in final.state_dict().items()},
-                     "meta": dict(meta, conv="sg", sparsity=sparsity, sg=asdict(s))},
-                    run_dir / f"sg_{round(100 * sparsity)}.pt")
+        write_model_file(run_dir / f"sg_{round(100 * sparsity)}.pt", final.state_dict(),
+                         dict(meta, conv="sg", sparsity=sparsity, sg=asdict(s)))
     return rows, layers
 
 
@@ -222,9 +221,8 @@ def run_convert(cfg, model, finetuner, input_size, run_dir, meta) -> tuple[list[
         layers[label] = [dict(layer=name, importance_kept=kept,
                               contiguous_importance_kept=report.contiguous_by_layer[name])
                          for name, kept in report.kept_by_layer.items()]
-        atomic_save({"model": {k: v.cpu() for k, v in grouped.state_dict().items()},
-                     "meta": dict(meta, conv=c.conv, groups=c.groups, partition=partition)},
-                    run_dir / f"{c.conv}_N{c.groups}_{partition}.pt")
+        write_model_file(run_dir / f"{c.conv}_N{c.groups}_{partition}.pt", grouped.state_dict(),
+                         dict(meta, conv=c.conv, groups=c.groups, partition=partition))
     return rows, layers
 
 

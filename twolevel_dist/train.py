@@ -37,7 +37,6 @@ from twolevel_dist.engine.checkpoint import (
     mark_complete,
     prune,
     rank_file,
-    read_model_file,
 )
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
 from twolevel_dist.engine.loaders import build_loaders
@@ -48,6 +47,7 @@ from twolevel_dist.engine.loop import (
     train_one_epoch,
 )
 from twolevel_dist.engine.metrics import MetricsWriter, step_line, truncate_metrics
+from twolevel_dist.engine.model_file import read_model_file, write_model_file
 from twolevel_dist.engine.run_dir import claim as run_dir_claim
 from twolevel_dist.engine.run_dir import remove_if_empty
 from twolevel_dist.errors import ConfigError, RunError
@@ -399,8 +399,7 @@ def _finish(run_dir, job, model, meta, record) -> None:
     problem = None
     if job.rank == 0:
         try:
-            atomic_save({"model": {k: v.cpu() for k, v in state.items()}, "meta": meta},
-                        run_dir / "model.pt")
+            write_model_file(run_dir / "model.pt", state, meta)
         except RunError as error:
             problem = str(error)
     job.raise_first(problem, RunError)

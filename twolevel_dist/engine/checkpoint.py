@@ -186,15 +186,3 @@ def check_meta(found: dict, expected: dict, path) -> None:
         raise ConfigError(f"checkpoint {path} does not fit this run ({'; '.join(diffs)}); "
                           f"resume with the same model, conv and groups (the data-parallel "
                           f"replicas may change), or start a new run_dir")
-
-
-def read_model_file(path: str, option: str, hint: str):
-    """The contents of a consolidated ``model.pt`` named by config option ``option``, on the CPU;
-    a missing or unreadable file is a ConfigError that says so and gives ``hint`` as the fix."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"{option}={path}: no such file; {hint}")
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:       # a truncated or foreign file: say which, not a torch trace
-        raise ConfigError(f"{option}={path} is not a readable model.pt ({error}); {hint}") from None
