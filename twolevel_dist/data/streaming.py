@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from twolevel_dist.validate import positive_int
+
 from .errors import DataError
 from .image_folder import IMAGE_EXTENSIONS, _image_files, list_classes
 from .seeding import derive_seed, make_generator
@@ -235,10 +237,8 @@ def make_streaming_loader(
     Images come as uint8 (a quarter of float32's worker-to-host traffic); normalise them where
     they are used (``normalise``, on the device).
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive int (per replica), got {batch_size!r}.")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise DataError(f"image_size must be a positive int, got {image_size!r}.")
+    positive_int("batch_size", batch_size, error=DataError, fix="it is per replica")
+    positive_int("image_size", image_size, error=DataError)
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     if workers < 0:

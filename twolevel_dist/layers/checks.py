@@ -3,13 +3,13 @@
 import torch.nn as nn
 
 from twolevel_dist.errors import ConfigError
+from twolevel_dist.validate import positive_int
 
 
 def check_conv_args(kind: str, in_channels, out_channels, kernel_size, stride, groups) -> None:
     for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                         ("kernel_size", kernel_size), ("stride", stride), ("groups", groups)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{kind}: {name} must be a positive integer, got {value!r}")
+        positive_int(f"{kind}: {name}", value)
     if kernel_size % 2 == 0:
         raise ConfigError(
             f"{kind}: kernel_size must be odd so that padding k//2 keeps the spatial size, "

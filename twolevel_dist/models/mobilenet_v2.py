@@ -10,8 +10,8 @@ With ``conv="gc2l"`` the final 320->1280 convolution is a plain group convolutio
 import torch
 import torch.nn as nn
 
-from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import DepthwiseConv2d, StemConv2d, make_conv
+from twolevel_dist.validate import dropout_probability, positive_int, positive_number
 
 # (expansion t, output channels c, repeats n, first stride s), as in the paper's Table 2.
 _INVERTED_RESIDUAL_SETTING = [
@@ -56,12 +56,9 @@ class MobileNetV2(nn.Module):
     def __init__(self, *, conv: str = "sc", groups: int = 1, num_classes: int = 1000,
                  width_mult: float = 1.0, dropout: float = 0.2, coarse_last_conv: bool = False):
         super().__init__()
-        if not isinstance(width_mult, (int, float)) or width_mult <= 0:
-            raise ConfigError(f"width_mult must be a positive number, got {width_mult!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+        positive_number("width_mult", width_mult)
+        positive_int("num_classes", num_classes)
+        dropout_probability(dropout)
         in_channels = make_divisible(32 * width_mult)
         last_channels = make_divisible(1280 * max(1.0, width_mult))
         layers: list[nn.Module] = _conv_bn(StemConv2d(3, in_channels, 3, stride=2),

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import StemConv2d, make_conv
+from twolevel_dist.validate import dropout_probability, positive_int
 
 
 class PreActBasicBlock(nn.Module):
@@ -60,23 +61,13 @@ class WideResNet(nn.Module):
         return self.fc(x)
 
 
-def _check_positive(name, value, kind=int):
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise ConfigError(f"{name} must be a positive {kind.__name__}, got {value!r}")
-
-
-def _check_dropout(dropout):
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
-
-
 def wrn_cifar(*, conv: str = "sc", groups: int = 1, num_classes: int = 10, depth: int = 28,
               widen: int = 10, dropout: float = 0.0) -> WideResNet:
     """WRN-depth-widen for 32x32 inputs: stages of widths 16k, 32k, 64k and strides 1, 2, 2."""
-    _check_positive("depth", depth)
-    _check_positive("widen", widen)
-    _check_positive("num_classes", num_classes)
-    _check_dropout(dropout)
+    positive_int("depth", depth)
+    positive_int("widen", widen)
+    positive_int("num_classes", num_classes)
+    dropout_probability(dropout)
     if (depth - 4) % 6:
         raise ConfigError(f"WRN depth must be 6n+4 (e.g. 16, 22, 28, 40), got {depth}")
     blocks = (depth - 4) // 6
@@ -96,9 +87,9 @@ _IMAGENET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
 def wrn_imagenet(*, conv: str = "sc", groups: int = 1, num_classes: int = 1000, depth: int = 34,
                  widen: int = 2, dropout: float = 0.0) -> WideResNet:
     """The paper's ImageNet WRN: ResNet-depth basic-block stages with widths 64k..512k."""
-    _check_positive("widen", widen)
-    _check_positive("num_classes", num_classes)
-    _check_dropout(dropout)
+    positive_int("widen", widen)
+    positive_int("num_classes", num_classes)
+    dropout_probability(dropout)
     if depth not in _IMAGENET_BLOCKS:
         raise ConfigError(f"ImageNet WRN depth must be one of {sorted(_IMAGENET_BLOCKS)}, "
                           f"got {depth!r}")

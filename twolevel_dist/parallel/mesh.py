@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from twolevel_dist.errors import ConfigError
+from twolevel_dist.validate import positive_int
 
 
 def first_host(nodelist: str) -> str:
@@ -157,8 +158,7 @@ def init_mesh(groups: int, dp: int | None = None) -> DeviceMesh:
         raise ConfigError("init_mesh needs torch.distributed initialised first; call "
                           "twolevel_dist.parallel.init_distributed() (under torchrun)")
     world = dist.get_world_size()
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ConfigError(f"groups must be a positive integer, got {groups!r}")
+    positive_int("groups", groups)
     if world % groups:
         raise ConfigError(
             f"the world size {world} is not a multiple of groups={groups}: each model needs "
