@@ -9,3 +9,8 @@ class ConfigError(ValueError):
 class RunError(RuntimeError):
     """The run cannot go on (it diverged, the disk is full, a peer rank hung): the message names
     the cause and what to do; nothing incomplete was left marked complete."""
+
+
+class DataError(ValueError):
+    """A data set is missing, malformed, or asked for with inconsistent options: the message
+    names the path, the expected layout or the config key to change."""

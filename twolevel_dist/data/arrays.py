@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DataError
+from twolevel_dist.errors import DataError
 
 # Statistics are accumulated over chunks of about this many values so a 50k x 3 x 32 x 32
 # uint8 set never needs a full-size int64 copy (that would be 8x its size).

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arrays import ImageArrays
-from .errors import DataError
-from .safe_tar import safe_extract_tar
+from twolevel_dist.data.arrays import ImageArrays
+from twolevel_dist.data.safe_tar import safe_extract_tar
+from twolevel_dist.errors import DataError
 
 CIFAR_IMAGE_SIZE = 32
 _PIXELS_PER_IMAGE = 3 * CIFAR_IMAGE_SIZE * CIFAR_IMAGE_SIZE

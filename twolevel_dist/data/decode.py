@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
+from twolevel_dist.errors import DataError
 
 # Image.Resampling appeared in Pillow 9.1; the plain constant works on every version.
 _BILINEAR = getattr(getattr(Image, "Resampling", Image), "BILINEAR")

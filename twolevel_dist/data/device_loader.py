@@ -25,9 +25,9 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .arrays import ImageArrays
-from .errors import DataError
-from .seeding import make_generator
+from twolevel_dist.data.arrays import ImageArrays
+from twolevel_dist.data.seeding import make_generator
+from twolevel_dist.errors import DataError
 
 
 class DeviceLoader:

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import decode
-from .arrays import ImageArrays
-from .errors import DataError
-from .safe_tar import safe_extract_tar
+from twolevel_dist.data import decode
+from twolevel_dist.data.arrays import ImageArrays
+from twolevel_dist.data.safe_tar import safe_extract_tar
+from twolevel_dist.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -149,7 +149,7 @@ def _list_split(
     relative_paths: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        files = _image_files(split_dir / name)
+        files = image_files(split_dir / name)
         if not files:
             raise DataError(
                 f"class folder {split_dir / name} has no images (accepted extensions: "
@@ -160,7 +160,7 @@ def _list_split(
     return _SplitFiles(split_dir.name, relative_paths, labels)
 
 
-def _image_files(class_dir: Path) -> list[Path]:
+def image_files(class_dir: Path) -> list[Path]:
     """Image files under ``class_dir`` (recursively, skipping hidden entries), sorted."""
     found: list[Path] = []
     for folder, subfolders, files in os.walk(class_dir):

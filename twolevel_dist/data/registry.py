@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 
-from .arrays import ImageArrays
-from .cifar import CIFAR_IMAGE_SIZE, load_cifar
-from .errors import DataError
-from .image_folder import load_image_folder
-from .synthetic import DEFAULT_TEST_SIZE, DEFAULT_TRAIN_SIZE, make_synthetic
+from twolevel_dist.data.arrays import ImageArrays
+from twolevel_dist.data.cifar import CIFAR_IMAGE_SIZE, load_cifar
+from twolevel_dist.data.image_folder import load_image_folder
+from twolevel_dist.data.synthetic import DEFAULT_TEST_SIZE, DEFAULT_TRAIN_SIZE, make_synthetic
+from twolevel_dist.errors import DataError
 
 IN_MEMORY_DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
 STREAMING_DATASETS = ("imagenet",)

@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from .errors import DataError
+from twolevel_dist.errors import DataError
 
 
 def safe_extract_tar(

@@ -29,11 +29,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from twolevel_dist.data.image_folder import IMAGE_EXTENSIONS, image_files, list_classes
+from twolevel_dist.data.seeding import derive_seed, make_generator
+from twolevel_dist.errors import DataError
 from twolevel_dist.validate import positive_int
-
-from .errors import DataError
-from .image_folder import IMAGE_EXTENSIONS, _image_files, list_classes
-from .seeding import derive_seed, make_generator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -286,7 +285,7 @@ def list_image_files(root: Path, split: str) -> tuple[list[str], list[int]]:
     files: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(list_classes(split_dir)):
-        found = _image_files(split_dir / name)
+        found = image_files(split_dir / name)
         if not found:
             raise DataError(
                 f"class folder {split_dir / name} has no images (accepted extensions: "

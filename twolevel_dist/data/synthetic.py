@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .arrays import ImageArrays
-from .errors import DataError
-from .seeding import make_generator
+from twolevel_dist.data.arrays import ImageArrays
+from twolevel_dist.data.seeding import make_generator
+from twolevel_dist.errors import DataError
 
 DEFAULT_TRAIN_SIZE = 10_000
 DEFAULT_TEST_SIZE = 2_000
