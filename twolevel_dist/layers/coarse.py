@@ -43,7 +43,8 @@ def coarse_correction(coarse_weight: torch.Tensor, representatives: torch.Tensor
 def coarse_weight_grad(grad: torch.Tensor, representatives: torch.Tensor) -> torch.Tensor:
     """The gradient of A0 [O, N] from the output gradient [B, O, H, W] and the representatives
     [B, N, H, W]: the sum over the batch of [N, H*W] x [H*W, O], in this order because a product
-    with N (a handful) output rows runs about twice as fast as one with N output columns."""
+    with N (a handful) output rows is the faster of the two (few output rows, long inner
+    dimension: what matrix kernels block best)."""
     if is_channels_last(grad):
         return (pixel_rows(representatives).to(grad.dtype).t() @ pixel_rows(grad)).t()
     flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)

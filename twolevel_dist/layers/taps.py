@@ -4,8 +4,8 @@
 On CPUs the convolution kernels block output channels by 16, so C_out/N + 1 filters per group
 cost as much as C_out/N + 16, and a one-filter convolution is no cheaper. This path computes GC's
 aligned convolution (``local_convolution``) and gets the representatives from
-``representatives_taps``: one matrix product with k^2 rows per group, then k^2 shifted sums,
-about a tenth of the local convolution's time. Both read the layer's fused weight. The two
+``representatives_taps``: one matrix product with k^2 rows per group, then k^2 shifted sums, a
+small fraction of the local convolution's work (measured: ``benchmarks/layers.py``). Both read the layer's fused weight. The two
 x-gradients meet in place (``InputGradSum``), and channels-last tensors are read and written in
 their own layout, so neither layout copies an activation.
 """
@@ -218,7 +218,7 @@ class _Representatives(Function):
 
 def _run_eagerly(fn):
     """``torch.compiler.disable(fn)``, applied at the first call: importing torch._dynamo takes
-    about a second, which every process (each rank of every job) would pay at start-up, whether
+    a noticeable part of start-up, which every process (each rank of every job) would pay at start-up, whether
     it compiles or not."""
     disabled = None
 
