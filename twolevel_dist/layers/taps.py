@@ -5,9 +5,10 @@ On CPUs the convolution kernels block output channels by 16, so C_out/N + 1 filt
 cost as much as C_out/N + 16, and a one-filter convolution is no cheaper. This path computes GC's
 aligned convolution (``local_convolution``) and gets the representatives from
 ``representatives_taps``: one matrix product with k^2 rows per group, then k^2 shifted sums, a
-small fraction of the local convolution's work (measured: ``benchmarks/layers.py``). Both read the layer's fused weight. The two
-x-gradients meet in place (``InputGradSum``), and channels-last tensors are read and written in
-their own layout, so neither layout copies an activation.
+small fraction of the local convolution's work (measured: ``benchmarks/layers.py``). Both read
+the layer's fused weight. The two x-gradients meet in place (``InputGradSum``), and
+channels-last tensors are read and written in their own layout, so neither layout copies an
+activation.
 """
 
 import functools
@@ -217,8 +218,8 @@ class _Representatives(Function):
 
 
 def _run_eagerly(fn):
-    """``torch.compiler.disable(fn)``, applied at the first call: importing torch._dynamo takes
-    a noticeable part of start-up, which every process (each rank of every job) would pay at start-up, whether
+    """``torch.compiler.disable(fn)``, applied at the first call: importing torch._dynamo is a
+    noticeable part of start-up, which every process (each rank of every job) would pay whether
     it compiles or not."""
     disabled = None
 
