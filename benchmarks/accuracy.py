@@ -44,6 +44,7 @@ from common import REPO, write_results  # noqa: E402
 from twolevel_dist.config import ModelConfig  # noqa: E402
 from twolevel_dist.engine.checkpoint import latest_complete, rank_file  # noqa: E402
 from twolevel_dist.engine.metrics import read_metrics  # noqa: E402
+from twolevel_dist.errors import ConfigError  # noqa: E402
 from twolevel_dist.layers import CONV_KINDS  # noqa: E402
 from twolevel_dist.models import build_model  # noqa: E402
 from twolevel_dist.paper import PAPER_CIFAR10_ERROR_WRN28_10  # noqa: E402
@@ -367,7 +368,8 @@ def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
 
 def _parameters_per_rank(run_dir: Path, config: dict, cell: Cell) -> int | None:
     """One rank's share with one rank per group (the whole model for sc and flgc), counted on
-    the meta device; the number of classes comes from the run's saved head bias."""
+    the meta device; the number of classes comes from the run's saved head bias. None where the
+    model cannot be split one group per rank (the cell itself ran as one process)."""
     saved = run_dir / "model.pt"
     if not saved.is_file():
         position = latest_complete(run_dir)
@@ -381,7 +383,10 @@ def _parameters_per_rank(run_dir: Path, config: dict, cell: Cell) -> int | None:
         model = build_model(model_cfg.name, conv=cell.conv, groups=cell.groups,
                             num_classes=num_classes, **model_cfg.build_kwargs())
         if cell.ranks > 1:
-            model = parallelize(model, simulated_mesh(cell.groups))
+            try:
+                model = parallelize(model, simulated_mesh(cell.groups))
+            except ConfigError:     # e.g. Shuffle across ranks needs N^2 to divide C_out
+                return None
     return sum(p.numel() for p in model.parameters())
 
 
@@ -401,7 +406,7 @@ def collect(protocol: Protocol, runs: Path) -> list[dict]:
             model=f"{model['name']}-{model['depth']}-{model['widen']}" if model.get("depth")
             else model["name"],
             conv=cell.conv, N=cell.groups, seed=cell.seed,
-            params_per_rank=_parameters_per_rank(run_dir, config, cell),
+            params_per_rank=_parameters_per_rank(run_dir, config, cell) or "",
             final_test_error=round(100 - records[-1]["test_acc"], 2),
             best_test_error=round(100 - max(r["test_acc"] for r in records), 2),
             final_train_loss=round(records[-1]["train_loss"], 4),
@@ -459,6 +464,8 @@ def plot_error_against_n(rows: list[dict], path: Path, title: str) -> bool:
     if sc:
         ax.axhline(sum(sc) / len(sc), color="k", linestyle="--", linewidth=1, label="sc")
     ax.set_xscale("log", base=2)
+    all_ns = sorted({r["N"] for r in done if r["conv"] != "sc"})
+    ax.set_xticks(all_ns, [str(n) for n in all_ns])
     _finish_plot(plt, fig, ax, path, title, "N (groups)", "final test error (%)")
     return True
 
@@ -522,7 +529,9 @@ def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[d
         "## Final test error (%) against N" + ("" if paper else
                                                 " (the paper's WRN-28-10 figures: README)"),
         "", *error_table(rows, paper), "",
-        "mean ± half the range over seeds; sc does not depend on N. Plots: "
+        "mean ± half the range over seeds; sc does not depend on N. params_per_rank: one "
+        "rank's share with one rank per group (empty where the layers cannot be split so; "
+        "Shuffle needs N^2 to divide every layer's width). Plots: "
         f"`{out.name}.png` (error against N), `{out.name}_loss.png` (training loss).", "",
         "## Every cell"])
     write_results(out, rows, f"Accuracy against N: {protocol.tag}", command, notes)
