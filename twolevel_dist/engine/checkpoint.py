@@ -75,6 +75,11 @@ def _disk_full(error: BaseException | None) -> bool:
     return False
 
 
+def load_failure(error: Exception) -> str:
+    """Why ``torch.load`` failed, in one line: its exception type and first line."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
 def epoch_dir(run_dir: Path, at) -> Path:
     """The folder of the checkpoint at ``at``: a Position, or an epoch number (its end)."""
     return Path(run_dir) / "checkpoints" / _position(at).name
@@ -149,8 +154,8 @@ def load_rank_checkpoint(run_dir: Path, at, gp_rank: int, expected_meta: dict) -
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:     # truncated, overwritten, foreign: say which file, not a trace
-        raise DamagedCheckpoint(f"checkpoint {path} is unreadable ({type(error).__name__}: "
-                                f"{str(error).splitlines()[0][:200]})") from None
+        raise DamagedCheckpoint(f"checkpoint {path} is unreadable ({load_failure(error)})") \
+            from None
     if not isinstance(state, dict) or "model" not in state:
         raise DamagedCheckpoint(f"checkpoint {path} holds no twolevel_dist rank state")
     check_meta(state.get("meta", {}), expected_meta, path)

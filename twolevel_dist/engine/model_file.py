@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from twolevel_dist.engine.checkpoint import atomic_save
+from twolevel_dist.engine.checkpoint import atomic_save, load_failure
 from twolevel_dist.errors import ConfigError
 
 
@@ -24,4 +24,5 @@ def read_model_file(path: str, option: str, hint: str):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:       # a truncated or foreign file: say which, not a torch trace
-        raise ConfigError(f"{option}={path} is not a readable model.pt ({error}); {hint}") from None
+        raise ConfigError(f"{option}={path} is not a readable model.pt ({load_failure(error)}); "
+                          f"{hint}") from None
