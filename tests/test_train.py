@@ -107,6 +107,32 @@ def test_a_run_resumed_inside_an_epoch_continues_with_the_uninterrupted_losses(t
         assert read_metrics(cut)[-1][key] == read_metrics(full)[-1][key], key
 
 
+def test_a_run_capped_inside_an_epoch_checkpoints_there_and_a_longer_one_finishes_it(tmp_path):
+    """train.max_steps=5 of 8 steps per epoch, on dp x gp = 2 x 1: the run stops with a
+    checkpoint at step 5, not an end-of-epoch one, and resuming without the cap finishes the
+    epoch from step 6 with the uninterrupted run's losses; the epoch's record counts both
+    replicas' steps before the cap once each."""
+    common = [*SMALL, "train.epochs=1", "groups=1", "model.dropout=0.3", "train.log_every=1"]
+    full, capped = tmp_path / "full", tmp_path / "capped"
+    _train(full, *common)
+    _train(capped, *common, "train.max_steps=5")
+    assert [p.name for p in (capped / "checkpoints").iterdir()] == ["epoch_0000_step_000000005"]
+    assert read_metrics(capped)[-1]["step"] == 5
+    _train(capped, *common, "resume=true")
+    log = (capped / "train.log").read_text()
+    assert "epoch_0000_step_000000005 (epoch 0, step 5, 5 steps into epoch 1)" in log
+    def by_step(log):               # "5/5" in the capped run is "5/8" in the others
+        return {step.split("/")[0]: loss for step, loss in _step_losses(log).items()}
+    uninterrupted = by_step((full / "train.log").read_text())
+    assert by_step(log) == uninterrupted and len(uninterrupted) == 8
+    (before, after) = read_metrics(full), read_metrics(capped)
+    assert len(after) == 1 and after[0]["step"] == 8
+    assert after[0]["train_acc"] == before[0]["train_acc"]
+    # Float sums in another order (the replicas' losses and BN statistics were added at the cap).
+    for key in ("train_loss", "test_loss"):
+        assert after[0][key] == pytest.approx(before[0][key], rel=1e-6), key
+
+
 def _same_weights(a: Path, b: Path) -> None:
     first, second = (torch.load(p, weights_only=True)["model"] for p in (a, b))
     assert first.keys() == second.keys()

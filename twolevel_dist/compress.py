@@ -132,11 +132,11 @@ class Finetuner:
             self.epochs_done += 1
             test_loss, test_acc = self.evaluate(model)
             record = dict(epoch=self.epochs_done, step=self.epochs_done, phase=phase,
-                          phase_epoch=epoch + 1, train_loss=result.loss,
+                          phase_epoch=epoch + 1, train_loss=result.mean_loss,
                           train_acc=result.accuracy, test_loss=test_loss, test_acc=test_acc,
                           epoch_time_s=result.seconds)
             self.writer.epoch(record)
-            log.info(f"{phase} epoch {epoch + 1}/{epochs}: train loss {result.loss:.4f} | "
+            log.info(f"{phase} epoch {epoch + 1}/{epochs}: train loss {result.mean_loss:.4f} | "
                      f"test acc {test_acc:.2f}% | {result.seconds:.0f} s")
 
 

@@ -69,7 +69,9 @@ class ScheduleConfig:
 @dataclass
 class TrainLoopConfig:
     epochs: int = 200
-    max_steps: Optional[int] = None      # stop after this many optimizer steps in all
+    # Stop after this many optimizer steps in all; inside an epoch, with a checkpoint there
+    # (a resume with more steps finishes the epoch).
+    max_steps: Optional[int] = None
     batch_size: int = 128                # global batch: split over the dp replicas
     amp: Optional[bool] = None           # bf16 autocast; null: on for GPUs, off for CPUs
     tf32: bool = True                    # GPUs: TF32 matrix products and convolutions

@@ -14,7 +14,7 @@ died or hung past ``dist.timeout_s`` ends the others with exit code 3.
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import hydra
@@ -297,6 +297,8 @@ def _restore(cfg, run_dir, job, model, optimizer, scheduler, meta):
     scheduler.load_state_dict(state["scheduler"])
     _restore_rng(state["rng"], job, cfg.seed, state["global_step"])
     sums = EpochSums(**state["epoch_sums"]) if state.get("epoch_sums") else None
+    if sums and job.dp_rank > 0:        # the totals go on in replica 0's sums
+        sums = replace(sums, loss=0.0, correct=0, samples=0)
     if job.rank == 0:
         truncate_metrics(run_dir, state["epochs_done"])   # drop epochs logged after it
     inside = f", {sums.steps} steps into epoch {state['epochs_done'] + 1}" if sums else ""
@@ -362,8 +364,16 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
         average_batch_norm_statistics(model, job.dp_group)
         record = _evaluate_epoch(cfg, job, step_model, test_loader, result, epoch, global_step,
                                  lr, train_loader.num_classes >= TOP5_CLASSES)
-        scheduler.step()
         writer.epoch(record)
+        if result.steps < len(train_loader):
+            # train.max_steps ended the run inside the epoch: checkpoint where it stopped, so
+            # that a resume with more steps finishes this epoch instead of skipping its rest.
+            if not (every and global_step % every == 0):   # else checkpoint_inside wrote it
+                _save_checkpoint(run_dir, Position(epoch, global_step), job, model, optimizer,
+                                 scheduler, meta, keep, epochs_done=epoch,
+                                 global_step=global_step, sums=result)
+            break
+        scheduler.step()
         _save_checkpoint(run_dir, epoch + 1, job, model, optimizer, scheduler, meta, keep,
                          epochs_done=epoch + 1, global_step=global_step)
     writer.close()
@@ -377,11 +387,11 @@ def _evaluate_epoch(cfg, job, step_model, test_loader, result, epoch, global_ste
     test_loss, test_acc, test_acc5 = evaluate(step_model, test_loader, device=job.device,
                                               amp=job.amp, dp_group=job.dp_group)
     loss_sum, correct, samples = all_reduce_values(
-        [result.loss * result.samples, result.accuracy * result.samples, result.samples],
+        [result.loss, result.correct, result.samples],
         device=job.device, group=job.dp_group).tolist()
     record = dict(epoch=epoch + 1, step=global_step, train_loss=loss_sum / samples,
-                  train_acc=correct / samples, test_loss=test_loss, test_acc=test_acc, lr=lr,
-                  epoch_time_s=result.seconds, images_per_s=samples / result.seconds,
+                  train_acc=100.0 * correct / samples, test_loss=test_loss, test_acc=test_acc,
+                  lr=lr, epoch_time_s=result.seconds, images_per_s=samples / result.seconds,
                   comm_bytes_per_step=result.comm_bytes_per_step)
     if top5:
         record["test_acc5"] = test_acc5
@@ -426,6 +436,7 @@ def _save_checkpoint(run_dir, at, job, model, optimizer, scheduler, meta, keep, 
     ``keep``. A failed write (a full disk) stops every rank with its cause, the checkpoint left
     incomplete."""
     rngs, problem = job.gather_dp(rng_state(job.device)), None
+    sums = _over_replicas(sums, job) if sums else None
     if job.dp_rank == 0:
         path, state = rank_file(run_dir, at, job.gp_rank), unwrap(model).state_dict()
         try:
@@ -440,6 +451,14 @@ def _save_checkpoint(run_dir, at, job, model, optimizer, scheduler, meta, keep, 
     if job.rank == 0:
         mark_complete(run_dir, at)
         prune(run_dir, keep)
+
+
+def _over_replicas(sums: EpochSums, job) -> EpochSums:
+    """An interrupted epoch's sums added over the dp replicas: what its checkpoint keeps, since
+    any number of replicas may resume it (replica 0 carries the totals on: ``_restore``)."""
+    loss, correct, samples = all_reduce_values([sums.loss, sums.correct, sums.samples],
+                                               device=job.device, group=job.dp_group).tolist()
+    return replace(sums, loss=loss, correct=int(correct), samples=int(samples))
 
 
 def _peer_failure(error: BaseException) -> bool:

@@ -14,20 +14,10 @@ from twolevel_dist.parallel import all_reduce_values, count_collectives
 
 
 @dataclass
-class EpochResult:
-    loss: float
-    accuracy: float          # percent
-    samples: int
-    seconds: float
-    steps: int
-    comm_bytes_per_step: float
-
-
-@dataclass
 class EpochSums:
-    """What an epoch has summed so far. A checkpoint inside an epoch saves it, so that the
-    resumed epoch reports what an uninterrupted one would (the loss is summed in float32 on the
-    device either way, so the sums agree to the bit)."""
+    """What an epoch has summed so far, and what ``train_one_epoch`` returns. A checkpoint
+    inside an epoch saves it, so that the resumed epoch reports what an uninterrupted one would
+    (the loss is summed in float32 on the device either way, so the sums agree to the bit)."""
 
     loss: float = 0.0          # sum over samples
     correct: int = 0
@@ -36,11 +26,18 @@ class EpochSums:
     seconds: float = 0.0
     comm_bytes: float = 0.0
 
-    def result(self) -> EpochResult:
-        return EpochResult(loss=self.loss / max(self.samples, 1),
-                           accuracy=100.0 * self.correct / max(self.samples, 1),
-                           samples=self.samples, seconds=self.seconds, steps=self.steps,
-                           comm_bytes_per_step=self.comm_bytes / max(self.steps, 1))
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.samples, 1)
+
+    @property
+    def accuracy(self) -> float:
+        """Percent."""
+        return 100.0 * self.correct / max(self.samples, 1)
+
+    @property
+    def comm_bytes_per_step(self) -> float:
+        return self.comm_bytes / max(self.steps, 1)
 
 
 def _diverged(loss: torch.Tensor, device, dp_group) -> bool:
@@ -52,7 +49,7 @@ def _diverged(loss: torch.Tensor, device, dp_group) -> bool:
 
 def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=None,
                     first_step: int = 0, log_every: int = 20, on_log=None, on_step=None,
-                    dp_group=None, start: EpochSums | None = None) -> EpochResult:
+                    dp_group=None, start: EpochSums | None = None) -> EpochSums:
     """Trains until the loader ends or ``max_steps`` optimizer steps, continuing ``start`` (the
     sums of the epoch's steps before a checkpoint; the loader then skips those batches).
     ``on_step(global_step, sums)`` runs after every step (a per-step schedule, a checkpoint:
@@ -125,7 +122,7 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
                 on_log(stats)
             window_start, window_steps, window_images, window_bytes = now, 0, 0, 0
             window_wait = 0.0
-    return sums().result()
+    return sums()
 
 
 @torch.no_grad()
