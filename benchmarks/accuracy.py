@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,15 +202,36 @@ class Ledger:
         return self.folder / f"{cell.name}.log"
 
     def wall(self, cell: Cell) -> dict:
-        path = self.folder / f"{cell.name}.wall.json"
-        return json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "commits": []}
+        """The cell's wall time over its attempts. An attempt killed outright (SIGKILL, a SLURM
+        time limit, the machine going away) never recorded its end: it counts up to the run
+        directory's last write, its last sign of life."""
+        record = self._wall_record(cell)
+        since = record.pop("running_since", None)
+        if since is not None:
+            record["seconds"] += max(0.0, _last_write(self.runs / cell.name) - since)
+        return record
 
-    def add_wall(self, cell: Cell, seconds: float) -> None:
-        record = self.wall(cell)
-        record["seconds"] += seconds
+    @contextmanager
+    def attempt(self, cell: Cell):
+        """Time one attempt at a cell: its start is on disk before it runs, so a kill that
+        skips the ``finally`` below still leaves it counted (see ``wall``)."""
+        record = self.wall(cell)                  # an earlier attempt killed outright, folded in
+        record["running_since"] = time.time()
         commit = _commit()
         if commit not in record["commits"]:
             record["commits"].append(commit)
+        self._save_wall(cell, record)
+        try:
+            yield
+        finally:
+            record["seconds"] += time.time() - record.pop("running_since")
+            self._save_wall(cell, record)
+
+    def _wall_record(self, cell: Cell) -> dict:
+        path = self.folder / f"{cell.name}.wall.json"
+        return json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "commits": []}
+
+    def _save_wall(self, cell: Cell, record: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{cell.name}.wall.tmp"
         tmp.write_text(json.dumps(record) + "\n")
@@ -222,6 +244,12 @@ class Ledger:
     def save_jobs(self, jobs: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "slurm_jobs.json").write_text(json.dumps(jobs, indent=1) + "\n")
+
+
+def _last_write(run_dir: Path) -> float:
+    """When training last wrote to ``run_dir`` (its log, metrics or checkpoints); 0 if never."""
+    paths = [run_dir / "train.log", run_dir / "metrics.jsonl", run_dir / "checkpoints"]
+    return max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
 
 
 def _commit() -> str:
@@ -282,12 +310,10 @@ def run_local(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
             log.write(f"\n$ {shlex.join(command)}\n")
             log.flush()
             start = time.time()
-            try:
+            with ledger.attempt(cell):
                 code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                       env=env).returncode
-            finally:                       # an interrupted attempt's time counts too
-                seconds = time.time() - start
-                ledger.add_wall(cell, seconds)
+            seconds = time.time() - start
         if code < 0 and -code == signal.SIGINT:
             raise KeyboardInterrupt
         progress.finished(cell, run_dir, seconds, code == 0)
@@ -304,12 +330,11 @@ def run_local(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
 
 def _slurm_task(command: list[str], runs: str, cell: Cell) -> int:
     """What each SLURM task of a cell's job runs: the training command (it reads SLURM's
-    variables to find its rank); task 0 adds the wall time to the ledger."""
-    start = time.time()
-    code = subprocess.run(command, cwd=REPO).returncode
-    if int(os.environ.get("SLURM_PROCID", "0")) == 0:
-        Ledger(Path(runs)).add_wall(cell, time.time() - start)
-    return code
+    variables to find its rank); task 0 times the attempt in the ledger."""
+    if int(os.environ.get("SLURM_PROCID", "0")) != 0:
+        return subprocess.run(command, cwd=REPO).returncode
+    with Ledger(Path(runs)).attempt(cell):
+        return subprocess.run(command, cwd=REPO).returncode
 
 
 def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progress,

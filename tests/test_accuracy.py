@@ -4,7 +4,11 @@ run directory, finished cells skipped, an interrupted one resumed from its check
 
 import csv
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +89,39 @@ def test_a_sweep_runs_each_cell_once_skips_finished_ones_and_resumes_an_interrup
     assert [r["epoch"] for r in read_metrics(cell)] == [1, 2]
     assert "resume=true" in (runs / ".sweep" / "gc2l_N2_s0.log").read_text()
     assert (runs / ".sweep" / "sc_N1_s0.log").read_text() == sc_log
+
+
+def test_a_sweep_killed_outright_still_counts_the_killed_attempts_time(tmp_path, capsys):
+    """SIGKILL (a SLURM time limit, a machine taken away) skips every ``finally``: the attempt's
+    start is on disk beforehand, and its time runs to the run directory's last write."""
+    protocol = write_protocol(tmp_path, [{"conv": ["sc"], "groups": [1], "seeds": [0]}],
+                              train=[*TINY[:-1], "train.epochs=15"])
+    runs, cell = tmp_path / "runs", tmp_path / "runs" / "sc_N1_s0"
+    started = time.time()
+    first = subprocess.Popen([sys.executable, str(BENCHMARKS / "accuracy.py"), str(protocol),
+                              "--runs", str(runs)], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not latest_complete_epoch(cell) or time.time() - started < 6:
+            assert first.poll() is None, "the sweep ended before it could be killed"
+            assert time.time() - started < 240, "the cell never finished an epoch"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)           # the sweep and its training run
+        first.wait()
+    killed_attempt = accuracy._last_write(cell) - started
+    assert killed_attempt > 5
+
+    resumed = time.time()
+    code, out, err = sweep(protocol, runs, capsys)
+    second_attempt = time.time() - resumed
+    assert code == 0, err[-2000:]
+    assert "resumed from" in (cell / "train.log").read_text()
+    counted = accuracy.Ledger(runs).wall(accuracy.load_protocol(protocol).cells[0])["seconds"]
+    # The killed attempt counts from the moment the sweep recorded its start (after its own
+    # imports, a few seconds at most) to the cell's last write before the kill.
+    assert killed_attempt - 4 < counted - second_attempt <= killed_attempt
+    assert float(rows(runs)[0]["wall_time_s"]) == pytest.approx(counted, abs=0.5)
 
 
 def test_a_refused_cell_stops_the_sweep_and_a_folder_of_another_protocol_is_refused(tmp_path,
