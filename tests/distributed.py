@@ -8,6 +8,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from coarse_init import use_random_coarse_operator
 
 
 def free_port() -> int:
@@ -20,6 +21,7 @@ def _entry(rank, world, port, out_dir, fn, args, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    use_random_coarse_operator()           # as the parent's tests have it (coarse_init.py)
     dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         result = fn(*args)

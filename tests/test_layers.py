@@ -56,6 +56,32 @@ def test_gc2l_with_zero_coarse_operator_is_gc():
     torch.testing.assert_close(gc2l(x), gc(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.shipped_init
+@pytest.mark.parametrize("impl", ["fused", "taps"])
+def test_a_fresh_gc2l_layer_is_its_gc_and_its_coarse_level_learns_from_there(impl):
+    n, cin, cout, k = 4, 8, 16, 3
+    gc2l = make_conv("gc2l", cin, cout, k, 1, n)
+    gc2l.impl = impl
+    gc = make_conv("gc", cin, cout, k, 1, n)
+    with torch.no_grad():
+        gc.weight.copy_(gc2l.weight[:, : cout // n].reshape_as(gc.weight))
+    x = torch.randn(2, cin, 7, 7)
+    assert torch.equal(gc2l.coarse_weight, torch.zeros(cout, n))
+    torch.testing.assert_close(gc2l(x), gc(x), rtol=1e-5, atol=1e-6)
+    # A0 = 0 must not be a fixed point: A0 learns at the first step (the representatives are
+    # not zero), the representative filters at the second (A0 no longer is).
+    optimizer = torch.optim.SGD(gc2l.parameters(), lr=0.1)
+    representatives = gc2l.weight[:, cout // n].detach().clone()
+    target = torch.randn(2, cout, 7, 7)
+    for step in (1, 2):
+        optimizer.zero_grad()
+        (gc2l(x) - target).square().mean().backward()
+        optimizer.step()
+        moved = not torch.equal(gc2l.weight[:, cout // n], representatives)
+        assert moved == (step == 2)
+    assert gc2l.coarse_weight.abs().min() > 0
+
+
 def test_gc_and_sc_match_functional_conv():
     x = torch.randn(2, 8, 7, 7)
     gc = make_conv("gc", 8, 16, 3, 2, 4)

@@ -60,9 +60,12 @@ class TwoLevelGroupConv2d(GroupedConvGeometry):
     def reset_parameters(self) -> None:
         # Local and representative filters: He-normal over their fan-in, like the GC they extend.
         he_normal_(self.weight, fan_in=self.in_channels // self.groups * self.kernel_size ** 2)
-        # A0 is a linear mix of N channels added to the GC output: unit gain keeps the coarse
-        # term's variance comparable to one representative's rather than N times larger.
-        he_normal_(self.coarse_weight, fan_in=self.groups, gain=1.0)
+        # A0 starts at zero: the layer starts as exactly the GC it extends and the coarse level
+        # grows from there (A0's gradient is nonzero from the first step, the representative
+        # filters' from the second). A random A0 adds, on every output channel, a mix of the same
+        # N signals as large as the GC output itself; at small N that common part trained worse
+        # than GC alone (README, "Accuracy against N").
+        nn.init.zeros_(self.coarse_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local_out = self.local_out_channels
