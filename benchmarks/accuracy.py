@@ -470,10 +470,10 @@ def error_table(rows: list[dict], paper: bool) -> list[str]:
 
 
 def plot_error_against_n(rows: list[dict], path: Path, title: str) -> bool:
-    plt = _pyplot(path)
+    done = [r for r in rows if r["finished"]]
+    plt = _pyplot(path) if done else None       # nothing finished yet: no plot
     if plt is None:
         return False
-    done = [r for r in rows if r["finished"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in ("gc", "flgc", "shuffle", "gc2l"):
         ns = sorted({r["N"] for r in done if r["conv"] == kind})
