@@ -349,7 +349,10 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
                                total_steps=total_steps, lr=lr, replicas=job.dp_size))
 
         def checkpoint_inside(step, epoch_sums, epoch=epoch, first=global_step - done_before):
-            if every and step % every == 0 and step - first < len(train_loader):
+            # Also where train.max_steps ends the run inside the epoch: a resume with more steps
+            # then finishes this epoch instead of skipping its rest.
+            due = every and step % every == 0 or step == cfg.train.max_steps
+            if due and step - first < len(train_loader):
                 average_batch_norm_statistics(model, job.dp_group)
                 _save_checkpoint(run_dir, Position(epoch, step), job, model, optimizer,
                                  scheduler, meta, keep, epochs_done=epoch, global_step=step,
@@ -365,13 +368,7 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
         record = _evaluate_epoch(cfg, job, step_model, test_loader, result, epoch, global_step,
                                  lr, train_loader.num_classes >= TOP5_CLASSES)
         writer.epoch(record)
-        if result.steps < len(train_loader):
-            # train.max_steps ended the run inside the epoch: checkpoint where it stopped, so
-            # that a resume with more steps finishes this epoch instead of skipping its rest.
-            if not (every and global_step % every == 0):   # else checkpoint_inside wrote it
-                _save_checkpoint(run_dir, Position(epoch, global_step), job, model, optimizer,
-                                 scheduler, meta, keep, epochs_done=epoch,
-                                 global_step=global_step, sums=result)
+        if result.steps < len(train_loader):     # train.max_steps: checkpoint_inside saved it
             break
         scheduler.step()
         _save_checkpoint(run_dir, epoch + 1, job, model, optimizer, scheduler, meta, keep,
@@ -386,12 +383,10 @@ def _evaluate_epoch(cfg, job, step_model, test_loader, result, epoch, global_ste
     replicas and the test set's loss and accuracy (top-5 too for ``top5``)."""
     test_loss, test_acc, test_acc5 = evaluate(step_model, test_loader, device=job.device,
                                               amp=job.amp, dp_group=job.dp_group)
-    loss_sum, correct, samples = all_reduce_values(
-        [result.loss, result.correct, result.samples],
-        device=job.device, group=job.dp_group).tolist()
-    record = dict(epoch=epoch + 1, step=global_step, train_loss=loss_sum / samples,
-                  train_acc=100.0 * correct / samples, test_loss=test_loss, test_acc=test_acc,
-                  lr=lr, epoch_time_s=result.seconds, images_per_s=samples / result.seconds,
+    totals = _over_replicas(result, job)
+    record = dict(epoch=epoch + 1, step=global_step, train_loss=totals.mean_loss,
+                  train_acc=totals.accuracy, test_loss=test_loss, test_acc=test_acc, lr=lr,
+                  epoch_time_s=result.seconds, images_per_s=totals.samples / result.seconds,
                   comm_bytes_per_step=result.comm_bytes_per_step)
     if top5:
         record["test_acc5"] = test_acc5
