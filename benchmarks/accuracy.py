@@ -24,9 +24,11 @@ finished so far without running anything.
 """
 
 import argparse
+import csv
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -415,16 +417,47 @@ def _parameters_per_rank(run_dir: Path, config: dict, cell: Cell) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
-def collect(protocol: Protocol, runs: Path) -> list[dict]:
-    """One row per cell with at least one finished epoch, in the protocol's order."""
-    rows, ledger = [], Ledger(runs)
+def committed_cells(out: Path) -> dict[str, dict]:
+    """The finished cells of the committed results ``out``.csv, by cell name: a sweep that
+    spans sessions (each starts from a fresh clone, its run directories gone) keeps them
+    instead of training them again."""
+    path = out.with_suffix(".csv")
+    if not path.is_file():
+        return {}
+    kept = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("finished") != "True":
+                continue
+            row = dict(row, N=int(row["N"]), seed=int(row["seed"]), finished=True,
+                       final_test_error=float(row["final_test_error"]),
+                       best_test_error=float(row["best_test_error"]),
+                       final_train_loss=float(row["final_train_loss"]),
+                       wall_time_s=int(float(row["wall_time_s"])),
+                       params_per_rank=int(row["params_per_rank"]) if row["params_per_rank"]
+                       else "")
+            kept[Cell(row["conv"], row["N"], row["seed"]).name] = row
+    return kept
+
+
+def _committed_commits(out: Path) -> set[str]:
+    """The commits the committed ``out``.md says its cells ran at."""
+    md = out.with_suffix(".md")
+    found = re.search(r"cells ran at commit\(s\) ([^;.]+)", md.read_text()) if md.is_file() else None
+    return {c.strip() for c in found.group(1).split(",")} - {"unknown"} if found else set()
+
+
+def collect(protocol: Protocol, runs: Path, kept: dict[str, dict] | None = None) -> list[dict]:
+    """One row per cell with at least one finished epoch, in the protocol's order: from its run
+    directory, or from ``kept`` (``committed_cells``) where that directory is not here."""
+    rows, ledger, kept = [], Ledger(runs), kept or {}
     for cell in protocol.cells:
         run_dir = runs / cell.name
-        if not (run_dir / "metrics.jsonl").is_file():
+        if not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir):
+            if cell.name in kept:
+                rows.append(kept[cell.name])
             continue
         records = read_metrics(run_dir)
-        if not records:
-            continue
         config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
         model = config["model"]
         rows.append(dict(
@@ -535,21 +568,28 @@ def _pyplot(path: Path):
 
 
 def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[dict]:
-    """``out``.csv/.md and the two plots from the cells' run directories."""
-    rows = collect(protocol, runs)
+    """``out``.csv/.md and the two plots from the cells' run directories (and the committed
+    rows of cells whose run directories are not here)."""
+    kept = committed_cells(out)
+    rows = collect(protocol, runs, kept)
+    from_csv = sum(1 for r in rows if r is kept.get(Cell(r["conv"], r["N"], r["seed"]).name))
     if not rows:
         print(f"no cell of {protocol.path} has finished an epoch in {runs} yet: nothing to "
               f"aggregate", flush=True)
         return rows
     finished = sum(r["finished"] for r in rows)
-    commits = sorted({c for cell in protocol.cells for c in Ledger(runs).wall(cell)["commits"]})
+    commits = sorted({c for cell in protocol.cells for c in Ledger(runs).wall(cell)["commits"]}
+                     | (_committed_commits(out) if from_csv else set()))
     paper = "model=wrn28_10" in protocol.train or "+experiment=cifar_wrn28_10" in protocol.train
     notes = "\n".join([
         protocol.description, "",
         f"Every cell: `{' '.join(protocol.train)}`; cells ran at commit(s) "
         f"{', '.join(commits) or 'unknown'}. {finished} of {len(protocol.cells)} cells finished"
         + ("." if finished == len(protocol.cells) else
-           "; the others are pending or in progress (their rows show the epochs so far)."),
+           "; the others are pending or in progress (their rows show the epochs so far).")
+        + (f" {from_csv} finished cell(s) kept from the committed `{out.name}.csv` (trained in "
+           f"an earlier session, their run directories are not on this machine)."
+           if from_csv else ""),
         "",
         "## Final test error (%) against N" + ("" if paper else
                                                 " (the paper's WRN-28-10 figures: README)"),
@@ -624,7 +664,8 @@ def main(argv=None) -> int:
     failed = []
     if not args.aggregate_only:
         cells = [c for c in protocol.cells if not args.only or c.name in args.only]
-        todo = [c for c in cells if cell_state(runs / c.name) != "done"]
+        kept = committed_cells(out)
+        todo = [c for c in cells if cell_state(runs / c.name) != "done" and c.name not in kept]
         print(f"{protocol.tag}: {len(cells)} cells, {len(cells) - len(todo)} already done; "
               f"runs in {runs}", flush=True)
         progress = Progress(len(cells), len(cells) - len(todo),

@@ -22,9 +22,10 @@ class ModelConfig:
     dropout: Optional[float] = None
     width_mult: Optional[float] = None
     coarse_last_conv: Optional[bool] = None
+    small_input: Optional[bool] = None   # mobilenet_v2: strides for 32x32 images
 
     def build_kwargs(self) -> dict[str, Any]:
-        keys = ("depth", "widen", "dropout", "width_mult", "coarse_last_conv")
+        keys = ("depth", "widen", "dropout", "width_mult", "coarse_last_conv", "small_input")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 

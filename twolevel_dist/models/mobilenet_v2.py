@@ -5,6 +5,10 @@ convolutions stay as they are.
 With ``conv="gc2l"`` the final 320->1280 convolution is a plain group convolution unless
 ``coarse_last_conv=True``: that is the variant whose parameter counts match the paper's Table 4
 (2.47M / 1.95M / 1.72M at N = 2 / 4 / 8); giving it a coarse level too adds 0.003-0.011M.
+
+``small_input=True`` adapts the strides to 32x32 images (CIFAR), as is usual: the stem and the
+second stage keep stride 1, so the last feature map is 4x4 instead of 1x1. The parameters are
+the same; only the compute per image changes.
 """
 
 import torch
@@ -54,16 +58,20 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(nn.Module):
     def __init__(self, *, conv: str = "sc", groups: int = 1, num_classes: int = 1000,
-                 width_mult: float = 1.0, dropout: float = 0.2, coarse_last_conv: bool = False):
+                 width_mult: float = 1.0, dropout: float = 0.2, coarse_last_conv: bool = False,
+                 small_input: bool = False):
         super().__init__()
         positive_number("width_mult", width_mult)
         positive_int("num_classes", num_classes)
         dropout_probability(dropout)
         in_channels = make_divisible(32 * width_mult)
         last_channels = make_divisible(1280 * max(1.0, width_mult))
-        layers: list[nn.Module] = _conv_bn(StemConv2d(3, in_channels, 3, stride=2),
+        stem_stride = 1 if small_input else 2
+        layers: list[nn.Module] = _conv_bn(StemConv2d(3, in_channels, 3, stride=stem_stride),
                                            in_channels, True)
-        for expansion, channels, repeats, stride in _INVERTED_RESIDUAL_SETTING:
+        for stage, (expansion, channels, repeats, stride) in enumerate(_INVERTED_RESIDUAL_SETTING):
+            if small_input and stage == 1:
+                stride = 1              # 32x32 inputs: the 24-channel stage keeps the resolution
             out_channels = make_divisible(channels * width_mult)
             for i in range(repeats):
                 layers.append(InvertedResidual(conv, groups, in_channels, out_channels,
