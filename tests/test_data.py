@@ -1236,8 +1236,10 @@ def test_streaming_errors_name_the_path(tmp_path):
 
 
 def test_torchvision_loader_returns_none_when_the_import_fails(monkeypatch):
-    # sys.modules[name] = None makes "import name" raise ImportError.
-    monkeypatch.setitem(sys.modules, "torchvision", None)
+    # sys.modules[name] = None makes "import name" raise ImportError; the submodules too, since
+    # where torchvision really imports (torch 2.11) an earlier test may have imported them.
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setattr(streaming_module.importlib.util, "find_spec", lambda name: object())
     assert streaming_module.load_torchvision_functional() is None
     assert streaming_module._choose_backend("auto") == "pil"
@@ -1296,7 +1298,10 @@ def test_streaming_uses_torchvision_kernels_where_torchvision_imports(streaming_
     assert "hflip" in calls  # 12 samples: at least one flipped (p = 1 - 2**-12)
 
 
-def test_torchvision_is_not_imported_on_the_cpu_path(tmp_path):
+def test_torchvision_is_not_imported_on_the_cpu_path(tmp_path, monkeypatch):
+    # Where torchvision imports (torch 2.11), another test may have imported it already.
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
     train, test = load_arrays("synthetic", synthetic_train_size=64, synthetic_test_size=16)
     for x, _ in DeviceLoader(train, 16, train=True, device="cpu", seed=0):
         pass

@@ -257,11 +257,13 @@ def test_the_two_x_gradients_meet_in_either_order(first, layout):
     torch.testing.assert_close(rep_weight.grad, grad_rep)
 
 
+@pytest.mark.parametrize("impl", ["taps", "fused"])
 @pytest.mark.parametrize("groups,stride,kernel", [(2, 1, 3), (4, 2, 3), (1, 1, 3), (2, 2, 1)])
-def test_gc2l_taps_layer_in_channels_last_equals_nchw(groups, stride, kernel):
+def test_gc2l_layer_in_channels_last_equals_nchw(groups, stride, kernel, impl):
     # The coarse level has its own channels-last code (pixels as matrix rows): same outputs and
-    # gradients as on NCHW, and the output stays channels-last, as the convolution's would.
-    layer = TwoLevelGroupConv2d(8, 8, kernel, stride, groups, impl="taps").double()
+    # gradients as on NCHW, and the output stays channels-last, as the convolution's would, on
+    # both paths (the fused one is the GPU default).
+    layer = TwoLevelGroupConv2d(8, 8, kernel, stride, groups, impl=impl).double()
     x = torch.randn(3, 8, 9, 9, dtype=torch.float64, requires_grad=True)
     x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     out = layer(x)

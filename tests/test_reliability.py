@@ -64,6 +64,43 @@ def test_a_diverging_run_stops_with_exit_2_and_writes_nothing_non_finite(tmp_pat
         _strict_json_lines(run_dir / "metrics.jsonl")
 
 
+def _diverging_batches(bad_step):
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(8)]
+    batches[bad_step - 1][0][0, 0] = float("nan")
+    return batches
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+def test_the_divergence_guard_catches_the_step_and_before_any_checkpoint(monkeypatch, lag):
+    # On GPUs each step's flag is read two steps later (no host sync per step): lag=2 here is
+    # that code on the CPU. The run stops at the step that diverged, naming it; a checkpoint
+    # asked for in between (on_step asks for the epoch's sums first) reads every flag, so it is
+    # refused before anything is saved.
+    from functools import partial
+
+    from twolevel_dist.engine import loop
+    from twolevel_dist.engine.step_flags import StepFlags
+    monkeypatch.setattr(loop, "StepFlags", partial(StepFlags, lag=lag))
+    for checkpoint_at in (None, 4):
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        stepped, saved = [], []
+
+        def on_step(step, sums, checkpoint_at=checkpoint_at):
+            stepped.append(step)
+            if step == checkpoint_at:
+                saved.append(sums())
+        with pytest.raises(RunError, match="not finite at step 4"):
+            loop.train_one_epoch(model, _diverging_batches(4), optimizer, device=torch.device(
+                "cpu"), amp=False, log_every=0, on_step=on_step)
+        assert saved == []
+        # Read at once (CPUs), no step is taken with it; read later, the lag's steps are.
+        last = 3 if lag == 0 else (4 if checkpoint_at else 4 + lag - 1)
+        assert stepped[-1] == last
+        assert model.weight.isfinite().all() == (lag == 0)
+
+
 def test_metrics_stay_strict_json_and_a_torn_last_line_is_repaired(tmp_path):
     from twolevel_dist.engine.metrics import MetricsWriter, truncate_metrics
     writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)

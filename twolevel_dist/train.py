@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from twolevel_dist.compiling import prepare_for_compile
 from twolevel_dist.config import TrainConfig, check_known_keys, register_resolvers, validate
 from twolevel_dist.data import DataError
 from twolevel_dist.data.seeding import derive_seed
@@ -190,9 +191,13 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
                  f"world={job.world} (dp={job.dp_size} x gp={job.gp}); {cfg.dataset.name}: "
                  f"{len(train_loader.labels)} train / {len(test_loader.labels)} test images; "
                  f"run directory {run_dir}")
-        step_model = torch.compile(model) if cfg.train.compile else model
+        # Compiled: the training step only (one graph, the same shapes every step: the training
+        # loader drops its last partial batch). Evaluation runs eager: a graph for eval mode and
+        # the test set's partial last batch would be two more compiles for a small share of
+        # the time.
+        step_model = torch.compile(prepare_for_compile(model)) if cfg.train.compile else model
         if cfg.eval_only:
-            test_loss, test_acc, test_acc5 = evaluate(step_model, test_loader, device=job.device,
+            test_loss, test_acc, test_acc5 = evaluate(model, test_loader, device=job.device,
                                                       amp=job.amp, dp_group=job.dp_group)
             log.info(f"eval: test loss {test_loss:.4f}, test accuracy {test_acc:.2f}% (top-5 "
                      f"{test_acc5:.2f}%)")
@@ -365,7 +370,7 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
         global_step += result.steps - done_before
         sums = None
         average_batch_norm_statistics(model, job.dp_group)
-        record = _evaluate_epoch(cfg, job, step_model, test_loader, result, epoch, global_step,
+        record = _evaluate_epoch(cfg, job, model, test_loader, result, epoch, global_step,
                                  lr, train_loader.num_classes >= TOP5_CLASSES)
         writer.epoch(record)
         if result.steps < len(train_loader):     # train.max_steps: checkpoint_inside saved it
@@ -377,11 +382,11 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
     return record
 
 
-def _evaluate_epoch(cfg, job, step_model, test_loader, result, epoch, global_step, lr,
+def _evaluate_epoch(cfg, job, model, test_loader, result, epoch, global_step, lr,
                     top5) -> dict:
     """The epoch's record (metrics.jsonl) and its log line: the training sums over the dp
     replicas and the test set's loss and accuracy (top-5 too for ``top5``)."""
-    test_loss, test_acc, test_acc5 = evaluate(step_model, test_loader, device=job.device,
+    test_loss, test_acc, test_acc5 = evaluate(model, test_loader, device=job.device,
                                               amp=job.amp, dp_group=job.dp_group)
     totals = _over_replicas(result, job)
     record = dict(epoch=epoch + 1, step=global_step, train_loss=totals.mean_loss,

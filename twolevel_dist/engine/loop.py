@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from twolevel_dist.engine.device import autocast, clock, peak_memory_bytes
+from twolevel_dist.engine.step_flags import StepFlag, StepFlags
 from twolevel_dist.errors import RunError
 from twolevel_dist.parallel import all_reduce_values, count_collectives
 
@@ -40,11 +41,19 @@ class EpochSums:
         return self.comm_bytes / max(self.steps, 1)
 
 
-def _diverged(loss: torch.Tensor, device, dp_group) -> bool:
-    """Whether the loss is NaN or infinite on any replica (gp ranks share their loss). Every
-    rank gets the same answer, so all stop in the same step."""
-    bad = (~torch.isfinite(loss.detach())).to(torch.float64)
-    return all_reduce_values(bad, device=device, group=dp_group, op="max").item() > 0
+def _stop_if_diverged(flags: list[StepFlag], lag: int, optimizer) -> None:
+    """Raise ``RunError`` on every rank (they all read the same flags) at the first step whose
+    loss was not finite on some replica."""
+    bad = next((flag for flag in flags if flag.nonfinite), None)
+    if bad is None:
+        return
+    lr = optimizer.param_groups[0]["lr"]
+    taken = ("no step was taken with it" if lag == 0 else
+             "the weights in memory are not finite since (its flag is read a few steps later on "
+             "GPUs)")
+    raise RunError(f"training diverged: the loss is not finite at step {bad.step} (learning rate "
+                   f"{lr:g}); {taken} and no checkpoint or file holds it. Start again with a "
+                   f"lower optim.lr (overwrite=true, or another run_dir)")
 
 
 def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=None,
@@ -61,9 +70,11 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
     device memory so far (None off GPUs); the caller logs. Loss and accuracy are over this
     replica's samples; ``amp`` is a resolved bool (``engine.device.resolve_amp``).
 
-    The divergence guard: a loss that is not finite on any replica raises ``RunError`` on every
-    rank before the optimizer steps, so the weights and their checkpoints stay finite. It is the
-    one host sync per step (a flag of one number, reduced over ``dp_group``)."""
+    The divergence guard (``StepFlags``): a loss that is not finite on any replica raises
+    ``RunError`` on every rank, on CPUs before the optimizer steps, on GPUs a few steps later
+    without a host sync per step; the flags are drained before ``sums()`` (which ``on_step``
+    calls to checkpoint), each log line and the epoch's end, so nothing non-finite is ever
+    checkpointed or logged."""
     model.train()
     start = start or EpochSums()
     loss_sum = torch.tensor(start.loss, dtype=torch.float32, device=device)
@@ -71,7 +82,10 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
     samples, steps, comm_bytes = start.samples, 0, start.comm_bytes
     began = window_start = clock(device)
 
+    flags = StepFlags(device, dp_group)
+
     def sums() -> EpochSums:
+        _stop_if_diverged(flags.drain(), flags.lag, optimizer)
         return EpochSums(loss=loss_sum.item(), correct=int(correct.item()), samples=samples,
                          steps=start.steps + steps, comm_bytes=comm_bytes,
                          seconds=start.seconds + clock(device) - began)
@@ -92,13 +106,8 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels)
             loss.backward()
-            if _diverged(loss, device, dp_group):
-                raise RunError(
-                    f"training diverged: the loss is {loss.item()} at step "
-                    f"{first_step + steps + 1} (learning rate "
-                    f"{optimizer.param_groups[0]['lr']:g}); no step was taken with it and no "
-                    f"checkpoint holds it. Start again with a lower optim.lr (overwrite=true, or "
-                    f"another run_dir)")
+            flags.post(first_step + steps + 1, loss)
+            _stop_if_diverged(flags.due(first_step + steps + 1), flags.lag, optimizer)
             optimizer.step()
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.detach().argmax(1) == labels).sum()
@@ -110,6 +119,7 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
         if on_step is not None:
             on_step(first_step + steps, sums)
         if log_every and (first_step + steps) % log_every == 0:
+            _stop_if_diverged(flags.drain(), flags.lag, optimizer)
             now = clock(device)
             stats = dict(step=first_step + steps, epoch_step=start.steps + steps,
                          loss=loss.item(),

@@ -1,6 +1,12 @@
 """The convolution family (single device): sc, gc, gc2l, shuffle, flgc, and ``make_conv``."""
 
-from twolevel_dist.layers.coarse import coarse_correction, coarse_weight_grad
+from twolevel_dist.layers.coarse import (
+    add_coarse_,
+    coarse_correction,
+    coarse_weight_grad,
+    is_channels_last,
+    representatives_grad,
+)
 from twolevel_dist.layers.factory import CONV_KINDS, make_conv
 from twolevel_dist.layers.flgc import FullyLearnableGroupConv2d, straight_through_one_hot
 from twolevel_dist.layers.group import (
@@ -28,6 +34,7 @@ __all__ = [
     "ShuffleGroupConv2d", "FullyLearnableGroupConv2d", "StemConv2d", "DepthwiseConv2d",
     "channel_shuffle", "coarse_correction", "straight_through_one_hot", "to_layout",
     # what the sharded GC-2L layer (parallel.sharded) builds on
-    "coarse_weight_grad", "InputGradSum", "local_convolution", "representatives_taps",
+    "add_coarse_", "coarse_weight_grad", "is_channels_last", "representatives_grad",
+    "InputGradSum", "local_convolution", "representatives_taps",
     "resolve_impl",
 ]

@@ -52,6 +52,34 @@ def coarse_weight_grad(grad: torch.Tensor, representatives: torch.Tensor) -> tor
     return torch.bmm(flat_reps, flat_grad.transpose(1, 2)).sum(0).t()
 
 
+def add_coarse_(local: torch.Tensor, coarse_weight: torch.Tensor,
+                representatives: torch.Tensor) -> torch.Tensor:
+    """local [B, O, H, W] += A0 [O, N] applied to the representatives [B, N, H, W], in place and
+    in local's layout (contiguous or channels-last); no autograd (``coarse_correction`` is the
+    autograd-aware form)."""
+    mixing, reps = coarse_weight.to(local.dtype), representatives.to(local.dtype)
+    if is_channels_last(local):
+        pixel_rows(local).addmm_(pixel_rows(reps), mixing.t())
+    else:
+        flat = reps.flatten(2)
+        local.view(local.shape[0], local.shape[1], -1).baddbmm_(
+            mixing.expand(flat.shape[0], *mixing.shape), flat)
+    return local
+
+
+def representatives_grad(grad: torch.Tensor, coarse_weight: torch.Tensor) -> torch.Tensor:
+    """The gradient of the representatives [B, N, H, W] from the output gradient [B, O, H, W]:
+    A0 transposed applied to it, read in its own layout (a channels-last gradient as pixel rows,
+    no copy of it)."""
+    mixing = coarse_weight.to(grad.dtype)
+    if is_channels_last(grad):
+        batch, _, height, width = grad.shape
+        return (pixel_rows(grad) @ mixing).view(batch, height, width, -1).permute(0, 3, 1, 2)
+    flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)   # [B, O, H*W]
+    grad_reps = torch.bmm(mixing.t().expand(grad.shape[0], *mixing.t().shape), flat_grad)
+    return grad_reps.view(grad.shape[0], -1, *grad.shape[2:])
+
+
 class _AddCoarse(Function):
     """local += A0 (representatives), in local's own storage: a convolution's output, which its
     backward does not keep, so no activation-sized tensor is allocated or copied (autograd's
@@ -59,13 +87,7 @@ class _AddCoarse(Function):
 
     @staticmethod
     def forward(ctx, local, coarse_weight, representatives):
-        mixing, reps = coarse_weight.to(local.dtype), representatives.to(local.dtype)
-        if is_channels_last(local):
-            pixel_rows(local).addmm_(pixel_rows(reps), mixing.t())
-        else:
-            flat = reps.flatten(2)
-            local.view(local.shape[0], local.shape[1], -1).baddbmm_(
-                mixing.expand(flat.shape[0], *mixing.shape), flat)
+        add_coarse_(local, coarse_weight, representatives)
         ctx.mark_dirty(local)
         ctx.save_for_backward(coarse_weight, representatives)
         return local
@@ -74,14 +96,5 @@ class _AddCoarse(Function):
     def backward(ctx, grad):
         coarse_weight, representatives = ctx.saved_tensors
         grad_coarse = coarse_weight_grad(grad, representatives)
-        mixing = coarse_weight.to(grad.dtype)
-        if is_channels_last(grad):
-            batch, _, height, width = grad.shape
-            grad_reps = (pixel_rows(grad) @ mixing).view(batch, height, width, -1)
-            grad_reps = grad_reps.permute(0, 3, 1, 2)
-        else:
-            flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)   # [B, O, H*W]
-            grad_reps = torch.bmm(mixing.t().expand(grad.shape[0], *mixing.t().shape), flat_grad)
-            grad_reps = grad_reps.view(representatives.shape)
         return (grad, grad_coarse.to(coarse_weight.dtype),
-                grad_reps.to(representatives.dtype))
+                representatives_grad(grad, coarse_weight).to(representatives.dtype))

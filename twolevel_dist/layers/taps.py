@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
+from twolevel_dist.compiling import run_eagerly
 from twolevel_dist.layers.coarse import is_channels_last, pixel_rows
 
 
@@ -217,22 +218,7 @@ class _Representatives(Function):
         return grad_x, grad_weight.to(weight.dtype), None, None, None
 
 
-def _run_eagerly(fn):
-    """``torch.compiler.disable(fn)``, applied at the first call: importing torch._dynamo is a
-    noticeable part of start-up, which every process (each rank of every job) would pay whether
-    it compiles or not."""
-    disabled = None
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        nonlocal disabled
-        if disabled is None:
-            disabled = torch.compiler.disable(fn)
-        return disabled(*args, **kwargs)
-    return wrapper
-
-
-@_run_eagerly   # a few small kernels: tracing its k^2 windows only lengthens compiles
+@run_eagerly   # a few small kernels: tracing its k^2 windows only lengthens compiles
 def representatives_taps(x: torch.Tensor, rep_weight: torch.Tensor, stride: int, padding: int,
                          grad_sum: InputGradSum | None = None) -> torch.Tensor:
     """R0: x [B, C_in, H, W] with ``rep_weight`` [N, C_in/N, k, k] (group j's representative
@@ -241,7 +227,7 @@ def representatives_taps(x: torch.Tensor, rep_weight: torch.Tensor, stride: int,
     return _Representatives.apply(x, rep_weight, stride, padding, grad_sum)
 
 
-@_run_eagerly   # it shares state with representatives_taps between the backwards
+@run_eagerly   # it shares state with representatives_taps between the backwards
 def local_convolution(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
                       groups: int, grad_sum: InputGradSum) -> torch.Tensor:
     """GC's convolution, F.conv2d(x, weight, stride, padding, groups), whose x-gradient is

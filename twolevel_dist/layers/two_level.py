@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers.checks import GroupedConvGeometry
-from twolevel_dist.layers.coarse import coarse_correction
+from twolevel_dist.layers.coarse import coarse_correction, is_channels_last
 from twolevel_dist.layers.init import he_normal_
 from twolevel_dist.layers.taps import InputGradSum, local_convolution, representatives_taps
 
@@ -35,6 +35,17 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "taps" if device.type == "cpu" else "fused"
     return impl
+
+
+def local_channels(fused: torch.Tensor, groups: int, local_out: int) -> torch.Tensor:
+    """The local filters' outputs [B, N C_out/N, H, W] of the fused convolution's output
+    [B, N (C_out/N + 1), H, W], copied out in its layout (channels-last stays channels-last); a
+    copy also where one group would make it a view, since the coarse correction is added to it
+    in place."""
+    if is_channels_last(fused):
+        pixels = fused.permute(0, 2, 3, 1).unflatten(3, (groups, local_out + 1))
+        return pixels[..., :local_out].flatten(3, 4).contiguous().permute(0, 3, 1, 2)
+    return fused.unflatten(1, (groups, local_out + 1))[:, :, :local_out].flatten(1, 2).contiguous()
 
 
 class TwoLevelGroupConv2d(GroupedConvGeometry):
@@ -71,11 +82,10 @@ class TwoLevelGroupConv2d(GroupedConvGeometry):
         local_out = self.local_out_channels
         if resolve_impl(self.impl, x.device) == "fused":
             fused = F.conv2d(x, self.weight.flatten(0, 1), None, self.stride, self.padding, 1,
-                             self.groups)
-            fused = fused.unflatten(1, (self.groups, local_out + 1))  # [B, N, C_out/N + 1, H, W]
-            local, representatives = fused[:, :, :local_out], fused[:, :, local_out]
-            coarse = coarse_correction(self.coarse_weight, representatives)  # [B, C_out, H, W]
-            return (coarse.unflatten(1, (self.groups, local_out)) + local).flatten(1, 2)
+                             self.groups)                     # [B, N (C_out/N + 1), H, W]
+            representatives = fused.unflatten(1, (self.groups, local_out + 1))[:, :, local_out]
+            local = local_channels(fused, self.groups, local_out)
+            return coarse_correction(self.coarse_weight, representatives, local)
         grad_sum = InputGradSum()
         local = local_convolution(x, self.weight[:, :local_out].flatten(0, 1), self.stride,
                                   self.padding, self.groups, grad_sum)

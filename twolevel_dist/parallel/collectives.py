@@ -13,23 +13,23 @@ counting, live in ``transport`` and ``counters``.
 - ``exchange_chunks``        forward all-to-all of equal chunks along dim 0; backward the same
                              all-to-all (it is its own adjoint in that layout).
 
-A size-1 group skips communication.
+A size-1 group skips communication. ``group`` is a process group or its key (``ops.group_key``,
+what the sharded modules pass). The synchronous collectives travel as custom operators (``ops``),
+which ``torch.compile`` keeps in its graph; the asynchronous pair behind ``overlap`` holds a
+handle between two Functions that no graph can carry, so it runs eagerly (a graph break) and
+compiled models use the synchronous exchange (``prepare_for_compile``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.autograd import Function
 
-from twolevel_dist.parallel.counters import record
-from twolevel_dist.parallel.simulated import SimulatedGroup
+from twolevel_dist.compiling import run_eagerly
+from twolevel_dist.parallel import ops
 from twolevel_dist.parallel.transport import (
     ProcessGroup,
-    all_gather_dim0,
     all_gather_flat_buffer,
-    all_to_all_dim0,
-    group_size,
     reduce_scatter_dim0,
 )
 
@@ -46,22 +46,21 @@ def channels_to_stacked(x: torch.Tensor, world: int) -> torch.Tensor:
 
 class _GatherChannels(Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return stacked_to_channels(all_gather_dim0(x, group))
+    def forward(ctx, x, key):
+        ctx.key, ctx.world = key, ops.world_size(key)
+        return stacked_to_channels(ops.all_gather(x, key).unflatten(0, (ctx.world, x.shape[0])))
 
     @staticmethod
     def backward(ctx, grad):
-        world = group_size(ctx.group)
-        out, _ = reduce_scatter_dim0(channels_to_stacked(grad, world), ctx.group)
-        return out, None
+        return ops.reduce_scatter(channels_to_stacked(grad, ctx.world), ctx.key), None
 
 
-def gather_channels(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def gather_channels(x: torch.Tensor, group) -> torch.Tensor:
     """[B, c, H, W] on each rank -> [B, N*c, H, W], rank j's channels at block j."""
-    if group_size(group) == 1:
+    key = ops.group_key(group)
+    if ops.world_size(key) == 1:
         return x
-    return _GatherChannels.apply(x, group)
+    return _GatherChannels.apply(x, key)
 
 
 class _PendingGather:
@@ -74,6 +73,7 @@ class _PendingGather:
         self.grad = None
         self.batch = None
 
+    @run_eagerly
     def wait(self, flat: torch.Tensor) -> torch.Tensor:
         return stacked_to_channels(_WaitGather.apply(flat, self))
 
@@ -113,6 +113,7 @@ class _WaitGather(Function):
         return grad.flatten(0, 1), None
 
 
+@run_eagerly
 def start_gather_channels(x: torch.Tensor, group: ProcessGroup):
     """Start gathering ``x`` [B, c, H, W] over ``group`` without waiting. Returns
     ``(buffer, pending)``; compute something else, then ``pending.wait(buffer)`` gives the
@@ -123,38 +124,36 @@ def start_gather_channels(x: torch.Tensor, group: ProcessGroup):
 
 class _SumOverRanks(Function):
     @staticmethod
-    def forward(ctx, x, group):
-        out = x.clone(memory_format=torch.contiguous_format)
-        record("all_reduce", out)
-        if not isinstance(group, SimulatedGroup):
-            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+    def forward(ctx, x, key):
+        return ops.all_reduce(x, key)
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
 
 
-def sum_over_ranks(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
     """All-reduce (sum) whose backward is the identity."""
-    if group_size(group) == 1:
+    key = ops.group_key(group)
+    if ops.world_size(key) == 1:
         return x
-    return _SumOverRanks.apply(x, group)
+    return _SumOverRanks.apply(x, key)
 
 
 class _ExchangeChunks(Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_to_all_dim0(x, group)
+    def forward(ctx, x, key):
+        ctx.key = key
+        return ops.all_to_all(x, key)
 
     @staticmethod
     def backward(ctx, grad):
-        return all_to_all_dim0(grad, ctx.group), None
+        return ops.all_to_all(grad, ctx.key), None
 
 
-def exchange_chunks(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def exchange_chunks(x: torch.Tensor, group) -> torch.Tensor:
     """All-to-all: chunk i of dim 0 goes to rank i; chunk i of the result came from rank i."""
-    if group_size(group) == 1:
+    key = ops.group_key(group)
+    if ops.world_size(key) == 1:
         return x
-    return _ExchangeChunks.apply(x, group)
+    return _ExchangeChunks.apply(x, key)

@@ -12,12 +12,16 @@ from torch.autograd import Function
 
 from twolevel_dist.layers import (
     InputGradSum,
+    add_coarse_,
     coarse_correction,
     coarse_weight_grad,
+    is_channels_last,
     local_convolution,
+    representatives_grad,
     representatives_taps,
     resolve_impl,
 )
+from twolevel_dist.parallel import ops
 from twolevel_dist.parallel.collectives import (
     channels_to_stacked,
     exchange_chunks,
@@ -26,7 +30,6 @@ from twolevel_dist.parallel.collectives import (
     start_gather_channels,
     sum_over_ranks,
 )
-from twolevel_dist.parallel.transport import all_gather_dim0, group_size, reduce_scatter_dim0
 
 
 class _CoarseExchange(Function):
@@ -36,15 +39,18 @@ class _CoarseExchange(Function):
     fused gradient with one concatenation instead of autograd's zero-filled slice gradients."""
 
     @staticmethod
-    def forward(ctx, fused, coarse_weight, group):
-        local_out = fused.shape[1] - 1
-        # A contiguous copy (B x N x H x W, small): what the bmm wants, and not a view of the
-        # gather buffer, which torch.compile refuses to save for backward.
-        representatives = stacked_to_channels(all_gather_dim0(fused[:, local_out:], group)) \
-            .clone(memory_format=torch.contiguous_format)
+    def forward(ctx, fused, coarse_weight, key):
+        local_out, world = fused.shape[1] - 1, ops.world_size(key)
+        gathered = ops.all_gather(fused[:, local_out:], key)       # [N B, 1, H, W], contiguous
+        representatives = stacked_to_channels(gathered.unflatten(0, (world, fused.shape[0])))
+        # A contiguous copy (B x N x H x W, small): what the bmm wants.
+        representatives = representatives.clone(memory_format=torch.contiguous_format)
         ctx.save_for_backward(coarse_weight, representatives)
-        ctx.group = group
-        return coarse_correction(coarse_weight, representatives).add_(fused[:, :local_out])
+        ctx.key = key
+        # The output is a copy of the local channels in the input's layout (channels-last stays
+        # channels-last), A0's correction added to it in place.
+        local = fused[:, :local_out].clone(memory_format=layout(fused))
+        return add_coarse_(local, coarse_weight, representatives)
 
     @staticmethod
     def backward(ctx, grad):
@@ -52,18 +58,29 @@ class _CoarseExchange(Function):
         # float32 and gets its gradient in float32.
         coarse_weight, representatives = ctx.saved_tensors
         grad_coarse = coarse_weight_grad(grad, representatives).to(coarse_weight.dtype)
-        grad_representatives = coarse_correction(coarse_weight.t().to(grad.dtype), grad)
-        world = group_size(ctx.group)
-        own, _ = reduce_scatter_dim0(channels_to_stacked(grad_representatives, world), ctx.group)
-        return torch.cat([grad, own.to(grad.dtype)], dim=1), grad_coarse, None
+        grad_representatives = representatives_grad(grad, coarse_weight)
+        world = representatives.shape[1]
+        own = ops.reduce_scatter(channels_to_stacked(grad_representatives, world), ctx.key)
+        batch, local_out, height, width = grad.shape
+        grad_fused = torch.empty((batch, local_out + 1, height, width), dtype=grad.dtype,
+                                 device=grad.device, memory_format=layout(grad))
+        grad_fused[:, :local_out] = grad
+        grad_fused[:, local_out:] = own
+        return grad_fused, grad_coarse, None
+
+
+def layout(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
 def coarse_exchange(fused: torch.Tensor, coarse_weight: torch.Tensor, group) -> torch.Tensor:
-    """local + A0 (all-gathered representatives), from the fused output [B, C_out/N + 1, H, W]."""
-    if group_size(group) == 1:
+    """local + A0 (all-gathered representatives), from the fused output [B, C_out/N + 1, H, W];
+    ``group``: a process group or its key (``ops.group_key``)."""
+    key = ops.group_key(group)
+    if ops.world_size(key) == 1:
         local_out = fused.shape[1] - 1
         return fused[:, :local_out] + coarse_correction(coarse_weight, fused[:, local_out:])
-    return _CoarseExchange.apply(fused, coarse_weight, group)
+    return _CoarseExchange.apply(fused, coarse_weight, key)
 
 
 def resolve_overlap(overlap: bool | None, device: torch.device) -> bool:
@@ -88,7 +105,8 @@ class _ShardedConv(nn.Module):
         super().__init__()
         self.weight = own_copy(weight)
         self.stride, self.padding, self.group = stride, padding, group
-        self.world = group_size(group)
+        self.key = ops.group_key(group)     # what the collectives take (a plain int: compilable)
+        self.world = ops.world_size(self.key)
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, stride={self.stride}"
@@ -128,7 +146,7 @@ class ShardedTwoLevelConv2d(_ShardedConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.overlap and resolve_impl(self.impl, x.device) == "fused":
             fused = F.conv2d(x, self.weight[0], None, self.stride, self.padding)
-            return coarse_exchange(fused, self.coarse_weight, self.group)
+            return coarse_exchange(fused, self.coarse_weight, self.key)
         grad_sum = InputGradSum()
         if self.overlap:
             stacked, pending = start_gather_channels(self._representative(x, grad_sum),
@@ -136,7 +154,7 @@ class ShardedTwoLevelConv2d(_ShardedConv):
             local = self._local(x, grad_sum)
             representatives = pending.wait(stacked)
         else:
-            representatives = gather_channels(self._representative(x, grad_sum), self.group)
+            representatives = gather_channels(self._representative(x, grad_sum), self.key)
             local = self._local(x, grad_sum)
         return coarse_correction(self.coarse_weight, representatives, local)
 
@@ -157,7 +175,7 @@ class ShardedShuffleConv2d(ShardedGroupConv2d):
         batch, channels = local.shape[:2]
         # Local channel a goes to shuffled position a*N + j, owned by rank a // (C/N^2).
         outgoing = local.unflatten(1, (self.world, channels // self.world)).movedim(1, 0)
-        incoming = exchange_chunks(outgoing, self.group)     # [N (source b), B, C/N^2, H, W]
+        incoming = exchange_chunks(outgoing, self.key)     # [N (source b), B, C/N^2, H, W]
         # Received from rank b: local position a'*N + b of the shuffled block.
         return incoming.permute(1, 2, 0, 3, 4).flatten(1, 2)
 
@@ -167,7 +185,7 @@ class SplitStandardConv2d(_ShardedConv):
     the whole input, then compute this rank's C_out/N output channels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(gather_channels(x, self.group), self.weight, None, self.stride,
+        return F.conv2d(gather_channels(x, self.key), self.weight, None, self.stride,
                         self.padding)
 
 
@@ -182,10 +200,10 @@ class ShardedLinearHead(nn.Module):
         super().__init__()
         self.weight = own_copy(weight)
         self.bias = None if bias is None else own_copy(bias)
-        self.group = group
+        self.group, self.key = group, ops.group_key(group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = sum_over_ranks(F.linear(x, self.weight), self.group)
+        logits = sum_over_ranks(F.linear(x, self.weight), self.key)
         # In the logits' dtype, as nn.Linear's bias under autocast (not promoted to float32).
         return logits if self.bias is None else logits + self.bias.to(logits.dtype)
 
