@@ -443,7 +443,8 @@ def committed_cells(out: Path) -> dict[str, dict]:
 def _committed_commits(out: Path) -> set[str]:
     """The commits the committed ``out``.md says its cells ran at."""
     md = out.with_suffix(".md")
-    found = re.search(r"cells ran at commit\(s\) ([^;.]+)", md.read_text()) if md.is_file() else None
+    text = md.read_text() if md.is_file() else ""
+    found = re.search(r"cells ran at commit\(s\) ([^;.]+)", text)
     return {c.strip() for c in found.group(1).split(",")} - {"unknown"} if found else set()
 
 
