@@ -666,7 +666,9 @@ def main(argv=None) -> int:
     if not args.aggregate_only:
         cells = [c for c in protocol.cells if not args.only or c.name in args.only]
         kept = committed_cells(out)
-        todo = [c for c in cells if cell_state(runs / c.name) != "done" and c.name not in kept]
+        # A committed finished row stands in only for a run directory that is not here.
+        todo = [c for c in cells if cell_state(runs / c.name) != "done"
+                and not (c.name in kept and cell_state(runs / c.name) == "new")]
         print(f"{protocol.tag}: {len(cells)} cells, {len(cells) - len(todo)} already done; "
               f"runs in {runs}", flush=True)
         progress = Progress(len(cells), len(cells) - len(todo),

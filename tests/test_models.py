@@ -113,3 +113,15 @@ def test_initialisation_is_he_normal_over_fan_in():
 def test_bad_model_arguments_raise_clear_errors(call, message):
     with pytest.raises(ConfigError, match=message):
         call()
+
+
+@pytest.mark.parametrize("conv,groups", [("sc", 1), ("gc2l", 8), ("shuffle", 8), ("flgc", 8)])
+def test_mobilenet_v2_for_32x32_images_keeps_the_parameters_and_a_4x4_last_map(conv, groups):
+    # model=mobilenet_v2_cifar (the reduced CPU protocol's network, at its width 0.5): the stem
+    # and the 24-channel stage keep stride 1, which changes no parameter count.
+    common = dict(conv=conv, groups=groups, num_classes=10, width_mult=0.5)
+    cifar = build_model("mobilenet_v2", small_input=True, **common)
+    imagenet = build_model("mobilenet_v2", **common)
+    assert count_parameters(cifar) == count_parameters(imagenet)
+    assert cifar.features(torch.randn(2, 3, 32, 32)).shape[2:] == (4, 4)
+    assert imagenet.features(torch.randn(2, 3, 32, 32)).shape[2:] == (1, 1)
