@@ -19,6 +19,7 @@ from twolevel_dist.engine.checkpoint import (
     atomic_save,
     complete_epochs,
     epoch_dir,
+    latest_complete,
     latest_complete_epoch,
     mark_complete,
     rank_file,
@@ -329,3 +330,92 @@ def test_pruning_keeps_the_newest_complete_checkpoints_and_drops_older_torn_ones
     assert [p.epochs for p in prune(tmp_path, 2)] == [1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0004",
                                                                            "epoch_0005"]
+
+
+# --- stopping by a signal -------------------------------------------------------------------------
+
+SIGNALLED = [*SMALL[:2], "dataset.train_size=1024", *SMALL[3:], "train.epochs=2", "groups=2",
+             "train.log_every=1"]
+TORCHRUN_SH = Path(__file__).resolve().parents[1] / "launch" / "torchrun.sh"
+
+
+def _launch(run_dir, *overrides):
+    """``launch/torchrun.sh`` on 2 CPU ranks in its own process group (as a terminal runs it)."""
+    return subprocess.Popen(["bash", str(TORCHRUN_SH), f"run_dir={run_dir}", *overrides],
+                            env={**os.environ, "PYTHON": str(PYTHON)}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _signal_at(job, run_dir, step, send):
+    """Wait until ``run_dir``'s log shows ``step``, then ``send(job)``; the job's output."""
+    started = time.time()
+    log = run_dir / "train.log"
+    while not (log.is_file() and f" step {step}/" in log.read_text()):
+        assert job.poll() is None, job.communicate()
+        assert time.time() - started < 180, "the run never reached the step"
+        time.sleep(0.1)
+    send(job)
+    out, err = job.communicate(timeout=180)
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
+
+
+def test_ctrl_c_and_sigterm_stop_at_a_step_with_a_checkpoint_and_resume_auto_loses_nothing(
+        tmp_path):
+    reference = tmp_path / "reference"
+    _train(reference, *SIGNALLED)
+    run_dir = tmp_path / "run"
+    # Ctrl-C in the middle of epoch 1: the terminal signals torchrun and both ranks at once, and
+    # torchrun passes SIGINT on to them again.
+    out = _signal_at(_launch(run_dir, *SIGNALLED), run_dir, 10,
+                     lambda job: os.killpg(job.pid, signal.SIGINT))
+    assert out.returncode == 75, out.stderr[-3000:]
+    stopped = [line for line in out.stderr.splitlines() if line.startswith("stopped: SIGINT")]
+    assert len(stopped) == 1 and "resume=auto" in stopped[0], out.stderr[-3000:]
+    first = latest_complete(run_dir)
+    assert first is not None and first.epochs == 0 and first.step >= 10   # inside epoch 1
+    # SIGTERM to the launcher alone (a scheduler stopping the job) in epoch 2 of the resumed run.
+    out = _signal_at(_launch(run_dir, *SIGNALLED, "resume=auto"), run_dir, 40,
+                     lambda job: job.send_signal(signal.SIGTERM))
+    assert out.returncode == 75 and "stopped: SIGTERM" in out.stderr, out.stderr[-3000:]
+    assert latest_complete(run_dir).step > first.step
+    job = _launch(run_dir, *SIGNALLED, "resume=auto")
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-3000:]
+    # The same epochs as the uninterrupted run, to the bit (timings aside).
+    assert _outcomes(run_dir) == _outcomes(reference)
+
+
+def _outcomes(run_dir):
+    keys = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
+    return [{k: r[k] for k in keys} for r in read_metrics(run_dir)]
+
+
+def test_a_refusal_under_the_launcher_is_not_restarted(tmp_path):
+    job = _launch(tmp_path / "run", *SIGNALLED, "schedule.gamma=-1")
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 2, err[-3000:]
+    # Once per rank at most (the first ends torchrun, which may stop the other first), and no
+    # restart round: torchrun alone would run both ranks twice (MAX_RESTARTS=1).
+    assert err.count("error: schedule.gamma") in (1, 2), err[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_stop_signal_ends_at_once_but_a_launchers_echo_does_not():
+    script = """
+import os, signal, time
+from twolevel_dist.engine import stop
+stop.install()
+os.kill(os.getpid(), signal.SIGTERM)
+assert stop.requested() == signal.SIGTERM
+os.kill(os.getpid(), signal.SIGTERM)       # within REPEAT_AFTER_S: torchrun passing it on
+os.kill(os.getpid(), signal.SIGINT)        # another kind while stopping: ignored
+print("still stopping", flush=True)
+time.sleep(stop.REPEAT_AFTER_S + 0.2)
+os.kill(os.getpid(), signal.SIGTERM)       # pressed again: ends at once
+time.sleep(5)
+print("not reached", flush=True)
+"""
+    out = subprocess.run([str(PYTHON), "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == -signal.SIGTERM, out.stderr[-2000:]
+    assert out.stdout == "still stopping\n"
+    assert out.stderr.count("SIGTERM received: stopping after the next step") == 1

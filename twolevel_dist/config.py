@@ -107,7 +107,9 @@ class TrainConfig:
     seed: int = 0
     eval_only: bool = False
     init_from: Optional[str] = None      # a consolidated model.pt (train or compress) to start from
-    resume: bool = False                 # continue from run_dir's latest complete checkpoint
+    # true: continue from run_dir's newest complete checkpoint; auto: that where there is one,
+    # else start afresh (requeued jobs); false: a fresh run.
+    resume: Any = False
     overwrite: bool = False              # start afresh in a run_dir that holds a run (removes it)
     run_dir: Optional[str] = None        # default: outputs/<model>-<conv>/<job id>
     tensorboard: bool = True
@@ -154,14 +156,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
     if cfg.schedule.name not in SCHEDULES:
         raise ConfigError(f"schedule.name={cfg.schedule.name!r} is not one of {SCHEDULES}")
-    if cfg.eval_only and not cfg.resume:
+    if cfg.resume not in (True, False, "auto"):
+        raise ConfigError(f"resume={cfg.resume!r} is not one of true, false, auto")
+    if cfg.eval_only and cfg.resume is not True:
         raise ConfigError("eval_only=true evaluates a checkpoint: also set resume=true and "
                           "run_dir=<the run's directory>")
-    if cfg.resume and not cfg.run_dir:
+    if cfg.resume is True and not cfg.run_dir:
         raise ConfigError("resume=true needs run_dir=<the directory of the run to continue>")
     if cfg.resume and cfg.overwrite:
-        raise ConfigError("resume=true continues the run in run_dir and overwrite=true replaces "
-                          "it: choose one")
+        raise ConfigError(f"resume={str(cfg.resume).lower()} continues the run in run_dir and "
+                          f"overwrite=true replaces it: choose one")
 
 
 def _unknown_keys(values: dict, schema, prefix: str = "") -> list[str]:

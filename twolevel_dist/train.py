@@ -29,6 +29,7 @@ from twolevel_dist.compiling import prepare_for_compile
 from twolevel_dist.config import TrainConfig, check_known_keys, register_resolvers, validate
 from twolevel_dist.data import DataError
 from twolevel_dist.data.seeding import derive_seed
+from twolevel_dist.engine import stop
 from twolevel_dist.engine.checkpoint import (
     Position,
     atomic_save,
@@ -40,9 +41,11 @@ from twolevel_dist.engine.checkpoint import (
     rank_file,
 )
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
+from twolevel_dist.engine.ending import report_exit
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import (
     EpochSums,
+    StopAtStep,
     average_batch_norm_statistics,
     evaluate,
     train_one_epoch,
@@ -50,8 +53,8 @@ from twolevel_dist.engine.loop import (
 from twolevel_dist.engine.metrics import MetricsWriter, step_line, truncate_metrics
 from twolevel_dist.engine.model_file import read_model_file, write_model_file
 from twolevel_dist.engine.run_dir import claim as run_dir_claim
-from twolevel_dist.engine.run_dir import remove_if_empty
-from twolevel_dist.errors import ConfigError, RunError
+from twolevel_dist.engine.run_dir import existing_run, remove_if_empty
+from twolevel_dist.errors import ConfigError, RunError, RunStopped
 from twolevel_dist.layers import to_layout
 from twolevel_dist.models import build_model, count_parameters
 from twolevel_dist.parallel import (
@@ -171,6 +174,7 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
     finish. ``config_files`` (name -> text) are written under ``run_dir/.hydra`` once the
     directory is claimed."""
     validate(cfg)
+    cfg = _resolve_resume(cfg, run_dir)
     job = _setup(cfg)
     lock = _claim(cfg, run_dir, job, config_files or {})
     try:
@@ -210,6 +214,21 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
     finally:
         if lock is not None:
             lock.release()
+
+
+def _resolve_resume(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """resume=auto (what requeued jobs and scripts use): resume=true where ``run_dir`` holds a
+    complete checkpoint; else a fresh run, replacing what an attempt killed before its first
+    checkpoint left there, but never a finished run's model.pt."""
+    if cfg.resume != "auto":
+        return cfg
+    if latest_complete(run_dir) is not None:
+        return replace(cfg, resume=True)
+    if (run_dir / "model.pt").is_file():
+        raise ConfigError(f"resume=auto: {run_dir} holds a finished run (model.pt) and no "
+                          f"checkpoint to continue from; choose another run_dir, or "
+                          f"overwrite=true to replace it")
+    return replace(cfg, resume=False, overwrite=bool(existing_run(run_dir)))
 
 
 def _setup(cfg: TrainConfig) -> Job:
@@ -335,6 +354,7 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
         total_steps = min(total_steps, cfg.train.max_steps)
     every, keep = cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints
     record = {}
+    stop.install()        # from here on a signal stops at a step boundary with a checkpoint
     for epoch in range(epochs_done, cfg.train.epochs):
         remaining = None if cfg.train.max_steps is None else cfg.train.max_steps - global_step
         if remaining is not None and remaining <= 0:
@@ -363,10 +383,19 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
                                  scheduler, meta, keep, epochs_done=epoch, global_step=step,
                                  sums=epoch_sums())
 
-        result = train_one_epoch(step_model, train_loader, optimizer, device=job.device,
-                                 amp=job.amp, max_steps=remaining, first_step=global_step,
-                                 log_every=cfg.train.log_every, on_log=log_step,
-                                 on_step=checkpoint_inside, dp_group=job.dp_group, start=sums)
+        try:
+            result = train_one_epoch(step_model, train_loader, optimizer, device=job.device,
+                                     amp=job.amp, max_steps=remaining, first_step=global_step,
+                                     log_every=cfg.train.log_every, on_log=log_step,
+                                     on_step=checkpoint_inside, start=sums)
+        except StopAtStep as stopped:
+            average_batch_norm_statistics(model, job.dp_group)
+            position = Position(epoch, stopped.step)
+            _save_checkpoint(run_dir, position, job, model, optimizer, scheduler, meta, keep,
+                             epochs_done=epoch, global_step=stopped.step, sums=stopped.sums)
+            writer.close()
+            raise RunStopped(stop.signal_name(stopped.signal_number), stopped.step,
+                             epoch_dir(run_dir, position)) from None
         global_step += result.steps - done_before
         sums = None
         average_batch_norm_statistics(model, job.dp_group)
@@ -469,6 +498,15 @@ def _peer_failure(error: BaseException) -> bool:
         "Connection closed by peer" in text or "Connection reset by peer" in text
 
 
+def _end(code: int, line: str, only_rank0: bool = False) -> None:
+    """Exit with ``code`` and its one line on stderr, reported to the launcher
+    (``engine.ending``)."""
+    if not only_rank0 or env_rank() == 0:
+        print(line, file=sys.stderr)
+        report_exit(code, line)
+    sys.exit(code)
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -482,18 +520,22 @@ def main(cfg) -> None:
                         "overrides.yaml": OmegaConf.to_yaml(
                             list(HydraConfig.get().overrides.task))}
         run(OmegaConf.to_object(cfg), run_dir, config_files)
-    except (ConfigError, DataError, RunError) as error:   # a clear message, not a stack trace
-        print(f"error: {error}", file=sys.stderr)
+    except RunStopped as stopped:
+        _end(stop.EXIT_STOPPED, f"stopped: {stopped}", only_rank0=True)
+    except KeyboardInterrupt:            # Ctrl-C before training began: nothing to save
         remove_if_empty(run_dir)
-        sys.exit(2)
+        _end(130, "interrupted before the first training step: nothing was trained, nothing "
+                  "to save")
+    except (ConfigError, DataError, RunError) as error:   # a clear message, not a stack trace
+        remove_if_empty(run_dir)
+        _end(2, f"error: {error}")
     except (dist.DistError, RuntimeError) as error:
         if not _peer_failure(error):
             raise
-        print(f"error: a collective failed on rank {env_rank()} ({type(error).__name__}: "
-              f"{str(error).splitlines()[0][:300]}): another rank died or hung for longer than "
-              f"dist.timeout_s; its own log says why. Resume with resume=true once it is "
-              f"fixed", file=sys.stderr)
-        sys.exit(3)
+        _end(3, f"error: a collective failed on rank {env_rank()} ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:300]}): another rank died or hung for longer than "
+                f"dist.timeout_s; its own log says why. Resume with resume=true once it is "
+                f"fixed")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,8 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from twolevel_dist.engine import stop
 from twolevel_dist.engine.device import autocast, clock, peak_memory_bytes
 from twolevel_dist.engine.step_flags import StepFlag, StepFlags
+from twolevel_dist.engine.stop import signal_name
 from twolevel_dist.errors import RunError
 from twolevel_dist.parallel import all_reduce_values, count_collectives
 
@@ -41,6 +43,15 @@ class EpochSums:
         return self.comm_bytes / max(self.steps, 1)
 
 
+class StopAtStep(Exception):
+    """A stop was requested (``engine.stop``): every rank leaves ``train_one_epoch`` after the
+    same step, with the epoch's sums so far, for the caller to checkpoint."""
+
+    def __init__(self, step: int, sums: "EpochSums", signal_number: int):
+        super().__init__(f"stop requested ({signal_name(signal_number)}) at step {step}")
+        self.step, self.sums, self.signal_number = step, sums, signal_number
+
+
 def _stop_if_diverged(flags: list[StepFlag], lag: int, optimizer) -> None:
     """Raise ``RunError`` on every rank (they all read the same flags) at the first step whose
     loss was not finite on some replica."""
@@ -58,7 +69,7 @@ def _stop_if_diverged(flags: list[StepFlag], lag: int, optimizer) -> None:
 
 def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=None,
                     first_step: int = 0, log_every: int = 20, on_log=None, on_step=None,
-                    dp_group=None, start: EpochSums | None = None) -> EpochSums:
+                    start: EpochSums | None = None) -> EpochSums:
     """Trains until the loader ends or ``max_steps`` optimizer steps, continuing ``start`` (the
     sums of the epoch's steps before a checkpoint; the loader then skips those batches).
     ``on_step(global_step, sums)`` runs after every step (a per-step schedule, a checkpoint:
@@ -74,7 +85,8 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
     ``RunError`` on every rank, on CPUs before the optimizer steps, on GPUs a few steps later
     without a host sync per step; the flags are drained before ``sums()`` (which ``on_step``
     calls to checkpoint), each log line and the epoch's end, so nothing non-finite is ever
-    checkpointed or logged."""
+    checkpointed or logged. A stop request (``engine.stop``) on any rank, read from the same
+    flags, raises ``StopAtStep`` on every rank after the same step (on_step has run)."""
     model.train()
     start = start or EpochSums()
     loss_sum = torch.tensor(start.loss, dtype=torch.float32, device=device)
@@ -82,10 +94,19 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
     samples, steps, comm_bytes = start.samples, 0, start.comm_bytes
     began = window_start = clock(device)
 
-    flags = StepFlags(device, dp_group)
+    # Every rank of the job agrees on the flags: a stop signal to any one stops them all.
+    flags = StepFlags(device, dist.group.WORLD if dist.is_initialized() else None)
+    stop_signal = 0
+
+    def act_on(read: list[StepFlag]) -> None:
+        nonlocal stop_signal
+        _stop_if_diverged(read, flags.lag, optimizer)
+        stop_signal = max([stop_signal] + [flag.stop_signal for flag in read])
 
     def sums() -> EpochSums:
-        _stop_if_diverged(flags.drain(), flags.lag, optimizer)
+        # Every flag read first: nothing non-finite is checkpointed. (A stop flag read here
+        # ends the epoch after this step, on every rank: they all drain here.)
+        act_on(flags.drain())
         return EpochSums(loss=loss_sum.item(), correct=int(correct.item()), samples=samples,
                          steps=start.steps + steps, comm_bytes=comm_bytes,
                          seconds=start.seconds + clock(device) - began)
@@ -106,8 +127,8 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels)
             loss.backward()
-            flags.post(first_step + steps + 1, loss)
-            _stop_if_diverged(flags.due(first_step + steps + 1), flags.lag, optimizer)
+            flags.post(first_step + steps + 1, loss, stop.requested())
+            act_on(flags.due(first_step + steps + 1))
             optimizer.step()
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.detach().argmax(1) == labels).sum()
@@ -119,7 +140,7 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
         if on_step is not None:
             on_step(first_step + steps, sums)
         if log_every and (first_step + steps) % log_every == 0:
-            _stop_if_diverged(flags.drain(), flags.lag, optimizer)
+            act_on(flags.drain())
             now = clock(device)
             stats = dict(step=first_step + steps, epoch_step=start.steps + steps,
                          loss=loss.item(),
@@ -132,6 +153,8 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
                 on_log(stats)
             window_start, window_steps, window_images, window_bytes = now, 0, 0, 0
             window_wait = 0.0
+        if stop_signal:
+            raise StopAtStep(first_step + steps, sums(), stop_signal)
     return sums()
 
 

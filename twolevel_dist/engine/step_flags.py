@@ -1,8 +1,9 @@
 """What every rank must know after each training step, read without stalling a GPU: whether the
-loss was finite on every replica (the divergence guard).
+loss was finite on every replica (the divergence guard), and whether any rank was asked to stop
+(a signal: ``engine.stop``).
 
-The flag is all-reduced (max) over the ranks in one small collective, so every rank sees the
-same value for the same step and all act at the same step.
+The two flags are all-reduced (max) over all ranks in one small collective, so every rank sees
+the same values for the same step and all act at the same step.
 
 Reading a value computed on a GPU blocks the host until the GPU has finished that step; read at
 once every step, it would keep the host from queueing the next step's kernels while the GPU
@@ -27,19 +28,24 @@ CUDA_LAG = 2       # steps between a step and the reading of its flag on CUDA
 class StepFlag:
     step: int
     nonfinite: bool      # the loss was NaN or infinite on some replica
+    stop_signal: int     # the (largest) number of a stop signal some rank received, or 0
 
 
 class StepFlags:
-    """``post(step, loss)`` after each backward; ``due(step)`` gives the flags to act on now
-    (this step's on CPUs, step - lag's on CUDA); ``drain()`` gives every flag not yet read."""
+    """``post(step, loss, stop_signal)`` after each backward; ``due(step)`` gives the flags to act
+    on now (this step's on CPUs, step - lag's on CUDA); ``drain()`` gives every flag not yet
+    read. ``group``: the ranks that must agree (None: this process alone)."""
 
     def __init__(self, device: torch.device, group=None, lag: int | None = None):
         self.device, self.group = device, group
         self.lag = (CUDA_LAG if device.type == "cuda" else 0) if lag is None else lag
         self._pending: deque = deque()        # (step, host tensor, CUDA event or None)
 
-    def post(self, step: int, loss: torch.Tensor) -> None:
-        flag = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+    def post(self, step: int, loss: torch.Tensor, stop_signal: int = 0) -> None:
+        flag = torch.zeros(2, dtype=torch.float32, device=loss.device)
+        flag[0] = (~torch.isfinite(loss.detach())).any()      # on the device: no sync
+        if stop_signal:
+            flag[1] = stop_signal                             # a fill from the host: no sync
         if self.group is not None and dist.get_world_size(self.group) > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         event = None
@@ -65,5 +71,6 @@ class StepFlags:
             step, flag, event = self._pending.popleft()
             if event is not None:
                 event.synchronize()
-            out.append(StepFlag(step=step, nonfinite=bool(flag[0].item() > 0)))
+            nonfinite, stop_signal = flag.tolist()
+            out.append(StepFlag(step=step, nonfinite=nonfinite > 0, stop_signal=int(stop_signal)))
         return out
