@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory  # noqa: E402  (its planning function and the networks it plans)
 from common import machine, median, time_steps, training_step  # noqa: E402
 
-from twolevel_dist.compiling import prepare_for_compile  # noqa: E402
 from twolevel_dist.engine.device import autocast, configure_backends, synchronize  # noqa: E402
+from twolevel_dist.parallel.compiling import prepare_for_compile  # noqa: E402
 from twolevel_dist.parallel.sharded import ShardedTwoLevelConv2d, coarse_exchange  # noqa: E402
 
 

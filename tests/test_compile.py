@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from distributed import run_on_ranks
 
-from twolevel_dist.compiling import prepare_for_compile
 from twolevel_dist.engine.loop import evaluate
 from twolevel_dist.models import build_model
 from twolevel_dist.parallel import count_collectives, init_mesh, parallelize
+from twolevel_dist.parallel.compiling import prepare_for_compile
 
 STEPS = 3
 

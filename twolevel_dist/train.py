@@ -25,7 +25,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from twolevel_dist.compiling import prepare_for_compile
 from twolevel_dist.config import TrainConfig, check_known_keys, register_resolvers, validate
 from twolevel_dist.data import DataError
 from twolevel_dist.data.seeding import derive_seed
@@ -68,6 +67,7 @@ from twolevel_dist.parallel import (
     parallelize,
     unwrap,
 )
+from twolevel_dist.parallel.compiling import prepare_for_compile
 
 log = logging.getLogger("twolevel_dist")
 TOP5_CLASSES = 100      # top-5 accuracy is reported for data sets of at least this many classes

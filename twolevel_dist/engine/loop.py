@@ -67,6 +67,30 @@ def _stop_if_diverged(flags: list[StepFlag], lag: int, optimizer) -> None:
                    f"lower optim.lr (overwrite=true, or another run_dir)")
 
 
+class _LogWindow:
+    """What happened since the last log line: steps, images, bytes sent, loader waits."""
+
+    def __init__(self, device):
+        self.device, self.start = device, clock(device)
+        self.steps = self.images = self.bytes = 0
+        self.wait = 0.0
+
+    def add(self, images: int, comm_bytes: int, waited: float) -> None:
+        self.steps, self.images = self.steps + 1, self.images + images
+        self.bytes, self.wait = self.bytes + comm_bytes, self.wait + waited
+
+    def report(self, **stats) -> dict:
+        """``stats`` with the window's means (synchronising the device once); starts anew."""
+        now = clock(self.device)
+        stats.update(step_time_s=(now - self.start) / self.steps,
+                     data_wait_s=self.wait / self.steps,
+                     images_per_s=self.images / (now - self.start),
+                     comm_bytes_per_step=self.bytes / self.steps,
+                     peak_memory_bytes=peak_memory_bytes(self.device))
+        self.__init__(self.device)
+        return stats
+
+
 def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=None,
                     first_step: int = 0, log_every: int = 20, on_log=None, on_step=None,
                     start: EpochSums | None = None) -> EpochSums:
@@ -92,7 +116,7 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
     loss_sum = torch.tensor(start.loss, dtype=torch.float32, device=device)
     correct = torch.tensor(start.correct, device=device, dtype=torch.long)
     samples, steps, comm_bytes = start.samples, 0, start.comm_bytes
-    began = window_start = clock(device)
+    began = clock(device)
 
     # Every rank of the job agrees on the flags: a stop signal to any one stops them all.
     flags = StepFlags(device, dist.group.WORLD if dist.is_initialized() else None)
@@ -110,15 +134,14 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
         return EpochSums(loss=loss_sum.item(), correct=int(correct.item()), samples=samples,
                          steps=start.steps + steps, comm_bytes=comm_bytes,
                          seconds=start.seconds + clock(device) - began)
-    window_steps = window_images = window_bytes = 0
-    window_wait = 0.0
+    window = _LogWindow(device)
     batches = iter(loader)
     while max_steps is None or steps < max_steps:
         asked = time.perf_counter()
         batch = next(batches, None)
         if batch is None:
             break
-        window_wait += time.perf_counter() - asked
+        waited = time.perf_counter() - asked
         images, labels = batch
         with count_collectives() as comm:
             # Before the forward: the last step's gradients need not live through it.
@@ -135,24 +158,15 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
         samples += labels.numel()
         steps += 1
         comm_bytes += comm.total_bytes()
-        window_steps, window_images = window_steps + 1, window_images + labels.numel()
-        window_bytes += comm.total_bytes()
+        window.add(labels.numel(), comm.total_bytes(), waited)
         if on_step is not None:
             on_step(first_step + steps, sums)
         if log_every and (first_step + steps) % log_every == 0:
             act_on(flags.drain())
-            now = clock(device)
-            stats = dict(step=first_step + steps, epoch_step=start.steps + steps,
-                         loss=loss.item(),
-                         step_time_s=(now - window_start) / window_steps,
-                         data_wait_s=window_wait / window_steps,
-                         images_per_s=window_images / (now - window_start),
-                         comm_bytes_per_step=window_bytes / window_steps,
-                         peak_memory_bytes=peak_memory_bytes(device))
+            stats = window.report(step=first_step + steps, epoch_step=start.steps + steps,
+                                  loss=loss.item())
             if on_log is not None:
                 on_log(stats)
-            window_start, window_steps, window_images, window_bytes = now, 0, 0, 0
-            window_wait = 0.0
         if stop_signal:
             raise StopAtStep(first_step + steps, sums(), stop_signal)
     return sums()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from twolevel_dist.compiling import run_eagerly
+from twolevel_dist.eager import run_eagerly
 from twolevel_dist.layers.coarse import is_channels_last, pixel_rows
 
 

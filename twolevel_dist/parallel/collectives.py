@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from twolevel_dist.compiling import run_eagerly
+from twolevel_dist.eager import run_eagerly
 from twolevel_dist.parallel import ops
 from twolevel_dist.parallel.transport import (
     ProcessGroup,
