@@ -419,3 +419,30 @@ print("not reached", flush=True)
     assert out.returncode == -signal.SIGTERM, out.stderr[-2000:]
     assert out.stdout == "still stopping\n"
     assert out.stderr.count("SIGTERM received: stopping after the next step") == 1
+
+
+def test_a_port_rank_0_cannot_bind_ends_every_rank_within_the_startup_timeout(tmp_path):
+    # Without torchrun (srun, submitit), rank 0 hosts the rendezvous: here its port is taken.
+    # Rank 0 says so, naming the port; rank 1 gives up after dist.startup_timeout_s, not after
+    # dist.timeout_s (1800 s).
+    # The port is another job's rendezvous store (two jobs that derived the same port).
+    import torch.distributed as dist
+    from distributed import free_port
+    port = free_port()
+    other_job = dist.TCPStore("127.0.0.1", port, 1, is_master=True)
+    try:
+        env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "LOCAL_RANK": "0"}
+        started = time.time()
+        ranks = [subprocess.Popen([str(PYTHON), "-m", "twolevel_dist.train", *SMALL,
+                                   f"run_dir={tmp_path / 'run'}", "dist.startup_timeout_s=15"],
+                                  env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+        outs = [rank.communicate(timeout=120) for rank in ranks]
+    finally:
+        del other_job
+    assert time.time() - started < 90
+    assert [rank.returncode for rank in ranks] == [2, 2], outs
+    assert f"port {port} on 127.0.0.1 is already in use" in outs[0][1]
+    assert f"found no rank 0 of this job at 127.0.0.1:{port} within 15 s" in outs[1][1]
+    assert "Traceback" not in outs[0][1] + outs[1][1]

@@ -92,6 +92,9 @@ class DistConfig:
     # The longest a rank waits for the others in one collective or in the rendezvous (rank 0's
     # first data preparation included) before the job fails instead of hanging.
     timeout_s: float = 1800
+    # The longest a rank waits for rank 0's rendezvous when the job starts without torchrun
+    # (srun, submitit): a rank 0 that failed to start ends the others this soon.
+    startup_timeout_s: float = 60
 
 
 @dataclass

@@ -236,7 +236,8 @@ def _setup(cfg: TrainConfig) -> Job:
     many) and the mesh."""
     world = env_world_size()
     launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
-    device = init_distributed(cfg.dist.timeout_s) if launched else local_device()
+    device = (init_distributed(cfg.dist.timeout_s, cfg.dist.startup_timeout_s) if launched
+              else local_device())
     configure_backends(device, tf32=cfg.train.tf32)
     model_groups, gp = _layout(cfg, world)
     job = Job(device=device, amp=resolve_amp(cfg.train.amp, device), world=world,

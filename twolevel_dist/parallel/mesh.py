@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from twolevel_dist.errors import ConfigError
+from twolevel_dist.errors import ConfigError, RunError
 from twolevel_dist.validate import positive_int
 
 
@@ -44,6 +44,16 @@ def node_address(node: str) -> str:
     return node
 
 
+# A SLURM job's rendezvous port, from its id: jobs that share a node never share a port unless
+# their ids are JOB_PORT_SPAN apart. 20000-29499 lies below Linux's ephemeral ports (32768-) and
+# torchrun's default 29500. Used by the srun/submitit path and launch/slurm.sbatch alike.
+JOB_PORT_BASE, JOB_PORT_SPAN = 20000, 9500
+
+
+def job_port(job_id: int) -> int:
+    return JOB_PORT_BASE + job_id % JOB_PORT_SPAN
+
+
 def apply_slurm_env(environ=os.environ) -> None:
     """Without torchrun (one srun task per rank, e.g. submitit), derive torchrun's variables from
     SLURM's: RANK from SLURM_PROCID, WORLD_SIZE from SLURM_STEP_NUM_TASKS, LOCAL_RANK from
@@ -61,7 +71,7 @@ def apply_slurm_env(environ=os.environ) -> None:
         environ["MASTER_ADDR"] = node_address(
             first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
     if "MASTER_PORT" not in environ:
-        environ["MASTER_PORT"] = str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+        environ["MASTER_PORT"] = str(job_port(int(environ.get("SLURM_JOB_ID", "0"))))
 
 
 def env_rank() -> int:
@@ -75,6 +85,7 @@ def env_world_size() -> int:
 
 
 DEFAULT_TIMEOUT_S = 1800
+DEFAULT_STARTUP_TIMEOUT_S = 60
 
 
 def local_device() -> torch.device:
@@ -102,11 +113,14 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S,
+                     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> torch.device:
     """Initialise torch.distributed from torchrun's environment (or SLURM's, see
     ``apply_slurm_env``) if it is not already, and return this rank's device (``local_device``).
-    ``timeout_s`` bounds how long a rank waits for the others in one collective (and in the
-    rendezvous): a hung or crashed peer fails the job after that long instead of blocking it."""
+    ``timeout_s`` bounds how long a rank waits for the others in one collective: a hung or
+    crashed peer fails the job after that long instead of blocking it. ``startup_timeout_s``
+    bounds the wait for rank 0's rendezvous store where this process group hosts it (no
+    torchrun agent): a rank 0 that could not start ends the others that soon."""
     apply_slurm_env()
     device = local_device()
     if device.type == "cuda":
@@ -119,11 +133,12 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
                 f"torch.distributed is not initialised and {', '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} not set; launch with torchrun "
                 f"(e.g. torchrun --standalone --nproc_per_node=4 ...) or srun under SLURM")
-        _init_process_group(backend_for(device), timedelta(seconds=timeout_s))
+        _init_process_group(backend_for(device), timedelta(seconds=timeout_s),
+                            timedelta(seconds=startup_timeout_s))
     return device
 
 
-def _init_process_group(backend: str, timeout: timedelta) -> None:
+def _init_process_group(backend: str, timeout: timedelta, startup_timeout: timedelta) -> None:
     """``init_process_group`` over a store that holds only this restart round's keys.
 
     After torchrun restarts the workers (--max-restarts), a store shared between rounds still
@@ -143,12 +158,50 @@ def _init_process_group(backend: str, timeout: timedelta) -> None:
             "between restart rounds, and a restart after one node's failure would read the "
             "previous round's keys; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun "
             "on every node (launch/slurm.sbatch does), or use --max-restarts=0")
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not agent_hosts_store, timeout=timeout)
-    if agent_hosts_store:
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"twolevel/attempt_{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    startup = timeout if agent_hosts_store else startup_timeout
+    try:
+        store = tcp_store = _rendezvous_store(rank, world, agent_hosts_store, startup)
+        if agent_hosts_store:
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"twolevel/attempt_{attempt}", store)
+        # Every rank present before the backend connects (which waits dist.timeout_s).
+        store.set(f"twolevel/rank_{rank}", "up")
+        store.wait([f"twolevel/rank_{r}" for r in range(world)], startup)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timeout)
+    except (RuntimeError, OSError) as error:     # DistNetworkError, DistStoreError
+        if isinstance(error, ConfigError) or not _timed_out(error):
+            raise
+        raise RunError(
+            f"rank {rank} found no rank 0 of this job at {os.environ['MASTER_ADDR']}:"
+            f"{os.environ['MASTER_PORT']} within {startup.total_seconds():g} s "
+            f"(dist.startup_timeout_s): rank 0 did not start (its own log says why), the "
+            f"address is not reachable from here, or another job holds that port") from None
+    tcp_store.set_timeout(timeout)    # later waits (subgroups, NCCL's first use) are the job's
+
+
+def _timed_out(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "timeout" in text or "timed out" in text or "connect" in text
+
+
+def _rendezvous_store(rank: int, world: int, agent_hosts_store: bool,
+                      timeout: timedelta) -> dist.TCPStore:
+    """The TCP store at MASTER_ADDR:MASTER_PORT: hosted by rank 0 (or torchrun's agent), joined
+    by the others within ``timeout``. A port rank 0 cannot bind is reported as that, naming it."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    hosts = rank == 0 and not agent_hosts_store
+    try:
+        return dist.TCPStore(addr, port, world, is_master=hosts, timeout=timeout)
+    except (RuntimeError, OSError) as error:     # DistNetworkError, DistStoreError
+        text = str(error).lower()
+        if hosts and ("address already in use" in text or "eaddrinuse" in text):
+            raise ConfigError(
+                f"port {port} on {addr} is already in use (another job on this node?), so rank "
+                f"0 cannot host the rendezvous there; choose another with MASTER_PORT "
+                f"(RDZV_PORT for launch/slurm.sbatch; without either, SLURM jobs take "
+                f"{JOB_PORT_BASE} + job id % {JOB_PORT_SPAN})") from None
+        raise
 
 
 def init_mesh(groups: int, dp: int | None = None) -> DeviceMesh:
@@ -173,3 +226,8 @@ def init_mesh(groups: int, dp: int | None = None) -> DeviceMesh:
     # serves the GPUs, where the mesh's tensors live.
     device_type = "cpu" if dist.get_backend() == "gloo" else "cuda"
     return init_device_mesh(device_type, (dp, groups), mesh_dim_names=("dp", "gp"))
+
+
+if __name__ == "__main__":          # launch/slurm.sbatch: the port of the job id given
+    import sys
+    print(job_port(int(sys.argv[1])))
