@@ -18,6 +18,7 @@ from test_train import SMALL, TORCHRUN, _train
 from twolevel_dist.engine.checkpoint import (
     atomic_save,
     complete_epochs,
+    latest_complete,
     latest_complete_epoch,
     load_rank_checkpoint,
     mark_complete,
@@ -91,8 +92,9 @@ def _kill_a_worker_in_epoch_2(jobs: list, run_dir: Path, key: str, value: str) -
     os.kill(victims[0], signal.SIGKILL)
 
 
-def _assert_restarted_to_the_same_metrics(run_dir: Path, uninterrupted: list[dict]) -> None:
-    assert "resumed from" in (run_dir / "train.log").read_text()
+def _assert_restarted_to_the_same_metrics(run_dir: Path, uninterrupted: list[dict],
+                                          resumes: int = 1) -> None:
+    assert (run_dir / "train.log").read_text().count("resumed from") >= resumes
     killed = read_metrics(run_dir)
     assert [m["epoch"] for m in killed] == [1, 2, 3]
     for a, b in zip(uninterrupted, killed):
@@ -257,3 +259,54 @@ def test_restarts_over_a_store_shared_between_rounds_on_several_nodes_are_refuse
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         init_distributed()
+
+
+def _job_id(job) -> str:
+    line = job.stdout.readline()               # "Submitted batch job N"
+    assert line.startswith("Submitted batch job"), line
+    return line.split()[-1]
+
+
+def _wait_for_checkpoint_after(job, run_dir: Path, step: int) -> None:
+    deadline = time.time() + 300
+    while True:
+        latest = latest_complete(run_dir)
+        # 20 steps an epoch; a checkpoint inside one names its global step.
+        if latest is not None and (latest.step or latest.epochs * 20) > step:
+            return
+        assert job.poll() is None, "the job ended early"
+        assert time.time() < deadline, f"no checkpoint past step {step} after 300 s"
+        time.sleep(0.2)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow          # two requeues, each a pending wait in SLURM: minutes (README, "Tests")
+def test_sbatch_stopped_by_its_time_limit_signal_and_by_scancel_requeues_to_the_same_metrics(
+        slurm, uninterrupted, tmp_path):
+    """The time limit's warning (USR2 to the batch script, as --signal=B:USR2@90 sends it) in
+    epoch 1, then `scancel --signal=USR2` (every process of the step) in the requeued job's
+    epoch 2: each time every rank checkpoints at a step and the job requeues itself; the third
+    run finishes with exactly the metrics of an uninterrupted run."""
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen(
+        ["sbatch", "--wait", "--nodes=2", "--cpus-per-task=1", "--open-mode=append",
+         f"--output={tmp_path}/slurm-%j.out", "launch/slurm.sbatch", *THREE_EPOCHS,
+         "train.checkpoint_every_steps=5", f"run_dir={run_dir}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**slurm, "NPROC_PER_NODE": "1", "PYTHON": sys.executable, "MAX_RESTARTS": "1"})
+    try:
+        job_id = _job_id(job)
+        _wait_for_checkpoint_after(job, run_dir, 5)                       # in epoch 1
+        subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True, env=slurm)
+        _wait_for_checkpoint_after(job, run_dir, 25)                      # requeued, epoch 2
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, env=slurm)
+        output, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert job.returncode == 0, output + logs[-6000:]
+    assert logs.count("stopped resumable: requeueing job") == 2, logs[-6000:]
+    log = (run_dir / "train.log").read_text()
+    assert log.count("resumed from") == 2
+    _assert_restarted_to_the_same_metrics(run_dir, uninterrupted, resumes=2)

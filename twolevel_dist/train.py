@@ -40,7 +40,7 @@ from twolevel_dist.engine.checkpoint import (
     rank_file,
 )
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
-from twolevel_dist.engine.ending import report_exit
+from twolevel_dist.engine.ending import report_exit, stopped_earlier
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import (
     EpochSums,
@@ -517,6 +517,8 @@ def main(cfg) -> None:
                               "launches its own ranks (use the submitit launcher, or one "
                               "torchrun per value)")
         check_known_keys(cfg, TrainConfig)
+        if (stopped := stopped_earlier()) is not None:     # torchrun restarting a stopped job
+            _end(stop.EXIT_STOPPED, stopped, only_rank0=True)
         config_files = {"config.yaml": OmegaConf.to_yaml(cfg),
                         "overrides.yaml": OmegaConf.to_yaml(
                             list(HydraConfig.get().overrides.task))}

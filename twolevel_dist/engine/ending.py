@@ -10,7 +10,10 @@ to ``--max-restarts`` times. So:
 where ``TWOLEVEL_EXIT_FILE`` names a file (our launchers set it: ``launch/torchrun.sh``), the job
 writes its exit code and its one line there for the launcher to exit with, and a worker that
 ends with code 2 under torchrun also ends its agent (SIGTERM), so that the agent does not
-restart it into the same refusal. Under a bare torchrun nothing of this happens.
+restart it into the same refusal. A stop is not restarted either: when a signal reached only
+the workers (SLURM signals every process of a step), torchrun restarts them, and the restarted
+workers find the stop recorded and end at once (``stopped_earlier``). Under a bare torchrun
+nothing of this happens.
 """
 
 import os
@@ -31,3 +34,16 @@ def report_exit(code: int, line: str) -> None:
     os.replace(tmp, path)
     if code in NO_RESTART and "TORCHELASTIC_RUN_ID" in os.environ:
         os.kill(os.getppid(), signal.SIGTERM)       # torchrun's agent: no restart
+
+
+def stopped_earlier() -> str | None:
+    """In a torchrun restart round after this job stopped (its exit file holds code 75): the
+    stop's line, to end with at once; else None."""
+    path = os.environ.get(EXIT_FILE)
+    if not path or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+        return None
+    try:
+        code, line = Path(path).read_text().split("\n", 1)
+    except (OSError, ValueError):
+        return None
+    return line.strip() if code.strip() == "75" else None
