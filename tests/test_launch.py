@@ -310,3 +310,33 @@ def test_sbatch_stopped_by_its_time_limit_signal_and_by_scancel_requeues_to_the_
     log = (run_dir / "train.log").read_text()
     assert log.count("resumed from") == 2
     _assert_restarted_to_the_same_metrics(run_dir, uninterrupted, resumes=2)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow          # a requeue, a pending wait in SLURM: minutes (README, "Tests")
+def test_a_submitit_job_stopped_by_its_time_limit_signal_requeues_to_the_same_metrics(
+        slurm, uninterrupted, tmp_path):
+    """The Hydra submitit launcher asks SLURM for USR2 before the time limit
+    (hydra.launcher.signal_delay_s); sent here in epoch 1 to both tasks (2 nodes, one rank
+    each): the ranks checkpoint at one step, submitit requeues the job, and the requeued run
+    resumes to exactly the uninterrupted run's metrics."""
+    sweep = tmp_path / "sweep"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "twolevel_dist.train", "-m", "hydra/launcher=slurm",
+         "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1",
+         f"hydra.sweep.dir={sweep}", *THREE_EPOCHS, "train.checkpoint_every_steps=5"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=slurm)
+    try:
+        _wait_for_checkpoint_after(job, sweep / "0", 5)
+        queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                                env=slurm, check=True).stdout.split()
+        assert len(queued) == 1, queued
+        subprocess.run(["scancel", "--signal=USR2", queued[0]], check=True, env=slurm)
+        output, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    logs = "\n".join(p.read_text() for p in sorted(sweep.glob(".submitit/*/*.err")))
+    assert job.returncode == 0, output[-3000:] + logs[-6000:]
+    assert "stopped: SIGUSR2 at step" in logs and "DUE TO JOB REQUEUE" in logs, logs[-6000:]
+    _assert_restarted_to_the_same_metrics(sweep / "0", uninterrupted)

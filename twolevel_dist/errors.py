@@ -20,8 +20,9 @@ class RunStopped(Exception):
     """A stop signal (a time limit, a preemption, Ctrl-C) ended the run at a step boundary with
     a complete checkpoint; the entry point exits with ``engine.stop.EXIT_STOPPED``."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint):
-        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+    def __init__(self, signal_number: int, signal_name: str, step: int, checkpoint):
+        self.signal_number, self.signal_name = signal_number, signal_name
+        self.step, self.checkpoint = step, checkpoint
         run_dir = checkpoint.parent.parent
         super().__init__(f"{signal_name} at step {step}: checkpoint {checkpoint} is complete; "
                          f"continue with the same command and resume=auto run_dir={run_dir} "

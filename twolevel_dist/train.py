@@ -217,9 +217,13 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
 
 
 def _resolve_resume(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """resume=auto (what requeued jobs and scripts use): resume=true where ``run_dir`` holds a
-    complete checkpoint; else a fresh run, replacing what an attempt killed before its first
-    checkpoint left there, but never a finished run's model.pt."""
+    """resume=auto (what requeued jobs and scripts use; a requeued SLURM job without a resume
+    setting too): resume=true where ``run_dir`` holds a complete checkpoint; else a fresh run,
+    replacing what an attempt killed before its first checkpoint left there, but never a
+    finished run's model.pt."""
+    if cfg.resume is False and int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0:
+        log.info("a requeued SLURM job (SLURM_RESTART_COUNT > 0): resume=auto")
+        cfg = replace(cfg, resume="auto")
     if cfg.resume != "auto":
         return cfg
     if latest_complete(run_dir) is not None:
@@ -395,7 +399,8 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
             _save_checkpoint(run_dir, position, job, model, optimizer, scheduler, meta, keep,
                              epochs_done=epoch, global_step=stopped.step, sums=stopped.sums)
             writer.close()
-            raise RunStopped(stop.signal_name(stopped.signal_number), stopped.step,
+            raise RunStopped(stopped.signal_number, stop.signal_name(stopped.signal_number),
+                             stopped.step,
                              epoch_dir(run_dir, position)) from None
         global_step += result.steps - done_before
         sums = None
@@ -499,13 +504,26 @@ def _peer_failure(error: BaseException) -> bool:
         "Connection closed by peer" in text or "Connection reset by peer" in text
 
 
-def _end(code: int, line: str, only_rank0: bool = False) -> None:
+def _end(code: int, line: str, only_rank0: bool = False, then=None) -> None:
     """Exit with ``code`` and its one line on stderr, reported to the launcher
-    (``engine.ending``)."""
+    (``engine.ending``); ``then`` runs before the exit."""
     if not only_rank0 or env_rank() == 0:
-        print(line, file=sys.stderr)
+        print(line, file=sys.stderr, flush=True)
         report_exit(code, line)
+    if then is not None:
+        then()
     sys.exit(code)
+
+
+def _hand_over(signal_number: int) -> None:
+    """Where submitit runs the job, its handler of the stop signal requeues it (on rank 0,
+    which it then ends); the other ranks leave with 0, so that srun's kill-on-bad-exit cannot
+    end rank 0 before it has requeued."""
+    try:
+        if stop.hand_over(signal_number):
+            sys.exit(0)
+    except Exception as error:        # submitit's: timed out too often, not requeued
+        print(f"not requeued: {error}", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
@@ -524,7 +542,8 @@ def main(cfg) -> None:
                             list(HydraConfig.get().overrides.task))}
         run(OmegaConf.to_object(cfg), run_dir, config_files)
     except RunStopped as stopped:
-        _end(stop.EXIT_STOPPED, f"stopped: {stopped}", only_rank0=True)
+        _end(stop.EXIT_STOPPED, f"stopped: {stopped}", only_rank0=True,
+             then=lambda: _hand_over(stopped.signal_number))
     except KeyboardInterrupt:            # Ctrl-C before training began: nothing to save
         remove_if_empty(run_dir)
         _end(130, "interrupted before the first training step: nothing was trained, nothing "

@@ -22,6 +22,7 @@ EXIT_STOPPED = 75          # stopped, resumable (sysexits' EX_TEMPFAIL: "try aga
 REPEAT_AFTER_S = 2.0
 
 _received: dict = {"signal": 0, "at": 0.0}
+_previous: dict = {}        # the handlers ours replaced (submitit's requeue, where it runs the job)
 
 
 def _handle(signum, frame) -> None:
@@ -38,7 +39,9 @@ def _handle(signum, frame) -> None:
 def install() -> None:
     """Handle the stop signals in this process (the main thread of each rank)."""
     for signum in STOP_SIGNALS:
-        signal.signal(signum, _handle)
+        previous = signal.signal(signum, _handle)
+        if previous is not _handle:
+            _previous[signum] = previous
 
 
 def requested() -> int:
@@ -48,3 +51,14 @@ def requested() -> int:
 
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
+
+
+def hand_over(signum: int) -> bool:
+    """After the stop's checkpoint: give ``signum`` to the handler ours replaced, if it was a
+    Python one (submitit's, which requeues the job on rank 0 and exits there); whether there
+    was one."""
+    previous = _previous.get(signum)
+    if not callable(previous):
+        return False
+    previous(signum, None)
+    return True
