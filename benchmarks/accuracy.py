@@ -593,7 +593,7 @@ def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[d
            if from_csv else ""),
         "",
         "## Final test error (%) against N" + ("" if paper else
-                                                " (the paper's WRN-28-10 figures: README)"),
+                                                " (the paper's figures: README)"),
         "", *error_table(rows, paper), "",
         "mean ± half the range over seeds; sc does not depend on N. params_per_rank: one "
         "rank's share with one rank per group (empty where the layers cannot be split so; "
