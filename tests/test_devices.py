@@ -239,11 +239,31 @@ class _Recorder:
         self.calls.append((args, kwargs))
 
 
+class _FakeStore:
+    """What init_distributed asks of the rendezvous store, recorded."""
+
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.keys, self.waits, self.timeouts = args, kwargs, [], [], []
+        _FakeStore.made.append(self)
+
+    def set(self, key, value):
+        self.keys.append(key)
+
+    def wait(self, keys, timeout):
+        self.waits.append((keys, timeout))
+
+    def set_timeout(self, timeout):
+        self.timeouts.append(timeout)
+
+
 @pytest.mark.parametrize("visible,local_rank,expected", [
     (0, 0, "cpu"), (1, 3, "cuda:0"), (4, 3, "cuda:3"), (4, 5, None)])
 def test_init_asks_for_a_backend_for_cpu_and_cuda_tensors(monkeypatch, visible, local_rank,
                                                           expected):
-    init, store = _Recorder(), _Recorder()
+    init, store = _Recorder(), _FakeStore
+    _FakeStore.made = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
@@ -256,13 +276,19 @@ def test_init_asks_for_a_backend_for_cpu_and_cuda_tensors(monkeypatch, visible, 
         monkeypatch.setenv(key, value)
     if expected is None:
         with pytest.raises(ConfigError, match="LOCAL_RANK=5 but this process sees only 4 GPUs"):
-            init_distributed(timeout_s=77)
+            init_distributed(timeout_s=77, startup_timeout_s=11)
         return
-    assert str(init_distributed(timeout_s=77)) == expected
+    assert str(init_distributed(timeout_s=77, startup_timeout_s=11)) == expected
     (backend,), kwargs = init.calls[0]
     assert backend == ("gloo" if expected == "cpu" else "cpu:gloo,cuda:nccl")
     assert kwargs["timeout"] == timedelta(seconds=77)
-    assert store.calls[0][1]["timeout"] == timedelta(seconds=77)
+    # Rank 0 hosts the store; every rank announces itself and waits for the others no longer
+    # than the start-up timeout; later waits on the store get the job's timeout.
+    (made,) = store.made
+    assert made.kwargs["is_master"] and made.kwargs["timeout"] == timedelta(seconds=11)
+    assert made.keys == ["twolevel/rank_0"]
+    assert made.waits == [(["twolevel/rank_0", "twolevel/rank_1"], timedelta(seconds=11))]
+    assert made.timeouts == [timedelta(seconds=77)]
     assert mesh.backend_for(torch.device(expected)) == backend
 
 

@@ -541,6 +541,8 @@ def main(cfg) -> None:
                         "overrides.yaml": OmegaConf.to_yaml(
                             list(HydraConfig.get().overrides.task))}
         run(OmegaConf.to_object(cfg), run_dir, config_files)
+        if env_rank() == 0:
+            report_exit(0, "finished")     # over what an earlier, restarted round reported
     except RunStopped as stopped:
         _end(stop.EXIT_STOPPED, f"stopped: {stopped}", only_rank0=True,
              then=lambda: _hand_over(stopped.signal_number))
