@@ -71,7 +71,8 @@ def _check(backend):
                 assert grad.abs().sum() > 0 or name.endswith("coarse_weight"), (step, name)
                 torch.testing.assert_close(c_grads[name], grad, rtol=1e-3, atol=1e-5,
                                            msg=lambda m: f"rank {rank} step {step} {name}: {m}")
-        assert evaluation[0] == evaluation[1]
+        # The same weights up to the compiled kernels' rounding: the same evaluation.
+        assert evaluation[1] == pytest.approx(evaluation[0], rel=1e-5), evaluation
 
 
 def test_compiled_shards_train_as_eager_and_compile_once():
