@@ -73,12 +73,12 @@ TINY = Sizes(networks=(("wrn10_1", 2),), groups=(1, 2, 4), image_size=8, warmup=
 # The step-time table's (precision, layout) pairs and schemes, most informative first, so that a
 # time limit drops the least: bf16 channels-last (how a GPU trains fastest) with every scheme;
 # bf16 NCHW with every GC-2L path; fp32 only SC, GC and GC-2L's default fused path.
-ALL_SCHEMES = ("sc", "sc_split", "gc", "gc2l_fused", "gc2l_pad8", "gc2l_taps")
+ALL_SCHEMES = ("sc", "sc_dp", "sc_split", "gc", "gc2l_fused", "gc2l_pad8", "gc2l_taps")
 COMBOS = ((("bf16", "channels_last"), ALL_SCHEMES),
           (("bf16", "NCHW"), ("sc", "gc", "gc2l_fused", "gc2l_pad8", "gc2l_taps")),
           (("fp32", "channels_last"), ("sc", "gc", "gc2l_fused")),
           (("fp32", "NCHW"), ("sc", "gc", "gc2l_fused")))
-CONV_OF = {"sc": "sc", "sc_split": "sc", "gc": "gc"}      # every other scheme: gc2l
+CONV_OF = {"sc": "sc", "sc_dp": "sc", "sc_split": "sc", "gc": "gc"}  # the others: gc2l
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +117,9 @@ def build(network: str, scheme: str, n: int, device: torch.device) -> nn.Module:
     """Rank 0's shard of ``network`` at N = ``n`` (N = 1: the single-device model), built on
     ``device`` by memory.py's ``build_shard`` (so the memory table's plan is of the same
     network): GC-2L fused without overlap, as a GPU rank runs it; then the scheme's path."""
-    with torch.device(device):
-        model = memory.build_shard(memory.resolve_model(network), CONV_OF.get(scheme, "gc2l"), n)
+    with torch.device(device):     # a data-parallel replica is the whole SC network
+        model = memory.build_shard(memory.resolve_model(network), CONV_OF.get(scheme, "gc2l"),
+                                   1 if scheme == "sc_dp" else n)
     if scheme == "gc2l_taps":
         for module in model.modules():
             if isinstance(module, ShardedTwoLevelConv2d):
@@ -150,9 +151,15 @@ def step_plan(sizes: Sizes) -> list[dict]:
             for scheme in schemes if (scheme == "sc") == (n == 1)]
 
 
+def rank_batch(config: dict) -> int:
+    """The images one rank computes per step: a data-parallel replica (``sc_dp``) its 1/N of
+    the global batch, every other scheme the whole batch (its shard of the channels)."""
+    return config["batch"] // config["N"] if config["scheme"] == "sc_dp" else config["batch"]
+
+
 def measure_step_time(config: dict, sizes: Sizes, device: torch.device) -> dict:
     model = build(config["network"], config["scheme"], config["N"], device)
-    step = training_step(model, config["batch"], sizes.image_size, device=device,
+    step = training_step(model, rank_batch(config), sizes.image_size, device=device,
                          channels_last=config["layout"] == "channels_last",
                          amp=config["precision"] == "bf16")
     times = time_steps(step, sizes.warmup, sizes.reps, lambda: synchronize(device))
@@ -285,7 +292,8 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
     out = []
     for row in rows:
         sc1, gc = times.get(key(row, scheme="sc", N=1)), times.get(key(row, scheme="gc"))
-        ideal = 1 if row["scheme"] == "sc" else row["N"] if row["scheme"] == "sc_split" \
+        ideal = 1 if row["scheme"] == "sc" else row["N"] if row["scheme"] in ("sc_split",
+                                                                             "sc_dp") \
             else row["N"] ** 2
         ok = row["status"] == "ok"
         speedup = sc1 / row["step_ms"] if ok and sc1 else math.nan
@@ -391,9 +399,12 @@ def _notes(run: Run, left_out: int, why: str) -> list[str]:
             "forward and loss (under bf16 autocast for bf16), backward, SGD with momentum "
             f"(common.training_step); the median of {sizes.reps} timed steps after "
             f"{sizes.warmup} untimed. Cells: per-rank step ms (speedup over SC at N = 1, same "
-            "network, precision and layout); the csv adds the ideal speedup (N for split SC, "
-            "N^2 otherwise), the efficiency and GC-2L's step over GC's (`vs_gc`).",
-            "Schemes: `sc` one device; `sc_split` SC split by output channels (each layer "
+            "network, precision and layout); the csv adds the ideal speedup (N for split and "
+            "data-parallel SC, N^2 otherwise), the efficiency and GC-2L's step over GC's "
+            "(`vs_gc`).",
+            "Schemes: `sc` one device; `sc_dp` one data-parallel (DDP) replica's compute: SC "
+            "on batch/N images (its gradient all-reduce is not in the step: one GPU); "
+            "`sc_split` SC split by output channels (each layer "
             "gathers its whole input); `gc` group convolution; GC-2L `gc2l_fused` (one "
             "convolution of C_out/N + 1 filters, the GPU default), `gc2l_pad8` (the same padded "
             "with zero filters to a multiple of 8, outputs dropped by one copy; a benchmark-only "

@@ -24,9 +24,9 @@ OUT_FILES = {"gpu_check_log.txt", "gpu_check.md", "gpu_check_results.tar.gz"}
 STEPS = ("tests", "step_time", "train_run", "memory", "train_table")
 TABLES = ("gpu_step_time", "gpu_memory", "gpu_train_images_per_s")
 # The tiny step-time table (gpu_table.TINY): one line per precision, layout and scheme.
-ALL = ("sc", "sc_split", "gc", "gc2l_fused", "gc2l_pad8", "gc2l_taps")
+ALL = ("sc", "sc_dp", "sc_split", "gc", "gc2l_fused", "gc2l_pad8", "gc2l_taps")
 STEP_LINES = ([("bf16", "channels_last", s) for s in ALL] +
-              [("bf16", "NCHW", s) for s in ALL if s != "sc_split"] +
+              [("bf16", "NCHW", s) for s in ALL if s not in ("sc_dp", "sc_split")] +
               [(p, layout, s) for p in ["fp32"] for layout in ("channels_last", "NCHW")
                for s in ("sc", "gc", "gc2l_fused")])
 
@@ -95,6 +95,10 @@ def test_the_step_time_table_has_every_scheme_at_every_n(dry_run):
         measured = row[5:6] if row[4] == "sc" else row[6:]     # SC at N = 1, the rest at N > 1
         assert all(cell.fullmatch(c) for c in measured) and row[0] == "wrn10_1", row
         assert not any(row[5:6] if row[4] != "sc" else row[6:]), row
+    # A data-parallel replica holds the whole SC network (and computes batch/N images).
+    steps = list(csv.DictReader(io.StringIO(files["gpu_step_time.csv"])))
+    sc = {r["params_per_rank"] for r in steps if r["scheme"] == "sc"}
+    assert {r["params_per_rank"] for r in steps if r["scheme"] == "sc_dp"} == sc and len(sc) == 1
 
 
 def test_the_other_tables_have_their_rows(dry_run):
