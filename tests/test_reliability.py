@@ -176,7 +176,7 @@ def test_rejected_commands_leave_nothing_behind(tmp_path):
 
 
 @pytest.mark.parametrize("section,values,message", [
-    ("schedule", dict(milestones=[1, 5]), "[5] not inside [1, train.epochs=2)"),
+    ("schedule", dict(milestones=[1, 5]), "[5] not whole epochs inside [1, train.epochs=2)"),
     ("schedule", dict(gamma=1.5), "schedule.gamma=1.5 must be in (0, 1]"),
     ("optim", dict(momentum=-0.5), "optim.momentum=-0.5 must be >= 0"),
     ("optim", dict(weight_decay=-1.0), "optim.weight_decay=-1.0 must be >= 0"),

@@ -58,13 +58,25 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    # The linear scaling rule: lr was tuned at this global batch; the rate used is
+    # lr x train.batch_size / lr_reference_batch. null: lr as given. train.batch_size is the
+    # global batch, so adding dp replicas alone changes nothing; this is for growing the batch.
+    lr_reference_batch: Optional[int] = None
+    label_smoothing: float = 0.0         # of the training loss (evaluation: plain cross-entropy)
+    # Clip the gradients to this global L2 norm, over the whole model (every gp shard, after the
+    # dp average): what clip_grad_norm_ does on one device. null: no clipping.
+    clip_grad_norm: Optional[float] = None
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "multistep"              # multistep or cosine, stepped once per epoch
-    milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
+    name: str = "multistep"              # multistep, cosine (per epoch) or constant
+    # multistep: fractions of train.epochs (the paper's 60/120/160 of 200), or whole epochs
+    milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8])
     gamma: float = 0.1
+    # A linear warmup from lr / warmup to lr, in epochs (may be fractional) or in steps; one.
+    warmup_epochs: float = 0.0
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -85,6 +97,9 @@ class TrainLoopConfig:
     # Also checkpoint inside epochs, every this many optimizer steps (an ImageNet epoch is hours);
     # a resumed run continues at the next batch, with the losses of an uninterrupted one.
     checkpoint_every_steps: Optional[int] = None
+    # Keep an exponential moving average of the weights with this decay (e.g. 0.999): each rank
+    # its own shard's; evaluated every epoch, written consolidated to model_ema.pt. null: none.
+    ema_decay: Optional[float] = None
 
 
 @dataclass
@@ -118,7 +133,7 @@ class TrainConfig:
     tensorboard: bool = True
 
 
-SCHEDULES = ("multistep", "cosine")
+SCHEDULES = ("multistep", "cosine", "constant")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -148,13 +163,9 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 < cfg.schedule.gamma <= 1:
         raise ConfigError(f"schedule.gamma={cfg.schedule.gamma} must be in (0, 1]: the factor "
                           f"the learning rate is multiplied by at each milestone (e.g. 0.1)")
-    late = [m for m in cfg.schedule.milestones if not 1 <= m < t.epochs]
-    if cfg.schedule.name == "multistep" and late:
-        raise ConfigError(
-            f"schedule.milestones={list(cfg.schedule.milestones)}: {late} not inside [1, "
-            f"train.epochs={t.epochs}), so the learning rate would never decay there; give "
-            f"epochs where it should drop (e.g. 'schedule.milestones=[{max(t.epochs // 2, 1)}]'"
-            f", or [] for a constant rate) or use schedule=cosine")
+    if cfg.schedule.name == "multistep":
+        _validate_milestones(list(cfg.schedule.milestones), t.epochs)
+    _validate_recipes(cfg)
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
     if cfg.schedule.name not in SCHEDULES:
@@ -169,6 +180,44 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise ConfigError(f"resume={str(cfg.resume).lower()} continues the run in run_dir and "
                           f"overwrite=true replaces it: choose one")
+
+
+def _validate_milestones(milestones: list[float], epochs: int) -> None:
+    shown = [int(m) if float(m).is_integer() else m for m in milestones]
+    fractions = [m for m in milestones if 0 < m < 1]
+    if fractions and len(fractions) < len(milestones):
+        raise ConfigError(f"schedule.milestones={shown} mixes fractions of train.epochs with "
+                          f"epochs; give all as fractions in (0, 1) (e.g. [0.3, 0.6, 0.8]) or "
+                          f"all as whole epochs (e.g. [60, 120, 160])")
+    if fractions:
+        return
+    late = [m for m in shown if not (float(m).is_integer() and 1 <= m < epochs)]
+    if late:
+        raise ConfigError(
+            f"schedule.milestones={shown}: {late} not whole epochs inside [1, train.epochs="
+            f"{epochs}), so the learning rate would never decay there; give epochs where it "
+            f"should drop (e.g. 'schedule.milestones=[{max(epochs // 2, 1)}]'), fractions of "
+            f"train.epochs (e.g. [0.5]), [] for a constant rate, or use schedule=cosine")
+
+
+def _validate_recipes(cfg: TrainConfig) -> None:
+    """Warmup, lr scaling, label smoothing, clipping, EMA."""
+    s, o, t = cfg.schedule, cfg.optim, cfg.train
+    if s.warmup_epochs < 0 or s.warmup_steps < 0 or (s.warmup_epochs and s.warmup_steps):
+        raise ConfigError(f"schedule.warmup_epochs={s.warmup_epochs}, schedule.warmup_steps="
+                          f"{s.warmup_steps}: give one of them (>= 0), the other 0")
+    if o.lr_reference_batch is not None and o.lr_reference_batch < 1:
+        raise ConfigError(f"optim.lr_reference_batch={o.lr_reference_batch} must be a batch "
+                          f"size >= 1 (the global batch optim.lr was tuned at), or null")
+    if not 0 <= o.label_smoothing < 1:
+        raise ConfigError(f"optim.label_smoothing={o.label_smoothing} must be in [0, 1) "
+                          f"(e.g. 0.1; 0 turns it off)")
+    if o.clip_grad_norm is not None and o.clip_grad_norm <= 0:
+        raise ConfigError(f"optim.clip_grad_norm={o.clip_grad_norm} must be positive (the "
+                          f"largest global gradient norm, e.g. 1.0), or null for no clipping")
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in (0, 1) (e.g. 0.999), or "
+                          f"null for no moving average")
 
 
 def _unknown_keys(values: dict, schema, prefix: str = "") -> list[str]:

@@ -12,9 +12,11 @@ died or hung past ``dist.timeout_s`` ends the others with exit code 3.
 """
 
 import logging
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -40,6 +42,7 @@ from twolevel_dist.engine.checkpoint import (
     rank_file,
 )
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
+from twolevel_dist.engine.ema import ShardEMA
 from twolevel_dist.engine.ending import report_exit, stopped_earlier
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import (
@@ -53,6 +56,8 @@ from twolevel_dist.engine.metrics import MetricsWriter, step_line, truncate_metr
 from twolevel_dist.engine.model_file import read_model_file, write_model_file
 from twolevel_dist.engine.run_dir import claim as run_dir_claim
 from twolevel_dist.engine.run_dir import existing_run, remove_if_empty
+from twolevel_dist.engine.schedule import LearningRate, milestone_epochs, scaled_lr
+from twolevel_dist.engine.schedule import changes as schedule_changes
 from twolevel_dist.errors import ConfigError, RunError, RunStopped
 from twolevel_dist.layers import to_layout
 from twolevel_dist.models import build_model, count_parameters
@@ -68,6 +73,7 @@ from twolevel_dist.parallel import (
     unwrap,
 )
 from twolevel_dist.parallel.compiling import prepare_for_compile
+from twolevel_dist.parallel.grad_norm import clip_grad_norm_
 
 log = logging.getLogger("twolevel_dist")
 TOP5_CLASSES = 100      # top-5 accuracy is reported for data sets of at least this many classes
@@ -187,14 +193,16 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
             per_replica=cfg.train.batch_size // job.dp_size,
             channels_last=cfg.train.channels_last,
             gp_group=job.mesh["gp"].get_group() if job.gp > 1 else None)
-        model, optimizer, scheduler, meta, parameters = _build(cfg, job,
-                                                               train_loader.num_classes)
-        progress = _restore(cfg, run_dir, job, model, optimizer, scheduler, meta)
+        model, optimizer, meta, parameters = _build(cfg, job, train_loader.num_classes)
+        schedule = _schedule(cfg, len(train_loader))
+        ema = ShardEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        progress = _restore(cfg, run_dir, job, model, optimizer, schedule, meta, ema)
         log.info(f"{cfg.model.name} {cfg.model.build_kwargs()} conv={cfg.conv.kind} "
                  f"groups={meta['groups']}: {parameters:,} parameters; "
                  f"world={job.world} (dp={job.dp_size} x gp={job.gp}); {cfg.dataset.name}: "
                  f"{len(train_loader.labels)} train / {len(test_loader.labels)} test images; "
                  f"run directory {run_dir}")
+        log.info(f"schedule: {schedule.summary()}")
         # Compiled: the training step only (one graph, the same shapes every step: the training
         # loader drops its last partial batch). Evaluation runs eager: a graph for eval mode and
         # the test set's partial last batch would be two more compiles for a small share of
@@ -207,9 +215,9 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
                      f"{test_acc5:.2f}%)")
             job.barrier()
             return dict(test_loss=test_loss, test_acc=test_acc, test_acc5=test_acc5)
-        record = _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta,
+        record = _fit(cfg, run_dir, job, model, step_model, optimizer, schedule, ema, meta,
                       (train_loader, test_loader), *progress)
-        _finish(run_dir, job, model, meta, record)
+        _finish(run_dir, job, model, ema, meta, record)
         return record
     finally:
         if lock is not None:
@@ -277,8 +285,8 @@ def _claim(cfg: TrainConfig, run_dir: Path, job: Job, config_files: dict):
 
 def _build(cfg: TrainConfig, job: Job, num_classes: int):
     """The same full network on every rank (same seed), sharded on the CPU, then moved: only
-    this rank's shard ever reaches its GPU. Returns (model, optimizer, scheduler, meta, the
-    full model's parameter count); ``meta`` is what a checkpoint must match to be resumed."""
+    this rank's shard ever reaches its GPU. Returns (model, optimizer, meta, the full model's
+    parameter count); ``meta`` is what a checkpoint must match to be resumed."""
     torch.manual_seed(cfg.seed)
     model_kwargs = cfg.model.build_kwargs()
     model = build_model(cfg.model.name, conv=cfg.conv.kind, groups=job.model_groups,
@@ -293,21 +301,29 @@ def _build(cfg: TrainConfig, job: Job, num_classes: int):
     else:
         model.to(job.device)
     torch.manual_seed(derive_seed(cfg.seed, "rank", job.rank))    # dropout masks differ per rank
+    # The rate is set before every step (engine.schedule); this one is never used.
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
-    if cfg.schedule.name == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
-    else:
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=list(cfg.schedule.milestones), gamma=cfg.schedule.gamma)
     # What a checkpoint must match to be resumed: not the world size, since the data-parallel
     # replicas hold the same shard and may change in number between runs.
     meta = dict(model=cfg.model.name, model_kwargs=repr(sorted(model_kwargs.items())),
                 conv=cfg.conv.kind, groups=cfg.groups or job.world, gp=job.gp)
-    return model, optimizer, scheduler, meta, parameters
+    return model, optimizer, meta, parameters
 
 
-def _restore(cfg, run_dir, job, model, optimizer, scheduler, meta):
+def _schedule(cfg: TrainConfig, steps_per_epoch: int) -> LearningRate:
+    s = cfg.schedule
+    warmup = s.warmup_steps or math.floor(s.warmup_epochs * steps_per_epoch + 0.5)
+    return LearningRate(
+        base=scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_reference_batch),
+        name=s.name if s.name != "multistep" or s.milestones else "constant",
+        epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch,
+        milestones=tuple(milestone_epochs(list(s.milestones), cfg.train.epochs))
+        if s.name == "multistep" else (),
+        gamma=s.gamma, warmup_steps=warmup)
+
+
+def _restore(cfg, run_dir, job, model, optimizer, schedule, meta, ema):
     """(epochs done, global step, the sums of the epoch in progress or None): from the newest
     checkpoint every rank can read when resuming (resume=true, or torchrun restarting the
     workers after a failure), else (0, 0, None). Any number of dp replicas may resume it."""
@@ -323,7 +339,15 @@ def _restore(cfg, run_dir, job, model, optimizer, scheduler, meta):
         log.warning(f"resume: {note}")
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    changed = schedule_changes(state.get("schedule"), schedule.describe())
+    if changed:
+        log.info(f"resume: the schedule changed ({', '.join(changed)}): the new one goes on "
+                 f"from step {state['global_step']}, at lr {schedule.at(state['global_step']):g}")
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    elif ema is not None:
+        log.info("resume: the checkpoint holds no weight average; train.ema_decay starts one "
+                 "from the resumed weights")
     _restore_rng(state["rng"], job, cfg.seed, state["global_step"])
     sums = EpochSums(**state["epoch_sums"]) if state.get("epoch_sums") else None
     if sums and job.dp_rank > 0:        # the totals go on in replica 0's sums
@@ -347,7 +371,7 @@ def _restore_rng(saved, job, seed: int, step: int) -> None:
         torch.manual_seed(derive_seed(seed, "rank", job.rank, "resumed at step", step))
 
 
-def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loaders,
+def _fit(cfg, run_dir, job, model, step_model, optimizer, schedule, ema, meta, loaders,
          epochs_done, global_step, sums) -> dict:
     """The epochs: train (checkpointing every ``train.checkpoint_every_steps``), average BN
     statistics over dp, evaluate, log, checkpoint. ``sums``: the epoch a checkpoint interrupted,
@@ -358,6 +382,12 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     every, keep = cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints
+    save = partial(_save_checkpoint, run_dir, job=job, model=model, optimizer=optimizer,
+                   schedule=schedule, ema=ema, meta=meta, keep=keep)
+    clip = None
+    if cfg.optim.clip_grad_norm is not None:
+        clip = partial(clip_grad_norm_, model, cfg.optim.clip_grad_norm,
+                       job.mesh["gp"].get_group() if job.gp > 1 else None)
     record = {}
     stop.install()        # from here on a signal stops at a step boundary with a checkpoint
     for epoch in range(epochs_done, cfg.train.epochs):
@@ -366,9 +396,10 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
             break
         done_before = sums.steps if sums else 0
         train_loader.set_epoch(epoch, skip_batches=done_before)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = schedule.at(global_step)
 
-        def log_step(stats, lr=lr, label=f"epoch {epoch + 1}/{cfg.train.epochs}"):
+        def log_step(stats, label=f"epoch {epoch + 1}/{cfg.train.epochs}"):
+            lr = schedule.at(stats["step"] - 1)
             writer.scalars("train", dict(loss=stats["loss"], lr=lr,
                                          images_per_s=stats["images_per_s"] * job.dp_size,
                                          step_time_s=stats["step_time_s"],
@@ -382,22 +413,24 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
             # Also where train.max_steps ends the run inside the epoch: a resume with more steps
             # then finishes this epoch instead of skipping its rest.
             due = every and step % every == 0 or step == cfg.train.max_steps
+            if ema is not None:
+                ema.update()
             if due and step - first < len(train_loader):
                 average_batch_norm_statistics(model, job.dp_group)
-                _save_checkpoint(run_dir, Position(epoch, step), job, model, optimizer,
-                                 scheduler, meta, keep, epochs_done=epoch, global_step=step,
-                                 sums=epoch_sums())
+                save(Position(epoch, step), epochs_done=epoch, global_step=step,
+                     sums=epoch_sums())
 
         try:
             result = train_one_epoch(step_model, train_loader, optimizer, device=job.device,
-                                     amp=job.amp, max_steps=remaining, first_step=global_step,
+                                     amp=job.amp, lr_at=schedule.at,
+                                     label_smoothing=cfg.optim.label_smoothing, clip=clip,
+                                     max_steps=remaining, first_step=global_step,
                                      log_every=cfg.train.log_every, on_log=log_step,
                                      on_step=checkpoint_inside, start=sums)
         except StopAtStep as stopped:
             average_batch_norm_statistics(model, job.dp_group)
             position = Position(epoch, stopped.step)
-            _save_checkpoint(run_dir, position, job, model, optimizer, scheduler, meta, keep,
-                             epochs_done=epoch, global_step=stopped.step, sums=stopped.sums)
+            save(position, epochs_done=epoch, global_step=stopped.step, sums=stopped.sums)
             writer.close()
             raise RunStopped(stopped.signal_number, stop.signal_name(stopped.signal_number),
                              stopped.step,
@@ -405,22 +438,21 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
         global_step += result.steps - done_before
         sums = None
         average_batch_norm_statistics(model, job.dp_group)
-        record = _evaluate_epoch(cfg, job, model, test_loader, result, epoch, global_step,
+        record = _evaluate_epoch(cfg, job, model, ema, test_loader, result, epoch, global_step,
                                  lr, train_loader.num_classes >= TOP5_CLASSES)
         writer.epoch(record)
         if result.steps < len(train_loader):     # train.max_steps: checkpoint_inside saved it
             break
-        scheduler.step()
-        _save_checkpoint(run_dir, epoch + 1, job, model, optimizer, scheduler, meta, keep,
-                         epochs_done=epoch + 1, global_step=global_step)
+        save(epoch + 1, epochs_done=epoch + 1, global_step=global_step)
     writer.close()
     return record
 
 
-def _evaluate_epoch(cfg, job, model, test_loader, result, epoch, global_step, lr,
+def _evaluate_epoch(cfg, job, model, ema, test_loader, result, epoch, global_step, lr,
                     top5) -> dict:
     """The epoch's record (metrics.jsonl) and its log line: the training sums over the dp
-    replicas and the test set's loss and accuracy (top-5 too for ``top5``)."""
+    replicas and the test set's loss and accuracy (top-5 too for ``top5``), and the weight
+    average's (``ema``) where there is one."""
     test_loss, test_acc, test_acc5 = evaluate(model, test_loader, device=job.device,
                                               amp=job.amp, dp_group=job.dp_group)
     totals = _over_replicas(result, job)
@@ -430,27 +462,44 @@ def _evaluate_epoch(cfg, job, model, test_loader, result, epoch, global_step, lr
                   comm_bytes_per_step=result.comm_bytes_per_step)
     if top5:
         record["test_acc5"] = test_acc5
+    averaged = ""
+    if ema is not None:
+        with ema.swapped_in():
+            average_batch_norm_statistics(model, job.dp_group)
+            record["ema_test_loss"], record["ema_test_acc"], ema_acc5 = evaluate(
+                model, test_loader, device=job.device, amp=job.amp, dp_group=job.dp_group)
+        if top5:
+            record["ema_test_acc5"] = ema_acc5
+        averaged = f" | EMA test acc {record['ema_test_acc']:.2f}%"
     log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {global_step}: train loss "
              f"{record['train_loss']:.4f} acc {record['train_acc']:.2f}% | test loss "
              f"{test_loss:.4f} acc {test_acc:.2f}%" + (f" top-5 {test_acc5:.2f}%" if top5 else "")
-             + f" | {record['images_per_s']:,.0f} img/s, {result.seconds:.1f} s")
+             + averaged + f" | {record['images_per_s']:,.0f} img/s, {result.seconds:.1f} s")
     return record
 
 
-def _finish(run_dir, job, model, meta, record) -> None:
-    """The consolidated single-device ``model.pt``, written by rank 0."""
-    state = consolidate_state_dict(model, job.mesh) if job.mesh is not None else model.state_dict()
-    _require_finite(state.items(), run_dir / "model.pt")
-    problem = None
-    if job.rank == 0:
-        try:
-            write_model_file(run_dir / "model.pt", state, meta)
-        except RunError as error:
-            problem = str(error)
-    job.raise_first(problem, RunError)
+def _finish(run_dir, job, model, ema, meta, record) -> None:
+    """The consolidated single-device ``model.pt`` (and the weight average's ``model_ema.pt``),
+    written by rank 0."""
+    _write_consolidated(run_dir / "model.pt", job, model, meta)
+    if ema is not None:
+        with ema.swapped_in():
+            _write_consolidated(run_dir / "model_ema.pt", job, model, meta)
     log.info(f"final test accuracy {record.get('test_acc', float('nan')):.2f}% "
              f"(consolidated single-device weights: {run_dir / 'model.pt'})")
     job.barrier()   # rank 0 hosts the rendezvous store: nobody leaves while others use it
+
+
+def _write_consolidated(path: Path, job, model, meta) -> None:
+    state = consolidate_state_dict(model, job.mesh) if job.mesh is not None else model.state_dict()
+    _require_finite(state.items(), path)
+    problem = None
+    if job.rank == 0:
+        try:
+            write_model_file(path, state, meta)
+        except RunError as error:
+            problem = str(error)
+    job.raise_first(problem, RunError)
 
 
 def _require_finite(named_tensors, path) -> None:
@@ -462,7 +511,7 @@ def _require_finite(named_tensors, path) -> None:
                        f"{bad[0]}); the run diverged, start again with a lower optim.lr")
 
 
-def _save_checkpoint(run_dir, at, job, model, optimizer, scheduler, meta, keep, *,
+def _save_checkpoint(run_dir, at, *, job, model, optimizer, schedule, ema, meta, keep,
                      epochs_done, global_step, sums=None) -> None:
     """A checkpoint at ``at`` (an epoch's end, or a Position inside one with the epoch's
     ``sums``). Replica 0 of each gp rank writes its shard atomically, with every replica's RNG
@@ -477,7 +526,8 @@ def _save_checkpoint(run_dir, at, job, model, optimizer, scheduler, meta, keep, 
         try:
             _require_finite(state.items(), path)
             atomic_save(dict(model=state, optimizer=optimizer.state_dict(),
-                             scheduler=scheduler.state_dict(), rng=rngs, epochs_done=epochs_done,
+                             schedule=schedule.describe(), rng=rngs, epochs_done=epochs_done,
+                             ema=ema.state_dict() if ema is not None else None,
                              global_step=global_step, epoch_sums=asdict(sums) if sums else None,
                              meta=meta), path)
         except RunError as error:

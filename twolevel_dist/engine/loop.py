@@ -91,7 +91,8 @@ class _LogWindow:
         return stats
 
 
-def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=None,
+def train_one_epoch(model, loader, optimizer, *, device, amp: bool, lr_at=None,
+                    label_smoothing: float = 0.0, clip=None, max_steps=None,
                     first_step: int = 0, log_every: int = 20, on_log=None, on_step=None,
                     start: EpochSums | None = None) -> EpochSums:
     """Trains until the loader ends or ``max_steps`` optimizer steps, continuing ``start`` (the
@@ -104,6 +105,9 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
     waiting for the loader (host time in ``next``), images/s, bytes communicated, and the peak
     device memory so far (None off GPUs); the caller logs. Loss and accuracy are over this
     replica's samples; ``amp`` is a resolved bool (``engine.device.resolve_amp``).
+    ``lr_at(step)`` sets the learning rate of each step (0-based, global; ``engine.schedule``);
+    ``clip()`` runs between the backward and the optimizer step (gradient clipping);
+    ``label_smoothing`` applies to the training loss.
 
     The divergence guard (``StepFlags``): a loss that is not finite on any replica raises
     ``RunError`` on every rank, on CPUs before the optimizer steps, on GPUs a few steps later
@@ -148,10 +152,15 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, max_steps=No
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, amp):
                 logits = model(images)
-                loss = F.cross_entropy(logits, labels)
+                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
             loss.backward()
             flags.post(first_step + steps + 1, loss, stop.requested())
             act_on(flags.due(first_step + steps + 1))
+            if clip is not None:
+                clip()
+            if lr_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(first_step + steps)
             optimizer.step()
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.detach().argmax(1) == labels).sum()

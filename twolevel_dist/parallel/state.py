@@ -14,7 +14,7 @@ from twolevel_dist.parallel.parallelize import unwrap
 from twolevel_dist.parallel.rules import SHARD_DIMS_ATTR, shard_slice
 
 
-def _tensor_shard_dims(model: nn.Module) -> dict[str, int | None]:
+def tensor_shard_dims(model: nn.Module) -> dict[str, int | None]:
     """Fully qualified state-dict key -> the dimension it is split along (None: replicated)."""
     dims = {}
     for prefix, module in model.named_modules():
@@ -29,7 +29,7 @@ def consolidate_state_dict(local_model: nn.Module, mesh: DeviceMesh) -> dict[str
     """The single-device state dict, assembled from every gp rank's shard (on every rank)."""
     model = unwrap(local_model)
     group, world = mesh["gp"].get_group(), mesh["gp"].size()
-    dims = _tensor_shard_dims(model)
+    dims = tensor_shard_dims(model)
     full = {}
     for key, tensor in model.state_dict().items():
         dim = dims.get(key)
@@ -48,6 +48,6 @@ def shard_state_dict(full: dict[str, torch.Tensor], local_model: nn.Module,
     """This rank's slice of a single-device state dict, loadable into ``local_model``."""
     model = unwrap(local_model)
     rank, world = mesh["gp"].get_local_rank(), mesh["gp"].size()
-    dims = _tensor_shard_dims(model)
+    dims = tensor_shard_dims(model)
     return {key: shard_slice(tensor, dims.get(key), rank, world).clone()
             for key, tensor in full.items()}
