@@ -42,7 +42,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_results  # noqa: E402
+from common import REPO, RESULTS, write_results  # noqa: E402
 
 from twolevel_dist.config import ModelConfig  # noqa: E402
 from twolevel_dist.engine.checkpoint import latest_complete, rank_file  # noqa: E402
@@ -54,7 +54,6 @@ from twolevel_dist.paper import PAPER_CIFAR10_ERROR_WRN28_10  # noqa: E402
 from twolevel_dist.parallel import parallelize  # noqa: E402
 from twolevel_dist.parallel.simulated import simulated_mesh  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 SHARDED_KINDS = ("gc", "gc2l", "shuffle")     # one rank per group; sc and flgc run on one rank
 # Overrides the sweep sets per cell: a protocol that sets them would be silently overruled.
 CELL_KEYS = ("conv", "groups", "seed", "run_dir", "resume", "overwrite")

@@ -27,9 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     REPO,
+    add_output_options,
     default_device,
     median,
     model_from_config,
+    output_stem,
     time_steps,
     training_step,
     write_results,
@@ -249,7 +251,7 @@ def main(argv=None) -> int:
         else:
             p.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4])
             p.add_argument("--convs", nargs="+", default=list(SCHEMES), choices=SCHEMES)
-            p.add_argument("--out", default=None, help="result stem (default under results/)")
+            add_output_options(p)
         if mode == "sim":
             p.add_argument("--link", default="nvlink", choices=sorted(LINKS))
             p.add_argument("--bandwidth", type=float, default=None, help="GB/s, overrides --link")
@@ -273,8 +275,7 @@ def main(argv=None) -> int:
     local = "_local_collectives" if getattr(args, "collectives", "real") == "local" else ""
     layout = "_channels_last" if args.channels_last else ""
     precision = "_bf16" if args.amp else ""
-    stem = Path(args.out) if args.out else REPO / "benchmarks" / "results" / \
-        f"scaling_{args.mode}_{args.model}_{device}{layout}{precision}{local}"
+    stem = output_stem(args, f"scaling_{args.mode}_{args.model}_{device}{layout}{precision}{local}")
     command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     notes = ("Per-rank simulation: measured compute of one rank's shard; communication modelled "
              f"from the counted bytes over the '{args.link}' link model "
