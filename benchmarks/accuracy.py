@@ -21,10 +21,15 @@ against N beside the paper's), ``accuracy_<tag>.png`` (test error against N, mea
 over seeds, SC as a line: the paper's Figure 5) and ``accuracy_<tag>_loss.png`` (training loss
 of SC, GC and GC-2L at the largest N: Figure 4). ``--aggregate-only`` writes them from the cells
 finished so far without running anything.
+
+Unlike the other benchmarks, which write to a fresh folder unless told ``--update``, the sweep
+writes ``accuracy_<tag>`` in place: that file is the protocol's record across sessions, and each
+session's sweep adds to it. A finished cell it holds is kept unless this machine has the cell's
+run directory (which then stands for it); the rows are the protocol's cells (``--out STEM``
+writes elsewhere). ``benchmarks/replot.py`` redraws the two plots from the csv alone.
 """
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -42,7 +47,8 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_results  # noqa: E402
+from common import REPO, RESULTS, git_commit, read_rows, write_results  # noqa: E402
+from plotting import log_axis, pyplot, save, style  # noqa: E402
 
 from twolevel_dist.config import ModelConfig  # noqa: E402
 from twolevel_dist.engine.checkpoint import latest_complete, rank_file  # noqa: E402
@@ -54,7 +60,6 @@ from twolevel_dist.paper import PAPER_CIFAR10_ERROR_WRN28_10  # noqa: E402
 from twolevel_dist.parallel import parallelize  # noqa: E402
 from twolevel_dist.parallel.simulated import simulated_mesh  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 SHARDED_KINDS = ("gc", "gc2l", "shuffle")     # one rank per group; sc and flgc run on one rank
 # Overrides the sweep sets per cell: a protocol that sets them would be silently overruled.
 CELL_KEYS = ("conv", "groups", "seed", "run_dir", "resume", "overwrite")
@@ -219,7 +224,7 @@ class Ledger:
         skips the ``finally`` below still leaves it counted (see ``wall``)."""
         record = self.wall(cell)                  # an earlier attempt killed outright, folded in
         record["running_since"] = time.time()
-        commit = _commit()
+        commit = git_commit()
         if commit not in record["commits"]:
             record["commits"].append(commit)
         self._save_wall(cell, record)
@@ -252,12 +257,6 @@ def _last_write(run_dir: Path) -> float:
     """When training last wrote to ``run_dir`` (its log, metrics or checkpoints); 0 if never."""
     paths = [run_dir / "train.log", run_dir / "metrics.jsonl", run_dir / "checkpoints"]
     return max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
-
-
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                         text=True)
-    return out.stdout.strip() or "unknown"
 
 
 def _duration(seconds: float) -> str:
@@ -424,20 +423,8 @@ def committed_cells(out: Path) -> dict[str, dict]:
     path = out.with_suffix(".csv")
     if not path.is_file():
         return {}
-    kept = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if row.get("finished") != "True":
-                continue
-            row = dict(row, N=int(row["N"]), seed=int(row["seed"]), finished=True,
-                       final_test_error=float(row["final_test_error"]),
-                       best_test_error=float(row["best_test_error"]),
-                       final_train_loss=float(row["final_train_loss"]),
-                       wall_time_s=int(float(row["wall_time_s"])),
-                       params_per_rank=int(row["params_per_rank"]) if row["params_per_rank"]
-                       else "")
-            kept[Cell(row["conv"], row["N"], row["seed"]).name] = row
-    return kept
+    return {Cell(row["conv"], row["N"], row["seed"]).name: row for row in read_rows(path)
+            if row["finished"] is True}
 
 
 def _committed_commits(out: Path) -> set[str]:
@@ -505,7 +492,7 @@ def error_table(rows: list[dict], paper: bool) -> list[str]:
 
 def plot_error_against_n(rows: list[dict], path: Path, title: str) -> bool:
     done = [r for r in rows if r["finished"]]
-    plt = _pyplot(path) if done else None       # nothing finished yet: no plot
+    plt = pyplot() if done else None       # nothing finished yet: no plot
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -518,19 +505,18 @@ def plot_error_against_n(rows: list[dict], path: Path, title: str) -> bool:
         means = [sum(e) / len(e) for e in per_n]
         ax.errorbar(ns, means, yerr=[[m - min(e) for m, e in zip(means, per_n)],
                                      [max(e) - m for m, e in zip(means, per_n)]],
-                    marker="o", capsize=3, label=kind)
+                    capsize=3, label=kind, **style(kind))
     sc = [r["final_test_error"] for r in done if r["conv"] == "sc"]
     if sc:
-        ax.axhline(sum(sc) / len(sc), color="k", linestyle="--", linewidth=1, label="sc")
-    ax.set_xscale("log", base=2)
-    all_ns = sorted({r["N"] for r in done if r["conv"] != "sc"})
-    ax.set_xticks(all_ns, [str(n) for n in all_ns])
-    _finish_plot(plt, fig, ax, path, title, "N (groups)", "final test error (%)")
+        ax.axhline(sum(sc) / len(sc), color=style("sc")["color"], linestyle="--", linewidth=1,
+                   label="sc (one network, any N)")
+    log_axis(ax, "x", ticks=sorted({r["N"] for r in done if r["conv"] != "sc"}))
+    _finish_plot(fig, ax, path, title, "N (groups)", "final test error (%)")
     return True
 
 
 def plot_training_loss(rows: list[dict], path: Path, title: str) -> bool:
-    plt = _pyplot(path)
+    plt = pyplot()
     if plt is None:
         return False
     largest = max((r["N"] for r in rows if r["conv"] in ("gc", "gc2l")), default=None)
@@ -538,34 +524,33 @@ def plot_training_loss(rows: list[dict], path: Path, title: str) -> bool:
     for kind in ("sc", "gc", "gc2l"):
         picks = [r for r in rows if r["conv"] == kind and (kind == "sc" or r["N"] == largest)]
         if picks:
-            losses = [float(v) for v in min(picks, key=lambda r: r["seed"])
-                      ["train_loss_per_epoch"].split()]
-            ax.plot(range(1, len(losses) + 1), losses, marker=".",
+            # str(): read back from a csv, one epoch's loss is a number
+            losses = [float(v) for v in str(min(picks, key=lambda r: r["seed"])
+                                             ["train_loss_per_epoch"]).split()]
+            ax.plot(range(1, len(losses) + 1), losses, **{**style(kind), "marker": "."},
                     label=kind if kind == "sc" else f"{kind}, N = {largest}")
-    _finish_plot(plt, fig, ax, path, title, "epoch", "training loss")
+    _finish_plot(fig, ax, path, title, "epoch", "training loss")
     return True
 
 
-def _finish_plot(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+def _finish_plot(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
-def _pyplot(path: Path):
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib is not installed: no {path.name} (pip install -e '.[bench]')",
-              file=sys.stderr)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def plots(rows: list[dict], stem: Path, tag: str) -> None:
+    """``stem``.png (error against N) and ``stem``_loss.png (training loss)."""
+    plot_error_against_n(rows, stem.with_suffix(".png"), f"{tag}: final test error")
+    plot_training_loss(rows, stem.with_name(stem.name + "_loss.png"),
+                       f"{tag}: training loss at the largest N")
+
+
+def replot(csv_path: Path, stem: Path) -> None:
+    """The two plots from a results csv alone (benchmarks/replot.py): nothing trained again."""
+    plots(read_rows(csv_path), stem, csv_path.stem.removeprefix("accuracy_"))
 
 
 def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[dict]:
@@ -601,9 +586,7 @@ def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[d
         f"`{out.name}.png` (error against N), `{out.name}_loss.png` (training loss).", "",
         "## Every cell"])
     write_results(out, rows, f"Accuracy against N: {protocol.tag}", command, notes)
-    plot_error_against_n(rows, out.with_suffix(".png"), f"{protocol.tag}: final test error")
-    plot_training_loss(rows, out.with_name(out.name + "_loss.png"),
-                       f"{protocol.tag}: training loss at the largest N")
+    plots(rows, out, protocol.tag)
     return rows
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, model_from_config, write_results  # noqa: E402
+from common import add_output_options, model_from_config, output_stem, write_results  # noqa: E402
 
 from twolevel_dist.parallel import count_collectives, parallelize  # noqa: E402
 from twolevel_dist.parallel.comm_model import expected_comm  # noqa: E402
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--groups", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--convs", nargs="+", default=["gc2l", "gc", "sc", "shuffle"])
-    parser.add_argument("--out", default=None)
+    add_output_options(parser)
     args = parser.parse_args(argv)
     rows = []
     with torch.device("cpu"):
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                     matches_closed_form=(calls == e_calls and nbytes == e_bytes)))
     if not all(r["matches_closed_form"] for r in rows):
         print("error: the engine's counters differ from the closed form", file=sys.stderr)
-    stem = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"comm_{args.model}"
+    stem = output_stem(args, f"comm_{args.model}")
     write_results(stem, rows, f"Communication per training step: {args.model}, batch {args.batch}",
                   "python benchmarks/comm.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   "MB: the full tensors of every collective (fp32); a ring moves (N-1)/N of each "

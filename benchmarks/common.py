@@ -1,6 +1,11 @@
 """Shared by the benchmarks: models by config name, step timing, and result files."""
 
+import argparse
 import csv
+import functools
+import glob
+import itertools
+import os
 import platform
 import statistics
 import subprocess
@@ -14,6 +19,8 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# The committed results. A run writes under RESULTS / "new" unless told otherwise (output_stem).
+RESULTS = REPO / "benchmarks" / "results"
 
 from twolevel_dist.config import ModelConfig  # noqa: E402
 from twolevel_dist.engine.device import autocast  # noqa: E402
@@ -79,17 +86,77 @@ def median(values) -> float:
     return statistics.median(values)
 
 
+def git_commit() -> str:
+    """This checkout's short commit, "unknown" outside a git clone."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                             capture_output=True, text=True).stdout.strip()
+    except OSError:
+        out = ""
+    return out or "unknown"
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
-    import os
     return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, Python "
-            f"{platform.python_version()}; twolevel_dist commit {commit}")
+            f"{platform.python_version()}; twolevel_dist commit {git_commit()}")
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``--out`` and ``--update``, the two ways to write anywhere but a fresh folder."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None, metavar="STEM",
+                       help="write STEM.csv, STEM.md (and STEM.png), replacing them")
+    where.add_argument("--update", action="store_true",
+                       help="replace the committed results in benchmarks/results/ (a "
+                            "maintainer's deliberate step); default: a fresh folder "
+                            "benchmarks/results/new/<UTC time>/")
+
+
+def output_stem(args: argparse.Namespace, name: str, committed: Path | None = None) -> Path:
+    """Where a run's results go: ``--out`` as given; with ``--update`` the committed
+    ``committed/name`` (default folder: RESULTS); otherwise ``RESULTS/new/<UTC time>/name``, a
+    folder of its own, so that a run never overwrites a committed result (the memory table once
+    lost 76 of its 90 rows to a run with other arguments). The same file name as the committed
+    one, to diff against it; the time stamped as gpu_check.sh stamps its folders."""
+    if args.out is not None:
+        return Path(args.out)
+    if args.update:
+        return (committed or RESULTS) / name
+    stamp = _start_stamp()
+    for attempt in itertools.count(1):
+        folder = RESULTS / "new" / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        if not any(folder.glob(glob.escape(name) + ".*")):      # a run of the same second
+            return folder / name
+
+
+@functools.cache
+def _start_stamp() -> str:
+    """When this process first wrote: one run's files share one folder."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def shown(path: Path) -> str:
+    """``path`` as a reader would type it: relative to the repository where it is inside."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A results csv back as rows of the types they were written from: ints, floats, booleans
+    and strings (a plot redrawn from a committed csv, the accuracy sweep's kept cells)."""
+    def value(text: str):
+        if text in ("True", "False"):
+            return text == "True"
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+    with open(path, newline="") as f:
+        return [{key: value(text) for key, text in row.items()} for row in csv.DictReader(f)]
 
 
 def write_results(stem: Path, rows: list[dict], title: str, command: str, notes: str = "") -> None:
@@ -110,3 +177,4 @@ def write_results(stem: Path, rows: list[dict], title: str, command: str, notes:
     lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"wrote {shown(stem)}.csv and .md", flush=True)

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory  # noqa: E402  (its planning function and the networks it plans)
-from common import machine, median, time_steps, training_step  # noqa: E402
+from common import machine, median, read_rows, time_steps, training_step  # noqa: E402
+from plotting import IDEAL, log_axis, pyplot, save, style  # noqa: E402
 
 from twolevel_dist.engine.device import autocast, configure_backends, synchronize  # noqa: E402
 from twolevel_dist.parallel.compiling import prepare_for_compile  # noqa: E402
@@ -487,20 +488,14 @@ def _measured(run: Run, config: dict) -> dict:
     return {**config, **result, "seconds": time.perf_counter() - began}
 
 
-def _plot(rows: list[dict], path: Path) -> None:
-    """Per-rank step time against N, bf16 channels-last, one panel per network."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib is not installed: no {path.name}", file=sys.stderr)
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def step_time_figure(plt, rows: list[dict]):
+    """Per-rank step time against N, bf16 channels-last, one panel per network; None if no such
+    row succeeded. Every scheme's line starts at SC on one device (N = 1)."""
     rows = [r for r in rows if r["status"] == "ok" and r["precision"] == "bf16"
             and r["layout"] == "channels_last"]
     networks = list(dict.fromkeys(r["network"] for r in rows))
     if not networks:
-        return
+        return None
     fig, axes = plt.subplots(1, len(networks), figsize=(5 * len(networks), 4), squeeze=False)
     for ax, network in zip(axes[0], networks):
         ours = [r for r in rows if r["network"] == network]
@@ -508,18 +503,28 @@ def _plot(rows: list[dict], path: Path) -> None:
         for scheme in ALL_SCHEMES[1:]:
             points = sorted((r["N"], r["step_ms"]) for r in ours if r["scheme"] == scheme)
             if points and sc1:
-                ax.plot(*zip((1, sc1[0]), *points), marker="o", label=scheme)
+                ax.plot(*zip((1, sc1[0]), *points), label=scheme, **style(scheme))
         ns = sorted({r["N"] for r in ours})
         if sc1:
-            ax.plot(ns, [sc1[0] / n ** 2 for n in ns], "k--", linewidth=0.8,
-                    label="SC / N^2 (ideal)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+            ax.plot(ns, [sc1[0] / n ** 2 for n in ns], label="SC / N² (ideal)", **IDEAL)
+        log_axis(ax, "x", ticks=ns)
+        log_axis(ax, "y", base=10)
         ax.set(xlabel="N (groups = ranks)", ylabel="per-rank step (ms)",
                title=f"{network}, bf16, channels-last")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    plt = pyplot()
+    fig = step_time_figure(plt, rows) if plt is not None else None
+    if fig is not None:
+        save(fig, path)
+
+
+def replot(csv_path: Path, stem: Path) -> None:
+    """The step-time plot from a gpu_step_time.csv alone (benchmarks/replot.py)."""
+    _plot(read_rows(csv_path), stem.with_suffix(".png"))
 
 
 @functools.cache

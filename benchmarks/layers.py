@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, default_device, median, time_steps, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_output_options,
+    default_device,
+    median,
+    output_stem,
+    time_steps,
+    write_results,
+)
 
 from twolevel_dist.engine.device import configure_backends, synchronize  # noqa: E402
 from twolevel_dist.layers import make_conv, to_layout  # noqa: E402
@@ -51,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--device", default=None, help="default: the GPU if there is one")
-    parser.add_argument("--out", default=None)
+    add_output_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
@@ -109,8 +116,7 @@ def main(argv=None) -> int:
                     device_gc2l_ms=device_ms["gc2l"],
                     device_gc_speedup_vs_sc=device_ms["sc"] / device_ms["gc"]))
                 print(rows[-1], flush=True)
-    stem = Path(args.out) if args.out else \
-        REPO / "benchmarks" / "results" / f"layers_c{c}_s{args.size}_{device.type}"
+    stem = output_stem(args, f"layers_c{c}_s{args.size}_{device.type}")
     write_results(stem, rows, f"One layer, forward+backward: C={c}, {args.size}x{args.size}, "
                   f"batch {args.batch}, k={k}",
                   "python benchmarks/layers.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -21,7 +21,10 @@ CPU allocator's own peak, from the profiler), and a closed form (4P bytes each f
 gradients and momentum; the saved activations summed layer by layer).
 
   python benchmarks/memory.py --models wrn28_10 wrn28_40 wrn28_60 wrn28_80 --batch 128 \\
-      --groups 1 2 4 8 16 --dtypes fp32 bf16
+      --groups 1 2 4 8 16 --dtypes fp32 bf16 --update
+
+(--update replaces the committed benchmarks/results/memory_wrn28.*; without it a run writes to a
+fresh folder, benchmarks/results/new/<UTC time>/.)
 """
 
 import argparse
@@ -42,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_results  # noqa: E402
+from common import REPO, add_output_options, output_stem, write_results  # noqa: E402
 
 from twolevel_dist.config import ModelConfig  # noqa: E402
 from twolevel_dist.errors import ConfigError  # noqa: E402
@@ -624,8 +627,7 @@ def parse_args(argv):
                         help="a network small enough to run for real here, for the checks")
     parser.add_argument("--check-batch", type=int, default=32)
     parser.add_argument("--check-groups", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--out", default=None,
-                        help="result stem (default benchmarks/results/memory_<models>)")
+    add_output_options(parser)          # the committed name: memory_wrn<depth> (_default_name)
     return parser.parse_args(argv)
 
 
@@ -643,10 +645,10 @@ def _validate(args):
     return specs, check_spec
 
 
-def _default_stem(specs) -> Path:
+def _default_name(specs) -> str:
     depths = {s.depth for s in specs}
-    tag = f"wrn{depths.pop()}" if len(depths) == 1 else "_".join(s.name for s in specs)
-    return REPO / "benchmarks" / "results" / f"memory_{tag}"
+    return "memory_" + (f"wrn{depths.pop()}" if len(depths) == 1 else
+                        "_".join(s.name for s in specs))
 
 
 def main(argv=None) -> int:
@@ -664,7 +666,7 @@ def main(argv=None) -> int:
     checks = [check_row(check_spec, conv, n, dtype, args.check_batch)
               for _, conv, n, dtype in configurations([check_spec], ["gc2l"], args.check_groups,
                                                       args.dtypes)]
-    stem = Path(args.out) if args.out else _default_stem(specs)
+    stem = output_stem(args, _default_name(specs))
     command = "python benchmarks/memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
     title = (f"Per-rank peak memory of a training step: {', '.join(s.name for s in specs)}, "
              f"batch {args.batch}")

@@ -13,11 +13,16 @@ Both report the speedup over SC on one rank, and GC-2L's efficiency against the 
 
   python benchmarks/scaling.py sim --model wrn28_10 --groups 1 2 4 8 16
   python benchmarks/scaling.py real --model wrn16_4 --groups 1 2 4 --batch 32
+
+Results go to a fresh folder, benchmarks/results/new/<UTC time>/ (--update: over the committed
+ones, --out STEM: STEM.csv/.md/.png); benchmarks/replot.py redraws a plot from its csv.
 """
 
 import argparse
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -27,13 +32,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     REPO,
+    add_output_options,
     default_device,
+    git_commit,
     median,
     model_from_config,
+    output_stem,
+    read_rows,
     time_steps,
     training_step,
     write_results,
 )
+from plotting import IDEAL, log_axis, pyplot, save, style  # noqa: E402
 
 from twolevel_dist.engine.device import configure_backends, synchronize  # noqa: E402
 from twolevel_dist.parallel import all_reduce_values, count_collectives, parallelize  # noqa: E402
@@ -199,33 +209,74 @@ def run_real(args) -> list[dict]:
     return rows
 
 
-def _plot(rows, path: Path, y: str, title: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib is not installed: no {path.name} (pip install -e '.[bench]')",
-              file=sys.stderr)
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for conv in sorted({r["conv"] for r in rows}):
-        pts = sorted((r["N"], r[y]) for r in rows if r["conv"] == conv)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=conv)
+def _setting(args, rows: list[dict], commit: str) -> str:
+    """What sets this run apart from the other runs of the same network and batch, in lines
+    short enough for a title."""
+    kind = f"{_layout(args).replace('_', '-')}, {'bf16 autocast' if args.amp else 'fp32'}"
+    if args.mode == "real":
+        lines = [f"real ranks, {args.threads} thread{'s' if args.threads > 1 else ''} each" +
+                 (", bound to cores" if args.bind_cores else "") + f"; {kind}"]
+        if args.collectives == "local":
+            lines.append("collectives replaced by local stand-ins: no communication")
+    else:
+        # Older csv files have no device column: then the command's (or its default).
+        device = rows[0].get("device") or args.device.split(":")[0]
+        link = args.link if args.bandwidth is None else \
+            f"{args.bandwidth:g} GB/s, {args.latency:g} us"
+        lines = [f"per-rank simulation on {device}; {kind}",
+                 f"communication modelled ({link} link, no overlap)"]
+    return "\n".join(lines) + f"; commit {commit}"
+
+
+def speedup_figure(plt, rows: list[dict], title: str):
+    """Speedup over SC on one rank against N, one line per scheme in its kind's colour (SC at
+    N > 1 is SC split by output channels); an oversubscribed point (more threads than cores)
+    hollow."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for conv in dict.fromkeys(r["conv"] for r in rows):
+        points = sorted((r["N"], r["speedup_vs_sc1"], bool(r.get("oversubscribed")))
+                        for r in rows if r["conv"] == conv)
+        look = style("sc_split" if conv == "sc" else conv)
+        label = "sc split (N = 1: sc, the baseline)" if conv == "sc" else conv
+        ax.plot([n for n, _, _ in points], [s for _, s, _ in points], label=label, **look)
+        hollow = [(n, s) for n, s, over in points if over]
+        if hollow:
+            ax.plot(*zip(*hollow), linestyle="none", marker=look["marker"],
+                    markerfacecolor="white", markeredgecolor=look["color"], zorder=3)
     ns = sorted({r["N"] for r in rows})
-    if y.startswith("speedup"):
-        ax.plot(ns, [n * n for n in ns], "k--", linewidth=0.8, label="ideal N^2 (GC-2L)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
+    ax.plot(ns, [n * n for n in ns], label="ideal N² (GC, GC-2L)", **IDEAL)
+    crowded = sorted({r["N"] for r in rows if r.get("oversubscribed")})
+    if crowded:
+        ax.plot([], [], linestyle="none", marker="o", markerfacecolor="white",
+                markeredgecolor="gray", label=f"hollow: oversubscribed, more threads than cores "
+                                              f"(N = {', '.join(map(str, crowded))})")
+    log_axis(ax, "x", ticks=ns)
+    log_axis(ax, "y", suffix="x")
     ax.set_xlabel("N (groups = ranks)")
-    ax.set_ylabel(y)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.set_ylabel("speedup over SC on one rank (x)")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    return fig
 
 
-def main(argv=None) -> int:
+def plot(rows: list[dict], args, path: Path, commit: str) -> None:
+    plt = pyplot()
+    if plt is not None:
+        save(speedup_figure(plt, rows, f"{args.model}, batch {args.batch}: speedup over SC on "
+                                       f"one rank\n{_setting(args, rows, commit)}"), path)
+
+
+def replot(csv_path: Path, stem: Path) -> None:
+    """The plot of a result from its csv and the command and commit its md records: a new look
+    without timing anything again."""
+    md = csv_path.with_suffix(".md").read_text()
+    command = re.search(r"^Command: `python benchmarks/scaling.py (.*)`$", md, re.M)[1]
+    commit = re.search(r"twolevel_dist commit (\S+)$", md, re.M)[1]
+    plot(read_rows(csv_path), _parser().parse_args(shlex.split(command)),
+         stem.with_suffix(".png"), commit)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     for mode in ("sim", "real", "worker"):
@@ -249,7 +300,7 @@ def main(argv=None) -> int:
         else:
             p.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4])
             p.add_argument("--convs", nargs="+", default=list(SCHEMES), choices=SCHEMES)
-            p.add_argument("--out", default=None, help="result stem (default under results/)")
+            add_output_options(p)
         if mode == "sim":
             p.add_argument("--link", default="nvlink", choices=sorted(LINKS))
             p.add_argument("--bandwidth", type=float, default=None, help="GB/s, overrides --link")
@@ -263,7 +314,11 @@ def main(argv=None) -> int:
         if mode == "real":
             p.add_argument("--rounds", type=int, default=3,
                            help="run every configuration this many times, interleaved")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     if args.mode == "worker":
         _worker(args)
         return 0
@@ -273,8 +328,7 @@ def main(argv=None) -> int:
     local = "_local_collectives" if getattr(args, "collectives", "real") == "local" else ""
     layout = "_channels_last" if args.channels_last else ""
     precision = "_bf16" if args.amp else ""
-    stem = Path(args.out) if args.out else REPO / "benchmarks" / "results" / \
-        f"scaling_{args.mode}_{args.model}_{device}{layout}{precision}{local}"
+    stem = output_stem(args, f"scaling_{args.mode}_{args.model}_{device}{layout}{precision}{local}")
     command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     notes = ("Per-rank simulation: measured compute of one rank's shard; communication modelled "
              f"from the counted bytes over the '{args.link}' link model "
@@ -286,8 +340,7 @@ def main(argv=None) -> int:
              "'oversubscribed' marks runs with more threads than cores.")
     write_results(stem, rows, f"Scaling ({args.mode}): {args.model}, batch {args.batch}",
                   command, notes)
-    _plot(rows, stem.with_suffix(".png"), "speedup_vs_sc1",
-          f"{args.model}, batch {args.batch}: speedup over SC on 1 rank ({args.mode})")
+    plot(rows, args, stem.with_suffix(".png"), git_commit())
     return 0
 
 

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # SG-CNN and the self-grouped conversion on the CIFAR-10 JPEG export (../shared/data), on CPU.
-#   bash benchmarks/selfgroup_cifar.sh [baseline_epochs] [model] [groups]
+#   bash benchmarks/selfgroup_cifar.sh [--update] [baseline_epochs] [model] [groups]
 # 1. trains the SC baseline (skipped when its model.pt exists: delete the run folder to redo it);
 # 2. SG-CNN: progressive self-grouping pruning to two compression levels, fine-tuned;
 # 3. converts the baseline into GC-2L with N groups, self-grouped and contiguous partitions,
 #    each fine-tuned for the same number of epochs.
 # Environment: CIFAR_JPEG (the archive), FT_STEPS (steps per fine-tuning epoch, default 200 of
 # the 390 in an epoch: a CPU budget), SG_ARGS / CONVERT_ARGS (extra overrides).
-# Writes benchmarks/results/selfgroup_<model>.md (runs: benchmarks/results/runs/).
+# Writes selfgroup_<model>.md and its per-layer tables (benchmarks/selfgroup_table.py) to a fresh
+# folder, benchmarks/results/new/<UTC time>/; --update replaces the committed ones in
+# benchmarks/results/ instead. Runs: benchmarks/results/runs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+COMMAND="bash benchmarks/selfgroup_cifar.sh $*"
+UPDATE=()
+if [ "${1:-}" = --update ]; then UPDATE=(--update); shift; fi
 EPOCHS=${1:-6}
 MODEL=${2:-wrn10_2}
 NGROUPS=${3:-4}
@@ -33,8 +38,5 @@ rm -rf "$RUNS/selfgroup_${MODEL}_convert"
 .venv/bin/python -m twolevel_dist.compress "${COMMON[@]}" method=convert convert.conv=gc2l \
     convert.groups="$NGROUPS" 'convert.partitions=[selfgroup,contiguous]' convert.epochs=2 \
     run_dir="$RUNS/selfgroup_${MODEL}_convert" ${CONVERT_ARGS:-}
-.venv/bin/python benchmarks/selfgroup_table.py "$RUNS/selfgroup_${MODEL}" \
-    "benchmarks/results/selfgroup_${MODEL}.md" "bash benchmarks/selfgroup_cifar.sh $*"
-for job in sg convert; do     # per-layer tables
-    cp "$RUNS/selfgroup_${MODEL}_$job/report.md" "benchmarks/results/selfgroup_${MODEL}_${job}_layers.md"
-done
+.venv/bin/python benchmarks/selfgroup_table.py "$RUNS/selfgroup_${MODEL}" "$COMMAND" \
+    "${UPDATE[@]}"

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, median, write_results  # noqa: E402
+from common import REPO, add_output_options, median, output_stem, write_results  # noqa: E402
 
 from twolevel_dist.engine.step_flags import StepFlags  # noqa: E402
 from twolevel_dist.models import build_model  # noqa: E402
@@ -76,8 +76,7 @@ def rank_main(args) -> None:
                    step_with_flags_ms=round(with_flags * 1e3, 2),
                    flags_cost_ms=round((with_flags - without) * 1e3, 3),
                    flags_share=round(with_flags / without - 1, 4))
-        stem = Path(args.out) if args.out else \
-            REPO / "benchmarks" / "results" / f"step_flags_N{dist.get_world_size()}_{device.type}"
+        stem = output_stem(args, f"step_flags_N{dist.get_world_size()}_{device.type}")
         write_results(stem, [row], "The per-step flags' cost",
                       "python benchmarks/step_flags.py " + " ".join(args.argv),
                       f"{args.threads} thread(s) per rank; every rep: one step without the "
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--out", default=None)
+    add_output_options(parser)
     parser.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--rank-main"]

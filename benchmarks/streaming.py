@@ -6,7 +6,8 @@ times on the node) against each gp rank decoding 1/gp of it and gathering the ui
 Both under torchrun on this machine, gloo on CPU; ``dataset=imagenet``'s loader over an
 image-folder tree (the CIFAR-10 JPEG export, resized to --image-size). Reported: training images
 per second per model (one gp group), the median of --reps timed passes over --batches batches,
-the two modes interleaved. Writes benchmarks/results/streaming_gp<gp>_cpu.csv/.md.
+the two modes interleaved. Writes streaming_gp<gp>_cpu.csv/.md to a fresh folder,
+benchmarks/results/new/<UTC time>/ (--update: over the committed ones in benchmarks/results/).
 """
 
 import argparse
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, median, write_results  # noqa: E402
+from common import REPO, add_output_options, median, output_stem, write_results  # noqa: E402
 
 
 def _worker(args) -> None:
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="decode workers per rank")
-    parser.add_argument("--out", type=Path, default=None)
+    add_output_options(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("whole", "split"), default="split",
                         help=argparse.SUPPRESS)
@@ -103,11 +104,11 @@ def main(argv=None) -> int:
                          batch_s=round(step, 4), reps=len(seconds[mode])))
     rows[1]["speedup"] = round(rows[0]["batch_s"] / rows[1]["batch_s"], 2)
     rows[0]["speedup"] = 1.0
-    out = args.out or REPO / "benchmarks" / "results" / f"streaming_gp{args.gp}_cpu"
+    out = output_stem(args, f"streaming_gp{args.gp}_cpu")
     write_results(out, rows, f"Streaming decode at gp = {args.gp}",
                   f"python benchmarks/streaming.py --gp {args.gp} --batch {args.batch} "
                   f"--batches {args.batches} --reps {args.reps} --image-size {args.image_size} "
-                  f"--workers {args.workers}",
+                  f"--workers {args.workers}" + (" --update" if args.update else ""),
                   f"{args.gp} ranks (one model, gp = {args.gp}) under torchrun, gloo, one thread "
                   f"and {args.workers} decode worker(s) each; CIFAR-10 JPEGs resized to "
                   f"{args.image_size} px with random-resized crops; median of {args.reps} "

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_results  # noqa: E402
+from common import REPO, add_output_options, output_stem, write_results  # noqa: E402
 
 from twolevel_dist.parallel import all_reduce_values, set_transport, transport  # noqa: E402
 
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--bind-cores", action="store_true",
                         help="pin rank r to core r, as scaling.py real --bind-cores")
-    parser.add_argument("--out", default=None)
+    add_output_options(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -137,8 +137,7 @@ def main(argv=None) -> int:
     rows = json.loads(lines[-1][len("RESULT "):])
     for row in rows:
         print(json.dumps(row))
-    stem = Path(args.out) if args.out else \
-        REPO / "benchmarks" / "results" / f"transport_N{args.ranks}_cpu"
+    stem = output_stem(args, f"transport_N{args.ranks}_cpu")
     write_results(stem, rows, f"GC-2L's exchange on the backend: {args.ranks} ranks",
                   "python benchmarks/transport.py " + " ".join(forwarded),
                   "Per call, the slowest rank's median over rounds. native: the backend's own "

@@ -3,6 +3,7 @@ internally consistent (speedups from the step times, communication from the clos
 transport measured). Speed itself is never asserted."""
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,133 @@ def test_streaming_benchmark_times_both_decode_modes(tmp_path):
     assert [r["mode"].split()[0] for r in rows] == ["every", "each"]
     assert float(rows[1]["speedup"]) == pytest.approx(
         float(rows[0]["batch_s"]) / float(rows[1]["batch_s"]), rel=0.02)
+
+
+# --- where results go, and how plots look --------------------------------------------------------
+# In this process, with benchmarks/ importable as the scripts import each other; results go under
+# a monkeypatched common.RESULTS, never the repository's committed files.
+sys.path.insert(0, str(BENCHMARKS))
+import comm  # noqa: E402
+import common  # noqa: E402
+import plotting  # noqa: E402
+import replot  # noqa: E402
+import scaling  # noqa: E402
+import selfgroup_table  # noqa: E402
+
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in ("common.py",
+                                                                            "plotting.py"))
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    return tmp_path / "results"
+
+
+def test_a_run_writes_a_new_file_unless_given_update_or_out(results, tmp_path, capsys):
+    args = ["--model", "wrn10_2", "--groups", "2", "--batch", "2", "--convs", "gc"]
+    committed = results / "comm_wrn10_2"
+    results.mkdir()
+    for suffix in (".csv", ".md"):
+        committed.with_suffix(suffix).write_text("committed\n")
+    assert comm.main(args) == 0 and comm.main(args) == 0       # twice within the same second
+    new = sorted(results.glob("new/*/comm_wrn10_2.csv"))
+    assert len(new) == 2 and new[0].parent != new[1].parent
+    assert f"wrote {new[0].with_suffix('')}.csv and .md" in capsys.readouterr().out
+    assert _rows(new[0])[0]["scheme"] == "gc"
+    for suffix in (".csv", ".md"):
+        assert committed.with_suffix(suffix).read_text() == "committed\n"
+
+    assert comm.main([*args, "--update"]) == 0
+    assert _rows(committed)[0]["scheme"] == "gc"
+    assert "python benchmarks/comm.py" in committed.with_suffix(".md").read_text()
+    elsewhere = tmp_path / "elsewhere" / "comm"
+    assert comm.main([*args, "--out", str(elsewhere)]) == 0
+    assert _rows(elsewhere)[0]["scheme"] == "gc"
+    assert len(sorted(results.glob("new/*/*.csv"))) == 2
+    with pytest.raises(SystemExit):                              # one or the other
+        comm.main([*args, "--update", "--out", str(elsewhere)])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_chooses_where_to_write_through_common(script):
+    source = (BENCHMARKS / script).read_text()
+    assert not re.search(r'/\s*"results"', source), "the results folder is common.RESULTS"
+    writes = re.search(r"write_results\(|write_text\(|save\(", source)
+    if writes and script not in ("accuracy.py", "gpu_table.py"):
+        # accuracy.py merges into its protocol's record; gpu_table.py's --out is required
+        assert "add_output_options(" in source and "output_stem(" in source
+
+
+def test_selfgroup_table_writes_its_three_files_to_a_new_folder(results, tmp_path):
+    prefix = tmp_path / "runs" / "selfgroup_tiny"
+    Path(f"{prefix}_sc").mkdir(parents=True)
+    Path(f"{prefix}_sc/metrics.jsonl").write_text('{"test_acc": 50.0}\n')
+    for job in ("sg", "convert"):
+        Path(f"{prefix}_{job}").mkdir()
+        Path(f"{prefix}_{job}/report.json").write_text(
+            '{"command": "c", "results": [{"result": "r", "test_acc": 40.0}]}')
+        Path(f"{prefix}_{job}/report.md").write_text(f"{job} layers\n")
+    assert selfgroup_table.main([str(prefix), "bash benchmarks/selfgroup_cifar.sh 1"]) == 0
+    (table,) = results.glob("new/*/selfgroup_tiny.md")
+    assert "`bash benchmarks/selfgroup_cifar.sh 1`" in table.read_text()
+    for job in ("sg", "convert"):
+        assert (table.parent / f"selfgroup_tiny_{job}_layers.md").read_text() == f"{job} layers\n"
+
+
+def test_a_kind_has_one_colour_and_a_variant_keeps_it():
+    colours = plotting.KIND_COLOURS
+    assert len(set(colours.values())) == len(colours)
+    assert plotting.style("gc2l+overlap")["color"] == plotting.style("gc2l_taps")["color"] == \
+        colours["gc2l"]
+    assert plotting.style("gc2l+overlap")["linestyle"] != plotting.style("gc2l")["linestyle"]
+    assert plotting.style("sc split")["color"] == colours["sc_split"] != colours["sc"]
+    assert plotting.style("ddp")["color"] == plotting.style("dp")["color"] == colours["sc_dp"]
+    with pytest.raises(ValueError, match="KIND_COLOURS"):
+        plotting.style("new_kind")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_plot_takes_its_colours_from_the_one_table(script):
+    source = (BENCHMARKS / script).read_text()
+    if "subplots(" in source:
+        assert "from plotting import" in source and "style(" in source
+        assert not re.search(r'\bcolor="', source), "colours come from plotting.style"
+
+
+def test_the_scaling_plot_reads_plainly(results):
+    rows = [dict(conv=conv, N=n, speedup_vs_sc1=speedup, oversubscribed=n > 2)
+            for conv, n, speedup in (("sc", 1, 1.0), ("sc", 2, 0.9), ("sc", 4, 0.6),
+                                     ("gc2l", 2, 2.3), ("gc2l", 4, 1.9))]
+    fig = scaling.speedup_figure(plotting.pyplot(), rows, "wrn10_2, batch 4\nreal ranks")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "speedup over SC on one rank (x)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4"]
+    assert {"1x", "2x", "4x", "16x"} <= {t.get_text() for t in ax.get_yticklabels()}
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert lines["gc2l"].get_color() == plotting.KIND_COLOURS["gc2l"]
+    assert lines["sc split (N = 1: sc, the baseline)"].get_color() == \
+        plotting.KIND_COLOURS["sc_split"]
+    hollow = [line for line in ax.get_lines() if line.get_markerfacecolor() == "white"
+              and len(line.get_xdata())]
+    assert sorted(x for line in hollow for x in line.get_xdata()) == [4, 4]
+    assert any("oversubscribed" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_replot_redraws_from_the_csv_and_leaves_it_alone(results):
+    results.mkdir()
+    name = "scaling_real_wrn16_4_cpu_bound_channels_last"
+    committed = BENCHMARKS / "results" / name
+    for suffix in (".csv", ".md"):
+        (results / name).with_suffix(suffix).write_bytes(committed.with_suffix(suffix).read_bytes())
+    csv_path = (results / name).with_suffix(".csv")
+    assert replot.main([str(csv_path)]) == 0
+    (png,) = results.glob(f"new/*/{name}.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert not (results / name).with_suffix(".png").exists()
+    assert replot.main(["--update", str(csv_path)]) == 0
+    assert (results / name).with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    for suffix in (".csv", ".md"):
+        assert (results / name).with_suffix(suffix).read_bytes() == \
+            committed.with_suffix(suffix).read_bytes()
