@@ -40,4 +40,4 @@ def test_ring_link_model():
     assert collective_seconds("all_gather", 4e9, 4, link) == pytest.approx(3e-5 + 3.0)
     assert collective_seconds("all_reduce", 4e9, 4, link) == pytest.approx(6e-5 + 6.0)
     assert collective_seconds("all_gather", 4e9, 1, link) == 0.0
-    assert set(LINKS) == {"nvlink", "infiniband"}
+    assert set(LINKS) == {"nvlink", "infiniband", "ethernet100"}
