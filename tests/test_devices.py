@@ -258,10 +258,15 @@ class _FakeStore:
         self.timeouts.append(timeout)
 
 
-@pytest.mark.parametrize("visible,local_rank,expected", [
-    (0, 0, "cpu"), (1, 3, "cuda:0"), (4, 3, "cuda:3"), (4, 5, None)])
+@pytest.mark.parametrize("visible,local_rank,device,expected", [
+    (0, 0, "auto", "cpu"), (1, 3, "auto", "cuda:0"), (4, 3, "auto", "cuda:3"),
+    (4, 5, "auto", "LOCAL_RANK=5 but this process sees only 4 GPUs"),
+    (4, 3, "cpu", "cpu"),             # device=cpu: the CPU and gloo alone, GPUs or not
+    (1, 0, "cuda", "cuda:0"),
+    (0, 0, "cuda", "device=cuda but no CUDA device is visible to this process .*; use "
+                   "device=cpu or device=auto")])
 def test_init_asks_for_a_backend_for_cpu_and_cuda_tensors(monkeypatch, visible, local_rank,
-                                                          expected):
+                                                          device, expected):
     init, store = _Recorder(), _FakeStore
     _FakeStore.made = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
@@ -274,11 +279,12 @@ def test_init_asks_for_a_backend_for_cpu_and_cuda_tensors(monkeypatch, visible, 
     for key, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT="29500", LOCAL_RANK=str(local_rank)).items():
         monkeypatch.setenv(key, value)
-    if expected is None:
-        with pytest.raises(ConfigError, match="LOCAL_RANK=5 but this process sees only 4 GPUs"):
-            init_distributed(timeout_s=77, startup_timeout_s=11)
+    if expected not in ("cpu", "cuda:0", "cuda:3"):
+        with pytest.raises(ConfigError, match=expected):
+            init_distributed(timeout_s=77, startup_timeout_s=11, device=device)
+        assert not init.calls                   # refused before any process group
         return
-    assert str(init_distributed(timeout_s=77, startup_timeout_s=11)) == expected
+    assert str(init_distributed(timeout_s=77, startup_timeout_s=11, device=device)) == expected
     (backend,), kwargs = init.calls[0]
     assert backend == ("gloo" if expected == "cpu" else "cpu:gloo,cuda:nccl")
     assert kwargs["timeout"] == timedelta(seconds=77)

@@ -36,6 +36,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from twolevel_dist.config import (
+    CONFIG_DIR,
     CompressConfig,
     check_known_keys,
     register_resolvers,
@@ -298,7 +299,7 @@ def run(cfg: CompressConfig, run_dir: Path) -> list[dict]:
     return rows
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="compress")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compress")
 def main(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

@@ -6,12 +6,20 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import CONV_KINDS
+from twolevel_dist.parallel import check_device
+
+# configs/ at the repository root, as an absolute path: Hydra resolves a relative config_path
+# against the calling module's package when the entry point is a console script
+# (twolevel-train), where "../configs" names no package. The project is installed editable
+# (launch/setup_env.sh), so the package stays beside it.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 @dataclass
@@ -123,7 +131,10 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     groups: Optional[int] = None         # N; default: the world size
     seed: int = 0
-    eval_only: bool = False
+    # auto: cuda:LOCAL_RANK where CUDA is available, else cpu; cpu: the CPU (gloo) even where a
+    # GPU is; cuda: a GPU, refused where none is visible.
+    device: str = "auto"
+    eval_only: bool = False              # replaced by twolevel_dist.evaluate: refused, saying so
     init_from: Optional[str] = None      # a consolidated model.pt (train or compress) to start from
     # true: continue from run_dir's newest complete checkpoint; auto: that where there is one,
     # else start afresh (requeued jobs); false: a fresh run.
@@ -138,6 +149,7 @@ SCHEDULES = ("multistep", "cosine", "constant")
 
 def validate(cfg: TrainConfig) -> None:
     """Semantic checks the typed schema cannot express."""
+    check_device(cfg.device)
     if cfg.conv.kind not in CONV_KINDS:
         raise ConfigError(f"conv={cfg.conv.kind!r} is not a convolution kind; choose one of "
                           f"{sorted(CONV_KINDS)} (e.g. conv=gc2l)")
@@ -172,9 +184,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"schedule.name={cfg.schedule.name!r} is not one of {SCHEDULES}")
     if cfg.resume not in (True, False, "auto"):
         raise ConfigError(f"resume={cfg.resume!r} is not one of true, false, auto")
-    if cfg.eval_only and cfg.resume is not True:
-        raise ConfigError("eval_only=true evaluates a checkpoint: also set resume=true and "
-                          "run_dir=<the run's directory>")
+    if cfg.eval_only:
+        raise ConfigError("eval_only=true is replaced by its own command, which evaluates a "
+                          "run's model.pt or newest checkpoint in any layout and writes nothing: "
+                          "python -m twolevel_dist.evaluate run_dir=<the run's directory>")
     if cfg.resume is True and not cfg.run_dir:
         raise ConfigError("resume=true needs run_dir=<the directory of the run to continue>")
     if cfg.resume and cfg.overwrite:
@@ -235,13 +248,15 @@ def _unknown_keys(values: dict, schema, prefix: str = "") -> list[str]:
     return unknown
 
 
-def check_known_keys(cfg, schema_type) -> None:
+def check_known_keys(cfg, schema_type,
+                     known="the known keys are in twolevel_dist/config.py and configs/") -> None:
     """Refuse keys the schema does not have. Hydra lets ``+key=value`` add one even to a typed
-    config, and the typed object then silently drops it: a typo would be ignored."""
-    unknown = _unknown_keys(OmegaConf.to_container(cfg, resolve=False), schema_type())
+    config, and the typed object then silently drops it: a typo would be ignored. ``cfg``: a
+    config or a plain dict; ``known`` says where the known keys are."""
+    values = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=False)
+    unknown = _unknown_keys(values, schema_type())
     if unknown:
-        raise ConfigError(f"unknown config key(s): {'; '.join(unknown)}; remove them (the "
-                          f"known keys are in twolevel_dist/config.py and configs/)")
+        raise ConfigError(f"unknown config key(s): {'; '.join(unknown)}; remove them ({known})")
 
 
 # --- compress: SG-CNN and the self-grouped conversion of a trained SC network ------------------
@@ -331,6 +346,32 @@ def validate_compress(cfg: CompressConfig) -> None:
         if c.groups < 2 or c.epochs < 0:
             raise ConfigError(f"convert.groups={c.groups} must be >= 2 and convert.epochs "
                               f"({c.epochs}) >= 0")
+
+
+# --- evaluate: a training run's test accuracy ----------------------------------------------------
+
+# Every data set key, null by default: evaluate takes the run's own value where none is given.
+DatasetOverrides = dataclasses.make_dataclass(
+    "DatasetOverrides",
+    [(f.name, Optional[f.type], None) for f in dataclasses.fields(DatasetConfig)])
+
+
+@dataclass
+class EvaluateConfig:
+    run_dir: Optional[str] = None        # the training run's directory (required)
+    gp: Optional[int] = None             # ranks per model; null: 1 for one process, else groups
+    device: str = "auto"                 # as train's: auto, cpu or cuda
+    dataset: DatasetOverrides = field(default_factory=DatasetOverrides)
+
+
+def validate_evaluate(cfg: EvaluateConfig) -> None:
+    """Checks of an evaluate config, before anything is read."""
+    if not cfg.run_dir:
+        raise ConfigError("run_dir=<the directory of a training run> is required: the one its "
+                          "train.log and model.pt are in")
+    if cfg.gp is not None and cfg.gp < 1:
+        raise ConfigError(f"gp={cfg.gp} must be a positive number of ranks per model (or null)")
+    check_device(cfg.device)
 
 
 def _run_id() -> str:

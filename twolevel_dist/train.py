@@ -27,7 +27,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from twolevel_dist.config import TrainConfig, check_known_keys, register_resolvers, validate
+from twolevel_dist.config import (
+    CONFIG_DIR,
+    TrainConfig,
+    check_known_keys,
+    register_resolvers,
+    validate,
+)
 from twolevel_dist.data import DataError
 from twolevel_dist.data.seeding import derive_seed
 from twolevel_dist.engine import stop
@@ -92,29 +98,42 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
                         force=True)
 
 
-def _layout(cfg: TrainConfig, world: int) -> tuple[int, int]:
-    """(groups of the model's convolutions, gp ranks per model)."""
+def model_groups(cfg: TrainConfig, world: int) -> int:
+    """The number of groups of the model's convolutions: ``groups`` (default: the world size);
+    1 for ``sc``, which is split by output channels instead."""
+    return 1 if cfg.conv.kind == "sc" else cfg.groups or world
+
+
+def _layout(cfg: TrainConfig, world: int, gp: int | None = None) -> tuple[int, int]:
+    """(groups of the model's convolutions, gp ranks per model): ``gp`` where the evaluator
+    chose one, else ``groups`` ranks per model (1 in one process, and for ``flgc``)."""
     groups = cfg.groups or world
-    kind = cfg.conv.kind
-    model_groups = 1 if kind == "sc" else groups
-    gp = 1 if world == 1 or kind == "flgc" else groups
+    name = f"gp={gp}" if gp is not None else f"groups={groups}"
+    if gp is None:
+        gp = 1 if world == 1 or cfg.conv.kind == "flgc" else groups
     if world % gp:
-        raise ConfigError(f"groups={groups} does not divide the world size {world}: each model "
-                          f"needs {groups} ranks; launch a multiple of {groups} processes")
-    return model_groups, gp
+        raise ConfigError(f"{name} does not divide the world size {world}: each model needs "
+                          f"{gp} ranks; launch a multiple of {gp} processes")
+    return model_groups(cfg, world), gp
+
+
+def load_weights(model: torch.nn.Module, state: dict, source: str, fix: str) -> None:
+    """A single-device ``state`` dict into ``model``, every key and shape checked: a mismatch
+    is one ConfigError naming ``source`` and ``fix``."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ConfigError(f"{source} does not fit this run's model: "
+                          f"{str(error).splitlines()[-1].strip().rstrip('.')}; {fix}") from None
 
 
 def load_consolidated(model: torch.nn.Module, path: str) -> None:
     """Weights from a consolidated single-device ``model.pt`` (a finished run's, or one that
     ``twolevel_dist.compress`` converted), checked against the model this run builds."""
     saved = read_model_file(path, "init_from", "pass a model.pt")
-    try:
-        model.load_state_dict(saved["model"] if "model" in saved else saved, strict=True)
-    except RuntimeError as error:
-        meta = saved.get("meta", {})
-        raise ConfigError(f"init_from={path} ({meta}) does not fit this run's model: "
-                          f"{str(error).splitlines()[-1].strip()}; build the same model, conv "
-                          f"and groups") from None
+    load_weights(model, saved["model"] if "model" in saved else saved,
+                 f"init_from={path} ({saved.get('meta', {})})",
+                 "build the same model, conv and groups")
     log.info(f"initialised from {path}")
 
 
@@ -181,40 +200,31 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
     directory is claimed."""
     validate(cfg)
     cfg = _resolve_resume(cfg, run_dir)
-    job = _setup(cfg)
+    job = setup_job(cfg)
+    if cfg.train.batch_size % job.dp_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be "
+                          f"divisible by the {job.dp_size} data-parallel replicas")
     lock = _claim(cfg, run_dir, job, config_files or {})
     try:
         _setup_logging(run_dir, job.rank)
         if lock is not None and lock.stale_note:
             log.info(lock.stale_note)
-        train_loader, test_loader = build_loaders(
-            cfg.dataset, seed=cfg.seed, device=job.device, rank=job.rank, world=job.world,
-            dp_rank=job.dp_rank, dp_size=job.dp_size,
-            per_replica=cfg.train.batch_size // job.dp_size,
-            channels_last=cfg.train.channels_last,
-            gp_group=job.mesh["gp"].get_group() if job.gp > 1 else None)
+        train_loader, test_loader = loaders_for(cfg, job)
         model, optimizer, meta, parameters = _build(cfg, job, train_loader.num_classes)
         schedule = _schedule(cfg, len(train_loader))
         ema = ShardEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         progress = _restore(cfg, run_dir, job, model, optimizer, schedule, meta, ema)
         log.info(f"{cfg.model.name} {cfg.model.build_kwargs()} conv={cfg.conv.kind} "
                  f"groups={meta['groups']}: {parameters:,} parameters; "
-                 f"world={job.world} (dp={job.dp_size} x gp={job.gp}); {cfg.dataset.name}: "
-                 f"{len(train_loader.labels)} train / {len(test_loader.labels)} test images; "
-                 f"run directory {run_dir}")
+                 f"world={job.world} (dp={job.dp_size} x gp={job.gp}); device {job.device}; "
+                 f"{cfg.dataset.name}: {len(train_loader.labels)} train / "
+                 f"{len(test_loader.labels)} test images; run directory {run_dir}")
         log.info(f"schedule: {schedule.summary()}")
         # Compiled: the training step only (one graph, the same shapes every step: the training
         # loader drops its last partial batch). Evaluation runs eager: a graph for eval mode and
         # the test set's partial last batch would be two more compiles for a small share of
         # the time.
         step_model = torch.compile(prepare_for_compile(model)) if cfg.train.compile else model
-        if cfg.eval_only:
-            test_loss, test_acc, test_acc5 = evaluate(model, test_loader, device=job.device,
-                                                      amp=job.amp, dp_group=job.dp_group)
-            log.info(f"eval: test loss {test_loss:.4f}, test accuracy {test_acc:.2f}% (top-5 "
-                     f"{test_acc5:.2f}%)")
-            job.barrier()
-            return dict(test_loss=test_loss, test_acc=test_acc, test_acc5=test_acc5)
         record = _fit(cfg, run_dir, job, model, step_model, optimizer, schedule, ema, meta,
                       (train_loader, test_loader), *progress)
         _finish(run_dir, job, model, ema, meta, record)
@@ -243,26 +253,34 @@ def _resolve_resume(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     return replace(cfg, resume=False, overwrite=bool(existing_run(run_dir)))
 
 
-def _setup(cfg: TrainConfig) -> Job:
-    """The device, the process group (under a launcher, even for one rank: the same path as
-    many) and the mesh."""
+def setup_job(cfg: TrainConfig, gp: int | None = None) -> Job:
+    """The device (``cfg.device``: refused before anything else where it is not there), the
+    process group (under a launcher, even for one rank: the same path as many) and the mesh,
+    of ``gp`` ranks per model where given (the evaluator's choice), else ``_layout``'s."""
     world = env_world_size()
     launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
-    device = (init_distributed(cfg.dist.timeout_s, cfg.dist.startup_timeout_s) if launched
-              else local_device())
+    device = (init_distributed(cfg.dist.timeout_s, cfg.dist.startup_timeout_s, cfg.device)
+              if launched else local_device(cfg.device))
     configure_backends(device, tf32=cfg.train.tf32)
-    model_groups, gp = _layout(cfg, world)
+    groups, gp = _layout(cfg, world, gp)
     job = Job(device=device, amp=resolve_amp(cfg.train.amp, device), world=world,
               rank=dist.get_rank() if world > 1 else 0,
-              mesh=init_mesh(gp) if world > 1 else None, model_groups=model_groups, gp=gp)
+              mesh=init_mesh(gp) if world > 1 else None, model_groups=groups, gp=gp)
     # Whether this is a restart round: torchrun counts a restart only on the nodes whose own
     # workers failed (the others' were stopped for it), so the nodes compare their counts.
     restarts = job.agree(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
     job.restarted = max(restarts) > 0
-    if cfg.train.batch_size % job.dp_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be "
-                          f"divisible by the {job.dp_size} data-parallel replicas")
     return job
+
+
+def loaders_for(cfg: TrainConfig, job: Job):
+    """The (train, test) loaders of ``cfg.dataset`` for this rank's place in ``job``: the global
+    batch ``train.batch_size`` split over the dp replicas."""
+    return build_loaders(cfg.dataset, seed=cfg.seed, device=job.device, rank=job.rank,
+                         world=job.world, dp_rank=job.dp_rank, dp_size=job.dp_size,
+                         per_replica=max(cfg.train.batch_size // job.dp_size, 1),
+                         channels_last=cfg.train.channels_last,
+                         gp_group=job.mesh["gp"].get_group() if job.gp > 1 else None)
 
 
 def _claim(cfg: TrainConfig, run_dir: Path, job: Job, config_files: dict):
@@ -283,30 +301,41 @@ def _claim(cfg: TrainConfig, run_dir: Path, job: Job, config_files: dict):
     return lock
 
 
-def _build(cfg: TrainConfig, job: Job, num_classes: int):
-    """The same full network on every rank (same seed), sharded on the CPU, then moved: only
-    this rank's shard ever reaches its GPU. Returns (model, optimizer, meta, the full model's
-    parameter count); ``meta`` is what a checkpoint must match to be resumed."""
+def build_full_model(cfg: TrainConfig, groups: int, num_classes: int | None) -> torch.nn.Module:
+    """The single-device network of ``cfg.model`` and ``cfg.conv`` with ``groups`` groups, on
+    the CPU, the same on every rank (same seed)."""
     torch.manual_seed(cfg.seed)
-    model_kwargs = cfg.model.build_kwargs()
-    model = build_model(cfg.model.name, conv=cfg.conv.kind, groups=job.model_groups,
-                        num_classes=num_classes, **model_kwargs)
+    return build_model(cfg.model.name, conv=cfg.conv.kind, groups=groups,
+                       num_classes=num_classes, **cfg.model.build_kwargs())
+
+
+def place(cfg: TrainConfig, job: Job, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (single-device, on the CPU) made this rank's: in ``train.channels_last``'s
+    layout, sharded on the CPU over the job's mesh and then moved, so that only this rank's
+    shard ever reaches its GPU (in one process, the whole model moved)."""
+    if cfg.train.channels_last:
+        to_layout(model, torch.channels_last)
+    if job.mesh is None:
+        return model.to(job.device)
+    return parallelize(model, job.mesh, overlap=cfg.conv.overlap, device=job.device)
+
+
+def _build(cfg: TrainConfig, job: Job, num_classes: int):
+    """The model (``init_from``'s weights where given), placed on this rank, and its optimizer.
+    Returns (model, optimizer, meta, the full model's parameter count); ``meta`` is what a
+    checkpoint must match to be resumed."""
+    model = build_full_model(cfg, job.model_groups, num_classes)
     if cfg.init_from:
         load_consolidated(model, cfg.init_from)
     parameters = count_parameters(model)
-    if cfg.train.channels_last:
-        to_layout(model, torch.channels_last)
-    if job.mesh is not None:
-        model = parallelize(model, job.mesh, overlap=cfg.conv.overlap, device=job.device)
-    else:
-        model.to(job.device)
+    model = place(cfg, job, model)
     torch.manual_seed(derive_seed(cfg.seed, "rank", job.rank))    # dropout masks differ per rank
     # The rate is set before every step (engine.schedule); this one is never used.
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
     # What a checkpoint must match to be resumed: not the world size, since the data-parallel
     # replicas hold the same shard and may change in number between runs.
-    meta = dict(model=cfg.model.name, model_kwargs=repr(sorted(model_kwargs.items())),
+    meta = dict(model=cfg.model.name, model_kwargs=repr(sorted(cfg.model.build_kwargs().items())),
                 conv=cfg.conv.kind, groups=cfg.groups or job.world, gp=job.gp)
     return model, optimizer, meta, parameters
 
@@ -576,7 +605,7 @@ def _hand_over(signal_number: int) -> None:
         print(f"not requeued: {error}", file=sys.stderr)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

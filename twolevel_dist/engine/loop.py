@@ -91,20 +91,29 @@ class _LogWindow:
         return stats
 
 
+def _update(optimizer, lr: float | None, clip) -> None:
+    """The optimizer step: gradients clipped (``clip``), the step's rate set, then the step."""
+    if clip is not None:
+        clip()
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.step()
+
+
 def train_one_epoch(model, loader, optimizer, *, device, amp: bool, lr_at=None,
                     label_smoothing: float = 0.0, clip=None, max_steps=None,
                     first_step: int = 0, log_every: int = 20, on_log=None, on_step=None,
                     start: EpochSums | None = None) -> EpochSums:
     """Trains until the loader ends or ``max_steps`` optimizer steps, continuing ``start`` (the
     sums of the epoch's steps before a checkpoint; the loader then skips those batches).
-    ``on_step(global_step, sums)`` runs after every step (a per-step schedule, a checkpoint:
-    ``sums()`` gives the epoch's EpochSums so far, at the price of one device sync); every
-    ``log_every`` steps the device is
-    synchronised once and ``on_log(stats)`` gets the step (global, and within this epoch), the
-    loss, and over the steps since the last report: the mean step time, the part of it spent
-    waiting for the loader (host time in ``next``), images/s, bytes communicated, and the peak
-    device memory so far (None off GPUs); the caller logs. Loss and accuracy are over this
-    replica's samples; ``amp`` is a resolved bool (``engine.device.resolve_amp``).
+    ``on_step(global_step, sums)`` runs after every step (a checkpoint: ``sums()`` gives the
+    epoch's EpochSums so far, at the price of one device sync); every ``log_every`` steps the
+    device is synchronised once and ``on_log(stats)`` gets the step (global, and within this
+    epoch), the loss, and over the steps since the last report: the mean step time, the part of
+    it spent waiting for the loader (host time in ``next``), images/s, bytes communicated, and
+    the peak device memory so far (None off GPUs); the caller logs. Loss and accuracy are over
+    this replica's samples; ``amp`` is a resolved bool (``engine.device.resolve_amp``).
     ``lr_at(step)`` sets the learning rate of each step (0-based, global; ``engine.schedule``);
     ``clip()`` runs between the backward and the optimizer step (gradient clipping);
     ``label_smoothing`` applies to the training loss.
@@ -145,8 +154,7 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, lr_at=None,
         batch = next(batches, None)
         if batch is None:
             break
-        waited = time.perf_counter() - asked
-        images, labels = batch
+        waited, (images, labels) = time.perf_counter() - asked, batch
         with count_collectives() as comm:
             # Before the forward: the last step's gradients need not live through it.
             optimizer.zero_grad(set_to_none=True)
@@ -156,16 +164,10 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, lr_at=None,
             loss.backward()
             flags.post(first_step + steps + 1, loss, stop.requested())
             act_on(flags.due(first_step + steps + 1))
-            if clip is not None:
-                clip()
-            if lr_at is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(first_step + steps)
-            optimizer.step()
+            _update(optimizer, lr_at(first_step + steps) if lr_at else None, clip)
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.detach().argmax(1) == labels).sum()
-        samples += labels.numel()
-        steps += 1
+        samples, steps = samples + labels.numel(), steps + 1
         comm_bytes += comm.total_bytes()
         window.add(labels.numel(), comm.total_bytes(), waited)
         if on_step is not None:

@@ -10,6 +10,7 @@ from twolevel_dist.parallel.counters import CommStats, count_collectives
 from twolevel_dist.parallel.mesh import (
                                                 apply_slurm_env,
                                                 backend_for,
+                                                check_device,
                                                 env_rank,
                                                 env_world_size,
                                                 init_distributed,
@@ -18,13 +19,13 @@ from twolevel_dist.parallel.mesh import (
 )
 from twolevel_dist.parallel.parallelize import parallelize, unwrap
 from twolevel_dist.parallel.scalars import all_reduce_values
-from twolevel_dist.parallel.state import consolidate_state_dict, shard_state_dict
+from twolevel_dist.parallel.state import consolidate_state_dict, join_shards, shard_state_dict
 from twolevel_dist.parallel.transport import TRANSPORTS, get_transport, set_transport
 
 __all__ = [
-    "CommStats", "count_collectives", "apply_slurm_env", "backend_for", "env_rank",
+    "CommStats", "count_collectives", "apply_slurm_env", "backend_for", "check_device", "env_rank",
     "env_world_size", "gather_channels", "start_gather_channels", "sum_over_ranks",
     "exchange_chunks", "init_distributed", "init_mesh", "local_device", "parallelize", "unwrap",
-    "consolidate_state_dict", "shard_state_dict", "all_reduce_values", "TRANSPORTS",
+    "consolidate_state_dict", "join_shards", "shard_state_dict", "all_reduce_values", "TRANSPORTS",
     "get_transport", "set_transport",
 ]

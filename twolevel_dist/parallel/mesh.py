@@ -88,13 +88,31 @@ DEFAULT_TIMEOUT_S = 1800
 DEFAULT_STARTUP_TIMEOUT_S = 60
 
 
-def local_device() -> torch.device:
-    """This process's device: its GPU when there is one, else the CPU. torchrun and SLURM's
-    ``--gpus-per-node`` show every local GPU to every rank (rank r takes GPU LOCAL_RANK); SLURM's
-    ``--gpus-per-task`` (or a CUDA_VISIBLE_DEVICES per task) shows each rank only its own, which
-    is then GPU 0 whatever LOCAL_RANK is."""
-    if not torch.cuda.is_available():
+DEVICES = ("auto", "cpu", "cuda")      # the ``device`` config key
+
+
+def check_device(kind: str) -> None:
+    """Refuse a ``device`` value other than auto, cpu and cuda."""
+    if kind not in DEVICES:
+        raise ConfigError(f"device={kind!r} is not one of {', '.join(DEVICES)} (auto: a GPU "
+                          f"where CUDA is available, else the CPU; cpu: the CPU even where a "
+                          f"GPU is; cuda: a GPU, required)")
+
+
+def local_device(kind: str = "auto") -> torch.device:
+    """This process's device, as ``kind`` (the ``device`` key) says: "auto", its GPU when CUDA
+    is available, else the CPU; "cpu", the CPU even where a GPU is; "cuda", its GPU, refused
+    where none is visible. torchrun and SLURM's ``--gpus-per-node`` show every local GPU to
+    every rank (rank r takes GPU LOCAL_RANK); SLURM's ``--gpus-per-task`` (or a
+    CUDA_VISIBLE_DEVICES per task) shows each rank only its own, which is then GPU 0 whatever
+    LOCAL_RANK is."""
+    check_device(kind)
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible to this process (a CPU "
+                          "build of torch, no driver, or CUDA_VISIBLE_DEVICES hides them); use "
+                          "device=cpu or device=auto")
     visible, local_rank = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
     if visible == 1:
         return torch.device("cuda", 0)
@@ -114,15 +132,17 @@ def backend_for(device: torch.device) -> str:
 
 
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S,
-                     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> torch.device:
+                     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+                     device: str = "auto") -> torch.device:
     """Initialise torch.distributed from torchrun's environment (or SLURM's, see
-    ``apply_slurm_env``) if it is not already, and return this rank's device (``local_device``).
+    ``apply_slurm_env``) if it is not already, and return this rank's device (``local_device``
+    of ``device``: on the CPU the backend is gloo alone).
     ``timeout_s`` bounds how long a rank waits for the others in one collective: a hung or
     crashed peer fails the job after that long instead of blocking it. ``startup_timeout_s``
     bounds the wait for rank 0's rendezvous store where this process group hosts it (no
     torchrun agent): a rank 0 that could not start ends the others that soon."""
     apply_slurm_env()
-    device = local_device()
+    device = local_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

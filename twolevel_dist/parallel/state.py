@@ -3,15 +3,20 @@
 ``consolidate_state_dict`` gives, on every rank, the state dict that ``build_model(...)`` with the
 same arguments loads with ``strict=True``; ``shard_state_dict`` is the reverse. Together they let a
 checkpoint move between one device and N ranks. Parameters cross ranks only here, never per step.
+``join_shards`` does what ``consolidate_state_dict`` does for shards read from files (a
+checkpoint's rank files), in one process.
 """
+
+import copy
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from twolevel_dist.parallel.parallelize import unwrap
+from twolevel_dist.parallel.parallelize import parallelize, unwrap
 from twolevel_dist.parallel.rules import SHARD_DIMS_ATTR, shard_slice
+from twolevel_dist.parallel.simulated import simulated_mesh
 
 
 def tensor_shard_dims(model: nn.Module) -> dict[str, int | None]:
@@ -51,3 +56,19 @@ def shard_state_dict(full: dict[str, torch.Tensor], local_model: nn.Module,
     dims = tensor_shard_dims(model)
     return {key: shard_slice(tensor, dims.get(key), rank, world).clone()
             for key, tensor in full.items()}
+
+
+def join_shards(shards: list[dict[str, torch.Tensor]],
+                model: nn.Module) -> dict[str, torch.Tensor]:
+    """The single-device state dict from every gp rank's shard state dict, ``shards[j]`` rank
+    j's (as its checkpoint file holds it), with no process group. ``model``: a single-device
+    network of the same build, untouched (a copy of it is sharded over len(shards) simulated
+    ranks to learn which tensors are split along which dimension; the number of classes does
+    not change that, and one on ``meta`` does as well)."""
+    if len(shards) == 1:
+        return dict(shards[0])
+    sharded = parallelize(copy.deepcopy(model), simulated_mesh(len(shards)))
+    dims = tensor_shard_dims(sharded)
+    return {key: tensor if dims.get(key) is None else
+            torch.cat([shard[key] for shard in shards], dim=dims[key])
+            for key, tensor in shards[0].items()}
