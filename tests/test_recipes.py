@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from distributed import run_on_ranks
 from omegaconf import OmegaConf
-from test_train import SMALL, _train
+from test_train import SMALL, _train, run_entry_point
 
 from twolevel_dist.config import TrainConfig, validate
 from twolevel_dist.engine.ema import ShardEMA
@@ -198,3 +198,11 @@ def test_a_run_with_the_average_writes_and_evaluates_it_each_epoch(tmp_path):
     assert any(not torch.equal(saved["model"][k], averaged["model"][k]) for k in saved["model"])
     log = (run_dir / "train.log").read_text()
     assert "linear warmup over 4 steps" in log and log.count("EMA test acc") == 2
+    # The average evaluated alone: the run's last evaluation of it, from model_ema.pt and, with
+    # that moved away, from the last checkpoint's shards.
+    for source in ("model_ema.pt", "checkpoint"):
+        out = run_entry_point("twolevel_dist.evaluate", run_dir, "weights=ema")
+        (line,) = [line for line in out.stdout.splitlines() if line.startswith("evaluated")]
+        assert source in line and f"top-1 {metrics[-1]['ema_test_acc']:.2f}%" in line, line
+        if source == "model_ema.pt":
+            (run_dir / "model_ema.pt").rename(tmp_path / "model_ema.pt")

@@ -361,6 +361,7 @@ class EvaluateConfig:
     run_dir: Optional[str] = None        # the training run's directory (required)
     gp: Optional[int] = None             # ranks per model; null: 1 for one process, else groups
     device: str = "auto"                 # as train's: auto, cpu or cuda
+    weights: str = "model"               # model, or ema: the weight average (train.ema_decay)
     dataset: DatasetOverrides = field(default_factory=DatasetOverrides)
 
 
@@ -371,6 +372,9 @@ def validate_evaluate(cfg: EvaluateConfig) -> None:
                           "train.log and model.pt are in")
     if cfg.gp is not None and cfg.gp < 1:
         raise ConfigError(f"gp={cfg.gp} must be a positive number of ranks per model (or null)")
+    if cfg.weights not in ("model", "ema"):
+        raise ConfigError(f"weights={cfg.weights!r} is not one of model, ema (the weight "
+                          f"average a run with train.ema_decay keeps)")
     check_device(cfg.device)
 
 

@@ -13,7 +13,8 @@ model.pt, or of a checkpoint the run evaluated (an epoch's end, where train.max_
 are that evaluation's in metrics.jsonl to float rounding, on the same device kind (a GPU run
 evaluates in bf16 autocast unless train.amp=false).
 
-Keys (Hydra overrides): run_dir (required), gp, device (auto, cpu, cuda, as train's) and
+Keys (Hydra overrides): run_dir (required), gp, device (auto, cpu, cuda, as train's), weights
+(model, or ema: the weight average of a run with train.ema_decay, model_ema.pt) and
 dataset.* (each one the run's own unless given, e.g. dataset.root=... for the data elsewhere, or
 dataset.name=... for another test set of the same classes). It writes nothing. A refusal is one
 ``error:`` line on stderr and exit code 2.
@@ -109,14 +110,16 @@ def run_config(cfg: EvaluateConfig) -> TrainConfig:
     return replace(train_cfg, device=cfg.device, dataset=replace(train_cfg.dataset, **given))
 
 
-def read_weights(run_dir: Path) -> tuple[list[dict], dict, str]:
+def read_weights(run_dir: Path, which: str = "model") -> tuple[list[dict], dict, str]:
     """(the state dicts of the weights' shards, their meta, what they are): the run's model.pt
     (one shard: the single-device weights), else the newest complete checkpoint, one shard per
-    gp rank of the run that wrote it."""
-    if (run_dir / "model.pt").is_file():
-        saved = read_model_file(run_dir / "model.pt", "run_dir", "train writes it at the end "
+    gp rank of the run that wrote it. ``which="ema"``: the weight average's, model_ema.pt or
+    the checkpoint's average."""
+    name, key = ("model.pt", "model") if which == "model" else ("model_ema.pt", "ema")
+    if (run_dir / name).is_file():
+        saved = read_model_file(run_dir / name, "run_dir", "train writes it at the end "
                                 "of a run: move it away to evaluate the newest checkpoint")
-        return [saved.get("model", saved)], saved.get("meta", {}), "model.pt"
+        return [saved.get("model", saved)], saved.get("meta", {}), name
     position = latest_complete(run_dir)
     if position is None:
         raise ConfigError(f"run_dir={run_dir} holds neither model.pt nor a complete checkpoint "
@@ -130,8 +133,12 @@ def read_weights(run_dir: Path) -> tuple[list[dict], dict, str]:
     except DamagedCheckpoint as error:
         raise ConfigError(f"{error}; to evaluate the checkpoint before it, move "
                           f"{epoch_dir(run_dir, position)} out of the run directory") from None
-    return ([state["model"] for state in states], meta,
-            f"checkpoint {position.name}, joined from {len(states)} gp shards")
+    if states[0].get(key) is None:
+        raise ConfigError(f"weights={which}: run_dir={run_dir} kept no weight average (it "
+                          f"trained without train.ema_decay); evaluate weights=model")
+    return ([state[key] for state in states], meta,
+            f"{'the weight average of ' if key == 'ema' else ''}checkpoint {position.name}, "
+            f"joined from {len(states)} gp shards")
 
 
 def check_split(template: torch.nn.Module, gp: int, train_cfg: TrainConfig) -> None:
@@ -152,7 +159,7 @@ def run(cfg: EvaluateConfig) -> dict:
     read and joined, the model built and split as train does it, the test set evaluated.
     Returns the numbers (on every rank)."""
     train_cfg = run_config(cfg)
-    shards, meta, source = read_weights(Path(cfg.run_dir).expanduser())
+    shards, meta, source = read_weights(Path(cfg.run_dir).expanduser(), cfg.weights)
     # The run's N, which groups=null (the world size) leaves to its meta.
     train_cfg = replace(train_cfg, groups=meta.get("groups") or train_cfg.groups or len(shards))
     # The run's network with its default head, on the CPU (on meta, its initialisation would
