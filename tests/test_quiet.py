@@ -60,3 +60,33 @@ def test_the_cache_moves_with_twolevel_cache_or_dataset_cache_dir(tmp_path, monk
     config = DatasetConfig(name="imagefolder", root=str(root), cache_dir=str(tmp_path / "key"))
     build_loaders(config, seed=0, device=torch.device("cpu"), per_replica=2)
     assert len(list((tmp_path / "key").glob("set-*.npz"))) == 1   # the key wins
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+def test_a_long_evaluation_reports_progress_and_a_short_one_is_quiet(monkeypatch, caplog):
+    from twolevel_dist.engine import loop
+    model = torch.nn.Linear(4, 3)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(4)]
+    caplog.set_level(logging.INFO)
+    loop.evaluate(model, batches, device=torch.device("cpu"), amp=False, dp_group=None)
+    assert _messages(caplog) == []                           # under 30 s: nothing
+    monkeypatch.setattr(loop, "EVAL_PROGRESS_EVERY_S", 0.0)  # every evaluation "long"
+    loop.evaluate(model, batches, device=torch.device("cpu"), amp=False, dp_group=None)
+    assert _messages(caplog) == [f"evaluating the test set: {n}/4 batches ({25 * n}%), 0 s"
+                                 for n in (1, 2, 3)] + ["evaluating the test set: done in 0 s"]
+
+
+def test_the_eta_counts_the_evaluations_still_to_come():
+    from twolevel_dist.engine.metrics import step_line
+    stats = dict(step=35, epoch_step=5, loss=1.0, step_time_s=1.0, data_wait_s=0.0,
+                 images_per_s=10.0)
+    line = dict(label="epoch 4/10", steps_in_epoch=10, total_steps=100, lr=0.1)
+    # 65 steps at 1 s; evaluations after epochs 4 to 10: 7.
+    assert step_line(stats, **line).endswith("ETA 0:01:05 + 7 evaluations not yet timed")
+    assert step_line(stats, **line, evaluation_s=5.0).endswith("ETA 0:01:40")
+    at_the_end = dict(stats, step=100, epoch_step=10)        # its epoch's evaluation still due
+    assert step_line(at_the_end, **line).endswith("ETA 0:00:00 + 1 evaluation not yet timed")
+    # train.max_steps=95: 60 steps and 7 evaluations (after epochs 4 to 9, then at step 95).
+    capped = dict(line, total_steps=95)
+    assert step_line(stats, **capped, evaluation_s=5.0).endswith("ETA 0:01:35")

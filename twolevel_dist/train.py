@@ -14,6 +14,7 @@ died or hung past ``dist.timeout_s`` ends the others with exit code 3.
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -376,7 +377,8 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
                                          comm_bytes_per_step=stats["comm_bytes_per_step"]),
                            stats["step"])
             log.info(step_line(stats, label=label, steps_in_epoch=len(train_loader),
-                               total_steps=total_steps, lr=lr, replicas=job.dp_size))
+                               total_steps=total_steps, lr=lr, replicas=job.dp_size,
+                               evaluation_s=record.get("eval_time_s")))
 
         def checkpoint_inside(step, epoch_sums, epoch=epoch, first=global_step - done_before):
             # Also where train.max_steps ends the run inside the epoch: a resume with more steps
@@ -420,20 +422,24 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, scheduler, meta, loade
 def _evaluate_epoch(cfg, job, model, test_loader, result, epoch, global_step, lr,
                     top5) -> dict:
     """The epoch's record (metrics.jsonl) and its log line: the training sums over the dp
-    replicas and the test set's loss and accuracy (top-5 too for ``top5``)."""
+    replicas and the test set's loss and accuracy (top-5 too for ``top5``), and how long the
+    evaluation took (what the step lines' ETA counts per evaluation still to come)."""
+    started = time.perf_counter()
     test_loss, test_acc, test_acc5 = evaluate(model, test_loader, device=job.device,
                                               amp=job.amp, dp_group=job.dp_group)
+    eval_time_s = time.perf_counter() - started
     totals = _over_replicas(result, job)
     record = dict(epoch=epoch + 1, step=global_step, train_loss=totals.mean_loss,
                   train_acc=totals.accuracy, test_loss=test_loss, test_acc=test_acc, lr=lr,
                   epoch_time_s=result.seconds, images_per_s=totals.samples / result.seconds,
-                  comm_bytes_per_step=result.comm_bytes_per_step)
+                  comm_bytes_per_step=result.comm_bytes_per_step, eval_time_s=eval_time_s)
     if top5:
         record["test_acc5"] = test_acc5
     log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {global_step}: train loss "
              f"{record['train_loss']:.4f} acc {record['train_acc']:.2f}% | test loss "
              f"{test_loss:.4f} acc {test_acc:.2f}%" + (f" top-5 {test_acc5:.2f}%" if top5 else "")
-             + f" | {record['images_per_s']:,.0f} img/s, {result.seconds:.1f} s")
+             + f" | {record['images_per_s']:,.0f} img/s, {result.seconds:.1f} s training + "
+             f"{eval_time_s:.1f} s evaluation")
     return record
 
 
