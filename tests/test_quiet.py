@@ -3,6 +3,8 @@ set, evaluating, compress's phases), the ETA counts the evaluations, and a refus
 no directory, says why once (under torchrun too) and a finished run leaves no lock."""
 
 import logging
+import re
+import time
 
 import torch
 from test_data import make_image_folder, make_tar_gz
@@ -90,3 +92,31 @@ def test_the_eta_counts_the_evaluations_still_to_come():
     # train.max_steps=95: 60 steps and 7 evaluations (after epochs 4 to 9, then at step 95).
     capped = dict(line, total_steps=95)
     assert step_line(stats, **capped, evaluation_s=5.0).endswith("ETA 0:01:35")
+
+
+# --- compress ------------------------------------------------------------------------------------
+
+def test_compress_phase_lines_give_their_true_time_evaluation_included(monkeypatch, caplog):
+    from twolevel_dist import compress
+    from twolevel_dist.config import CompressConfig, DatasetConfig
+    from twolevel_dist.engine.loaders import build_loaders
+    from twolevel_dist.engine.metrics import MetricsWriter
+    from twolevel_dist.models import build_model
+    cfg = CompressConfig(dataset=DatasetConfig(train_size=32, test_size=16, image_size=8))
+    loaders = build_loaders(cfg.dataset, seed=0, device=torch.device("cpu"), per_replica=16)
+    real = compress.evaluate
+
+    def slow_evaluate(*args, **kwargs):                      # an evaluation of 1.5 s
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(compress, "evaluate", slow_evaluate)
+    caplog.set_level(logging.INFO)
+    finetuner = compress.Finetuner(cfg, *loaders, torch.device("cpu"),
+                                   MetricsWriter(".", enabled=False, tensorboard=False))
+    model = build_model("wrn", conv="sc", depth=10, widen=1, num_classes=10)
+    finetuner(model, 2, "fine-tuning")
+    epoch_lines = [m for m in _messages(caplog) if m.startswith("fine-tuning epoch")]
+    assert len(epoch_lines) == 2
+    assert all(re.search(r"\| \d+ s training \+ [12] s evaluation$", m) for m in epoch_lines)
+    (phase,) = [m for m in _messages(caplog) if m.startswith("fine-tuning: ")]
+    assert int(re.fullmatch(r"fine-tuning: 2 epochs in (\d+) s", phase).group(1)) >= 3
