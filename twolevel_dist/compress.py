@@ -119,6 +119,7 @@ class Finetuner:
     def __call__(self, model, epochs: int, phase: str) -> None:
         if epochs == 0:
             return
+        started = time.perf_counter()
         f = self.cfg.finetune
         steps_per_epoch = len(self.train_loader) if f.max_steps is None else \
             min(f.max_steps, len(self.train_loader))
@@ -127,7 +128,6 @@ class Finetuner:
                                     weight_decay=f.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-        started = time.perf_counter()
         for epoch in range(epochs):
             self.train_loader.set_epoch(self.epochs_done)
             result = train_one_epoch(model, self.train_loader, optimizer, device=self.device,
