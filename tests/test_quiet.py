@@ -5,12 +5,19 @@ no directory, says why once (under torchrun too) and a finished run leaves no lo
 import logging
 import re
 import time
+from pathlib import Path
 
+import pytest
 import torch
 from test_data import make_image_folder, make_tar_gz
+from test_train import _train
 
 from twolevel_dist.data import image_folder
 from twolevel_dist.data.image_folder import load_image_folder
+
+TINY = ["model=wrn10_2", "model.widen=1", "dataset.image_size=8", "dataset.train_size=64",
+        "dataset.test_size=16", "train.batch_size=16", "train.epochs=1", "tensorboard=false",
+        "schedule.milestones=[]"]
 
 
 def _messages(caplog) -> list[str]:
@@ -120,3 +127,46 @@ def test_compress_phase_lines_give_their_true_time_evaluation_included(monkeypat
     assert all(re.search(r"\| \d+ s training \+ [12] s evaluation$", m) for m in epoch_lines)
     (phase,) = [m for m in _messages(caplog) if m.startswith("fine-tuning: ")]
     assert int(re.fullmatch(r"fine-tuning: 2 epochs in (\d+) s", phase).group(1)) >= 3
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,line", [
+    (["dataset=imagefolder", "dataset.root=/nonexistent"],
+     "error: image folder root /nonexistent does not exist"),
+    (["groups=3"], "error: groups=3 does not divide the world size 2"),
+    (["resume=true"], "error: resume=true but"),
+])
+def test_a_refusal_under_torchrun_leaves_no_directory_and_says_why_once(tmp_path, overrides,
+                                                                         line):
+    run_dir = tmp_path / "run"
+    out = _train(run_dir, *TINY, *overrides, check=False)
+    assert out.returncode != 0
+    assert not run_dir.exists() and list(tmp_path.iterdir()) == []
+    output = out.stdout + out.stderr
+    assert output.count(line) == 1, output[-3000:]
+    # In torchrun's report, as the root cause (not a link to torchrun's documentation).
+    root_cause = out.stderr[out.stderr.index("Root Cause"):]
+    assert f"traceback : {line}" in root_cause, out.stderr[-3000:]
+
+
+def _files(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*")
+            if p.is_file()}
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was_and_a_finished_run_leaves_no_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, *TINY, nproc=1)
+    assert not (run_dir / ".lock").exists()                  # a clean finish lets it go
+    finished = _files(run_dir)
+    # Refused after its claim (the data are missing): what it wrote is taken back, the earlier
+    # run's .hydra config and train.log among it.
+    out = _train(run_dir, *TINY, "train.epochs=2", "resume=true", "dataset=imagefolder",
+                 f"dataset.root={tmp_path / 'missing'}", nproc=1, check=False)
+    assert out.returncode == 2 and out.stderr.count("error: image folder root") == 1
+    assert _files(run_dir) == finished
+    out = _train(run_dir, *TINY, "train.epochs=2", "resume=true", nproc=1)
+    log = (run_dir / "train.log").read_text()
+    assert "resumed from" in log and "stale lock" not in out.stdout + log
+    assert not (run_dir / ".lock").exists()

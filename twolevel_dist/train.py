@@ -41,7 +41,7 @@ from twolevel_dist.engine.checkpoint import (
     rank_file,
 )
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
-from twolevel_dist.engine.ending import report_exit, stopped_earlier
+from twolevel_dist.engine.ending import announce, leave_to_rank0, report_exit, stopped_earlier
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import (
     EpochSums,
@@ -85,6 +85,14 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers,
                         force=True)
+
+
+def _stop_logging_to_file() -> None:
+    """Close ``train.log`` (before a refused attempt takes it back)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _layout(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -173,11 +181,15 @@ class Job:
 def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> dict:
     """Train as ``cfg`` says, in ``run_dir``: set up, claim the directory, build, restore, fit,
     finish. ``config_files`` (name -> text) are written under ``run_dir/.hydra`` once the
-    directory is claimed."""
+    directory is claimed. Refused before training began (missing data, no checkpoint to resume,
+    a checkpoint of another model...), the attempt takes back what it wrote there
+    (``RunDirLock.take_back``): a refused run leaves no directory, an earlier run's files as
+    they were."""
     validate(cfg)
     cfg = _resolve_resume(cfg, run_dir)
     job = _setup(cfg)
     lock = _claim(cfg, run_dir, job, config_files or {})
+    began = False
     try:
         _setup_logging(run_dir, job.rank)
         if lock is not None and lock.stale_note:
@@ -201,6 +213,7 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
         # the test set's partial last batch would be two more compiles for a small share of
         # the time.
         step_model = torch.compile(prepare_for_compile(model)) if cfg.train.compile else model
+        began = True            # from here on a failure keeps what the run wrote
         if cfg.eval_only:
             test_loss, test_acc, test_acc5 = evaluate(model, test_loader, device=job.device,
                                                       amp=job.amp, dp_group=job.dp_group)
@@ -212,6 +225,11 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
                       (train_loader, test_loader), *progress)
         _finish(run_dir, job, model, meta, record)
         return record
+    except BaseException:
+        if lock is not None and not began:
+            _stop_logging_to_file()
+            lock.take_back()
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -511,11 +529,15 @@ def _peer_failure(error: BaseException) -> bool:
 
 
 def _end(code: int, line: str, only_rank0: bool = False, then=None) -> None:
-    """Exit with ``code`` and its one line on stderr, reported to the launcher
-    (``engine.ending``); ``then`` runs before the exit."""
+    """Exit with ``code`` and its one line, shown once where the user looks and reported to
+    the launcher (``engine.ending.announce``); ``then`` runs before the exit. Rank 0 says it at
+    once; another rank first leaves rank 0 the time to (``engine.ending.leave_to_rank0``) and
+    says it only if still running then: its own error. ``only_rank0``: the others stay silent
+    (a stop, which every rank agrees on)."""
+    if env_rank() != 0 and not only_rank0:
+        leave_to_rank0()
     if not only_rank0 or env_rank() == 0:
-        print(line, file=sys.stderr, flush=True)
-        report_exit(code, line)
+        announce(code, line)
     if then is not None:
         then()
     sys.exit(code)
