@@ -22,13 +22,15 @@ class Progress:
     ``update(done)`` logs ``what: done/total unit (pct), elapsed`` at most every ``every_s``
     seconds; ``finish()`` logs ``what: done in <elapsed>`` and returns the elapsed seconds.
     ``announce``: say ``what ...`` at the start (work known to be long); else only a job that
-    has logged progress says when it is done."""
+    has logged progress says when it is done. ``started``: when the work began, if before this
+    (``time.monotonic()``)."""
 
     def __init__(self, log: logging.Logger, what: str, total: int, *, unit: str = "",
-                 every_s: float = 10.0, announce: bool = True):
+                 every_s: float = 10.0, announce: bool = True, started: float | None = None):
         self.log, self.what, self.total, self.every_s = log, what, total, every_s
         self.unit = f" {unit}" if unit else ""
-        self.started = self.last = time.monotonic()
+        self.last = time.monotonic()
+        self.started = self.last if started is None else started
         self.spoke = announce
         if announce:
             log.info(f"{what} ...")
