@@ -7,7 +7,8 @@
 # Exits with the job's own code (twolevel_dist/engine/ending.py), which torchrun itself hides:
 # 0 done, 2 refused (never restarted: a restart cannot fix a config error), 3 a rank died or
 # hung, 75 stopped by Ctrl-C / SIGTERM / SIGUSR2 with a complete checkpoint (continue with the
-# same command and resume=auto run_dir=<the directory the last line names>).
+# same command and resume=auto run_dir=<the directory the last line names>). The job's one
+# line (error: ..., stopped: ...) is printed last, after whatever torchrun reports.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -38,5 +39,6 @@ while true; do
 done
 if [ -s "$TWOLEVEL_EXIT_FILE" ]; then
     code=$(head -n 1 "$TWOLEVEL_EXIT_FILE")
+    [ "$code" = 0 ] || tail -n +2 "$TWOLEVEL_EXIT_FILE" >&2
 fi
 exit "$code"

@@ -340,7 +340,7 @@ def test_evaluation_counts_top1_and_top5_and_the_step_line_reads_like_a_cluster_
     stats = dict(step=250, epoch_step=50, loss=1.5, step_time_s=0.5, data_wait_s=0.1,
                  images_per_s=256.0, peak_memory_bytes=3 * 2**30)
     line = step_line(stats, label="epoch 2/10", steps_in_epoch=200, total_steps=2000, lr=0.05,
-                     replicas=2)
-    # 1750 steps left at 0.5 s: 14 min 35 s.
+                     replicas=2, evaluation_s=5.0)
+    # 1750 steps left at 0.5 s and 9 evaluations at 5 s: 15 min 20 s.
     assert line == ("epoch 2/10 [50/200] step 250/2000 loss 1.5000 lr 0.05 | 512 img/s, step "
-                    "0.500 s (data wait 0.100 s) | ETA 0:14:35 | peak memory 3.00 GiB")
+                    "0.500 s (data wait 0.100 s) | ETA 0:15:20 | peak memory 3.00 GiB")

@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "twolevel_dist"
 
 FLOORS = {
-    "errors": 0, "validate": 0, "paper": 0, "eager": 0,
+    "errors": 0, "validate": 0, "paper": 0, "eager": 0, "progress": 0,
     "layers": 1, "data": 1,
     "models": 2, "parallel": 2,
     "engine": 3, "params": 3, "selfgroup": 3,

@@ -394,9 +394,10 @@ def test_a_refusal_under_the_launcher_is_not_restarted(tmp_path):
     job = _launch(tmp_path / "run", *SIGNALLED, "schedule.gamma=-1")
     out, err = job.communicate(timeout=120)
     assert job.returncode == 2, err[-3000:]
-    # Once per rank at most (the first ends torchrun, which may stop the other first), and no
-    # restart round: torchrun alone would run both ranks twice (MAX_RESTARTS=1).
-    assert err.count("error: schedule.gamma") in (1, 2), err[-3000:]
+    # Once (rank 0 says it, last, through the script), and no restart round: torchrun alone
+    # would run both ranks twice (MAX_RESTARTS=1).
+    assert err.count("error: schedule.gamma") == 1, err[-3000:]
+    assert err.splitlines()[-1].startswith("error: schedule.gamma"), err[-3000:]
     assert not (tmp_path / "run").exists()
 
 

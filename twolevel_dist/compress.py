@@ -18,6 +18,8 @@ method=convert  SC -> GC or GC-2L with N groups: the channels of every channel s
 
 The run directory gets report.md and report.json (accuracy, parameters, MACs, compression per
 result, and per layer), metrics.jsonl (one line per fine-tuning epoch) and one .pt per result.
+Every phase's line gives its wall time, its evaluations included; a long evaluation reports its
+progress (``engine.loop.evaluate``).
 """
 
 import copy
@@ -26,6 +28,7 @@ import logging
 import math
 import statistics
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -54,6 +57,7 @@ from twolevel_dist.layers import to_layout
 from twolevel_dist.layers.group import StandardConv2d
 from twolevel_dist.models import build_model
 from twolevel_dist.parallel import local_device
+from twolevel_dist.progress import duration
 from twolevel_dist.selfgroup.accounting import LayerRow, layer_report, markdown_table, totals
 from twolevel_dist.selfgroup.convert import convert_to_grouped, wrn_channel_graph
 from twolevel_dist.selfgroup.grouping import progressive_schedule, prune_step
@@ -103,15 +107,20 @@ class Finetuner:
         self.amp = resolve_amp(cfg.finetune.amp, device)
         self.train_loader, self.test_loader = train_loader, test_loader
         self.epochs_done = 0
+        self.eval_s = None          # the last evaluation's time: the ETA counts it per epoch
 
     def evaluate(self, model) -> tuple[float, float]:
         """(test loss, top-1 accuracy)."""
-        return evaluate(model, self.test_loader, device=self.device, amp=self.amp,
-                        dp_group=None)[:2]
+        started = time.perf_counter()
+        result = evaluate(model, self.test_loader, device=self.device, amp=self.amp,
+                          dp_group=None)[:2]
+        self.eval_s = time.perf_counter() - started
+        return result
 
     def __call__(self, model, epochs: int, phase: str) -> None:
         if epochs == 0:
             return
+        started = time.perf_counter()
         f = self.cfg.finetune
         steps_per_epoch = len(self.train_loader) if f.max_steps is None else \
             min(f.max_steps, len(self.train_loader))
@@ -129,7 +138,8 @@ class Finetuner:
                                      on_log=lambda stats: log.info(step_line(
                                          stats, label=f"{phase}, epoch {epoch + 1}/{epochs}",
                                          steps_in_epoch=steps_per_epoch, total_steps=total,
-                                         lr=optimizer.param_groups[0]["lr"])))
+                                         lr=optimizer.param_groups[0]["lr"],
+                                         evaluation_s=self.eval_s)))
             self.epochs_done += 1
             test_loss, test_acc = self.evaluate(model)
             record = dict(epoch=self.epochs_done, step=self.epochs_done, phase=phase,
@@ -138,7 +148,10 @@ class Finetuner:
                           epoch_time_s=result.seconds)
             self.writer.epoch(record)
             log.info(f"{phase} epoch {epoch + 1}/{epochs}: train loss {result.mean_loss:.4f} | "
-                     f"test acc {test_acc:.2f}% | {result.seconds:.0f} s")
+                     f"test acc {test_acc:.2f}% | {duration(result.seconds)} training + "
+                     f"{duration(self.eval_s)} evaluation")
+        log.info(f"{phase}: {epochs} epoch{'s' if epochs > 1 else ''} in "
+                 f"{duration(time.perf_counter() - started)}")
 
 
 def _eval_ms_per_batch(model, loader, reps: int = 5) -> float:
@@ -156,8 +169,11 @@ def _eval_ms_per_batch(model, loader, reps: int = 5) -> float:
 
 
 def _result_row(label: str, model, finetuner, input_size, **extra) -> dict:
+    started = time.perf_counter()
     test_loss, test_acc = finetuner.evaluate(model)
     cost = totals(model, input_size)
+    log.info(f"{label}: test acc {test_acc:.2f}%, {cost.kept_params:,} parameters | evaluated "
+             f"in {duration(time.perf_counter() - started)}")
     return dict(result=label, test_acc=test_acc, test_loss=test_loss,
                 params=cost.kept_params, macs=cost.kept_macs, **extra)
 
@@ -178,18 +194,22 @@ def run_sg(cfg, model, finetuner, input_size, run_dir, meta) -> tuple[list[dict]
     schedule = sorted(set(progressive_schedule(targets[-1], s.step)) | set(targets))
     layers = {}
     for sparsity in schedule:
+        started = time.perf_counter()
         summary = prune_step(model, sparsity=sparsity, groups=s.groups, seed=cfg.seed,
                              scope=s.scope, include_shortcuts=s.include_shortcuts,
                              linear_until=s.linear_until)
+        pruned_s = time.perf_counter() - started
         _, pruned_acc = finetuner.evaluate(model)
         log.info(f"pruned to {100 * summary.pruned_fraction:.1f}% of the connections (step "
-                 f"{sparsity}): test acc {pruned_acc:.2f}% before fine-tuning")
+                 f"{sparsity}): test acc {pruned_acc:.2f}% before fine-tuning | "
+                 f"{duration(pruned_s)} pruning + {duration(finetuner.eval_s)} evaluation")
         if s.scheme == "local_global":
             finetuner(model, s.local_epochs, f"local fine-tuning at {sparsity}")
         if sparsity not in targets:
             continue
         final = copy.deepcopy(model)
         finetuner(final, s.global_epochs, f"global fine-tuning at {sparsity}")
+        started = time.perf_counter()
         masked = _result_row(f"SG {sparsity:.0%} pruned", final, finetuner, input_size,
                              acc_right_after_pruning=pruned_acc,
                              masked_ms_per_batch=_eval_ms_per_batch(final,
@@ -201,6 +221,9 @@ def run_sg(cfg, model, finetuner, input_size, run_dir, meta) -> tuple[list[dict]
         layers[masked["result"]] = [asdict(r) for r in layer_report(final, input_size)]
         write_model_file(run_dir / f"sg_{round(100 * sparsity)}.pt", final.state_dict(),
                          dict(meta, conv="sg", sparsity=sparsity, sg=asdict(s)))
+        log.info(f"{masked['result']}: compact form test acc {masked['compact_test_acc']:.2f}%; "
+                 f"both forms evaluated, timed and saved in "
+                 f"{duration(time.perf_counter() - started)}")
     return rows, layers
 
 
@@ -209,12 +232,15 @@ def run_convert(cfg, model, finetuner, input_size, run_dir, meta) -> tuple[list[
     rows = [_result_row("baseline (SC)", model, finetuner, input_size)]
     layers = {}
     for partition in c.partitions:
+        started = time.perf_counter()
         grouped, report = convert_to_grouped(
             model, conv=c.conv, groups=c.groups, model_name=cfg.model.name,
             model_kwargs=cfg.model.build_kwargs(), method=partition, seed=cfg.seed)
-        log.info(report.summary())
+        log.info(f"{report.summary()} | converted in {duration(time.perf_counter() - started)}")
         label = f"{c.conv} N={c.groups}, {partition} partition"
         _, converted_acc = finetuner.evaluate(grouped)
+        log.info(f"{label}: test acc {converted_acc:.2f}% before fine-tuning | evaluated in "
+                 f"{duration(finetuner.eval_s)}")
         finetuner(grouped, c.epochs, f"fine-tuning {label}")
         rows.append(_result_row(label, grouped, finetuner, input_size,
                                 acc_right_after_conversion=converted_acc,

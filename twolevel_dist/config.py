@@ -50,6 +50,9 @@ class DatasetConfig:
     # train_images / classes of each class); null: all. The test set is always whole.
     train_images: Optional[int] = None
     workers: int = 8                     # streaming (imagenet) loader workers
+    # imagefolder: where archives are extracted and decoded arrays cached. null: $TWOLEVEL_CACHE,
+    # else root/.twolevel_cache (a writable folder) or ~/.cache/twolevel_dist (README: Caches)
+    cache_dir: Optional[str] = None
 
 
 @dataclass

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -49,7 +50,7 @@ from twolevel_dist.engine.checkpoint import (
 )
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
 from twolevel_dist.engine.ema import ShardEMA
-from twolevel_dist.engine.ending import report_exit, stopped_earlier
+from twolevel_dist.engine.ending import announce, leave_to_rank0, report_exit, stopped_earlier
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import (
     EpochSums,
@@ -96,6 +97,14 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers,
                         force=True)
+
+
+def _stop_logging_to_file() -> None:
+    """Close ``train.log`` (before a refused attempt takes it back)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def model_groups(cfg: TrainConfig, world: int) -> int:
@@ -197,7 +206,10 @@ class Job:
 def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> dict:
     """Train as ``cfg`` says, in ``run_dir``: set up, claim the directory, build, restore, fit,
     finish. ``config_files`` (name -> text) are written under ``run_dir/.hydra`` once the
-    directory is claimed."""
+    directory is claimed. Refused before training began (missing data, no checkpoint to resume,
+    a checkpoint of another model...), the attempt takes back what it wrote there
+    (``RunDirLock.take_back``): a refused run leaves no directory, an earlier run's files as
+    they were."""
     validate(cfg)
     cfg = _resolve_resume(cfg, run_dir)
     job = setup_job(cfg)
@@ -205,6 +217,7 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be "
                           f"divisible by the {job.dp_size} data-parallel replicas")
     lock = _claim(cfg, run_dir, job, config_files or {})
+    began = False
     try:
         _setup_logging(run_dir, job.rank)
         if lock is not None and lock.stale_note:
@@ -225,10 +238,16 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
         # the test set's partial last batch would be two more compiles for a small share of
         # the time.
         step_model = torch.compile(prepare_for_compile(model)) if cfg.train.compile else model
+        began = True            # from here on a failure keeps what the run wrote
         record = _fit(cfg, run_dir, job, model, step_model, optimizer, schedule, ema, meta,
                       (train_loader, test_loader), *progress)
         _finish(run_dir, job, model, ema, meta, record)
         return record
+    except BaseException:
+        if lock is not None and not began:
+            _stop_logging_to_file()
+            lock.take_back()
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -436,7 +455,8 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, schedule, ema, meta, l
                                          comm_bytes_per_step=stats["comm_bytes_per_step"]),
                            stats["step"])
             log.info(step_line(stats, label=label, steps_in_epoch=len(train_loader),
-                               total_steps=total_steps, lr=lr, replicas=job.dp_size))
+                               total_steps=total_steps, lr=lr, replicas=job.dp_size,
+                               evaluation_s=record.get("eval_time_s")))
 
         def checkpoint_inside(step, epoch_sums, epoch=epoch, first=global_step - done_before):
             # Also where train.max_steps ends the run inside the epoch: a resume with more steps
@@ -480,8 +500,10 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, schedule, ema, meta, l
 def _evaluate_epoch(cfg, job, model, ema, test_loader, result, epoch, global_step, lr,
                     top5) -> dict:
     """The epoch's record (metrics.jsonl) and its log line: the training sums over the dp
-    replicas and the test set's loss and accuracy (top-5 too for ``top5``), and the weight
-    average's (``ema``) where there is one."""
+    replicas and the test set's loss and accuracy (top-5 too for ``top5``), the weight
+    average's (``ema``) where there is one, and how long the evaluation took (what the step
+    lines' ETA counts per evaluation still to come)."""
+    started = time.perf_counter()
     test_loss, test_acc, test_acc5 = evaluate(model, test_loader, device=job.device,
                                               amp=job.amp, dp_group=job.dp_group)
     totals = _over_replicas(result, job)
@@ -500,10 +522,12 @@ def _evaluate_epoch(cfg, job, model, ema, test_loader, result, epoch, global_ste
         if top5:
             record["ema_test_acc5"] = ema_acc5
         averaged = f" | EMA test acc {record['ema_test_acc']:.2f}%"
+    record["eval_time_s"] = eval_time_s = time.perf_counter() - started
     log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {global_step}: train loss "
              f"{record['train_loss']:.4f} acc {record['train_acc']:.2f}% | test loss "
              f"{test_loss:.4f} acc {test_acc:.2f}%" + (f" top-5 {test_acc5:.2f}%" if top5 else "")
-             + averaged + f" | {record['images_per_s']:,.0f} img/s, {result.seconds:.1f} s")
+             + averaged + f" | {record['images_per_s']:,.0f} img/s, {result.seconds:.1f} s "
+             f"training + {eval_time_s:.1f} s evaluation")
     return record
 
 
@@ -584,11 +608,15 @@ def _peer_failure(error: BaseException) -> bool:
 
 
 def _end(code: int, line: str, only_rank0: bool = False, then=None) -> None:
-    """Exit with ``code`` and its one line on stderr, reported to the launcher
-    (``engine.ending``); ``then`` runs before the exit."""
+    """Exit with ``code`` and its one line, shown once where the user looks and reported to
+    the launcher (``engine.ending.announce``); ``then`` runs before the exit. Rank 0 says it at
+    once; another rank first leaves rank 0 the time to (``engine.ending.leave_to_rank0``) and
+    says it only if still running then: its own error. ``only_rank0``: the others stay silent
+    (a stop, which every rank agrees on)."""
+    if env_rank() != 0 and not only_rank0:
+        leave_to_rank0()
     if not only_rank0 or env_rank() == 0:
-        print(line, file=sys.stderr, flush=True)
-        report_exit(code, line)
+        announce(code, line)
     if then is not None:
         then()
     sys.exit(code)

@@ -13,9 +13,9 @@ and ``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` (CIFAR-100).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
-import shutil
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,9 @@ import torch
 from twolevel_dist.data.arrays import ImageArrays
 from twolevel_dist.data.safe_tar import safe_extract_tar
 from twolevel_dist.errors import DataError
+from twolevel_dist.progress import Progress
+
+log = logging.getLogger(__name__)
 
 CIFAR_IMAGE_SIZE = 32
 _PIXELS_PER_IMAGE = 3 * CIFAR_IMAGE_SIZE * CIFAR_IMAGE_SIZE
@@ -123,8 +126,14 @@ def _fetch_url(url: str, destination: Path) -> None:
     partial = destination.with_name(destination.name + ".partial")
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out, length=1 << 20)
+            size = int(response.headers.get("Content-Length") or 0)
+            progress = Progress(log, f"downloading {url} to {destination}", size >> 20,
+                                unit="MB")
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                progress.update(out.tell() >> 20)
         os.replace(partial, destination)
+        progress.finish()
     except OSError as error:  # URLError is an OSError
         partial.unlink(missing_ok=True)
         raise DataError(
@@ -152,6 +161,7 @@ def verify_and_extract(
     archive_path = Path(archive_path)
     if not archive_path.is_file():
         raise DataError(f"archive {archive_path} does not exist; download it first.")
+    log.info(f"checking the md5 of {archive_path} and extracting it into {root}")
     actual = md5_of_file(archive_path)
     if actual != md5.lower():
         raise DataError(

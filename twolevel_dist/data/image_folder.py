@@ -8,6 +8,12 @@ Layout::
 ``root`` may also be a .tar / .tar.gz / .tgz archive of that layout: it is extracted once
 into a cache folder. Decoded arrays are cached in an .npz keyed by the file list, sizes,
 mtimes and ``image_size``, so editing the folder invalidates the cache automatically.
+
+Where the caches go: ``cache_dir`` (``dataset.cache_dir``), else ``$TWOLEVEL_CACHE``, for both;
+with neither, decoded arrays go to ``root/.twolevel_cache`` where ``root`` is writable and to
+``~/.cache/twolevel_dist`` (``$XDG_CACHE_HOME/twolevel_dist``) otherwise, and archives are
+extracted to ``~/.cache/twolevel_dist/extracted`` (their arrays then cached inside that copy).
+Extracting and decoding log their progress; a start that reads the cache says so, and where.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +37,16 @@ from twolevel_dist.data import decode
 from twolevel_dist.data.arrays import ImageArrays
 from twolevel_dist.data.safe_tar import safe_extract_tar
 from twolevel_dist.errors import DataError
+from twolevel_dist.progress import Progress, duration
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _CACHE_FORMAT_VERSION = 1
 _LAYOUT = "root/train/<class>/<image> and root/test/<class>/<image> (or root/val/<class>/<image>)"
+PROGRESS_EVERY_S = 10.0
+CACHE_ENV = "TWOLEVEL_CACHE"
 # Below this many images a process pool costs more (start-up, pickling) than it saves.
 _MIN_IMAGES_FOR_POOL = 2048
 _IMAGES_PER_TASK = 1024
@@ -64,6 +77,9 @@ def load_image_folder(
     root = Path(root).expanduser()
     if root.is_file() and root.name.endswith(ARCHIVE_SUFFIXES):
         root = _extracted_archive(root, cache_dir)
+    # The times logged count from here: listing the files and keying the cache by their sizes
+    # and dates takes seconds for CIFAR-10's 60,000 files.
+    started = time.monotonic()
     train_dir, test_dir = find_split_dirs(root)
     classes = list_classes(train_dir)
     train_files = _list_split(root, train_dir, classes)
@@ -76,11 +92,19 @@ def load_image_folder(
         cache_path = folder / _cache_file_name(root, image_size, key)
         cached = _read_cache(cache_path, key, classes)
         if cached is not None:
+            log.info(f"read {len(cached[0]) + len(cached[1]):,} decoded images of {root} from "
+                     f"the cache {cache_path} ({cache_path.stat().st_size / 2**20:,.0f} MB) in "
+                     f"{duration(time.monotonic() - started)}")
             return cached
 
     all_paths = [str(root / p) for p in train_files.relative_paths + test_files.relative_paths]
-    images = decode_all(all_paths, image_size, workers=workers)
     num_train = len(train_files.relative_paths)
+    where = f"into the cache {cache_path}" if cache_path is not None else "(no cache)"
+    progress = Progress(log, f"decoding {len(all_paths):,} images of {root} ({num_train:,} "
+                             f"train, {len(all_paths) - num_train:,} test) {where}",
+                        len(all_paths), unit="images", every_s=PROGRESS_EVERY_S,
+                        started=started)
+    images = decode_all(all_paths, image_size, workers=workers, progress=progress)
     train = ImageArrays(
         torch.from_numpy(images[:num_train]),
         torch.tensor(train_files.labels, dtype=torch.int64),
@@ -91,8 +115,10 @@ def load_image_folder(
         torch.tensor(test_files.labels, dtype=torch.int64),
         list(classes),
     )
-    if cache_path is not None:
-        _write_cache(cache_path, key, train, test)
+    if cache_path is not None and _write_cache(cache_path, key, train, test):
+        progress.finish(f" ({cache_path.stat().st_size / 2**20:,.0f} MB written)")
+    else:
+        progress.finish()
     return train, test
 
 
@@ -177,27 +203,41 @@ def image_files(class_dir: Path) -> list[Path]:
 
 
 def decode_all(
-    paths: list[str], image_size: int | None, *, workers: int | None = None
+    paths: list[str],
+    image_size: int | None,
+    *,
+    workers: int | None = None,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """All ``paths`` decoded into one uint8 ``[N, 3, H, W]`` array, in order.
 
     Uses a process pool for large sets (Pillow decoding is CPU bound and holds the GIL for
-    small images), and decodes in this process for small ones.
+    small images), and decodes in this process for small ones. ``progress`` hears of every
+    decoded chunk.
     """
     if workers is None:
         workers = os.cpu_count() or 1
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}.")
     chunks = [paths[i : i + _IMAGES_PER_TASK] for i in range(0, len(paths), _IMAGES_PER_TASK)]
+    parts: list[np.ndarray] = []
+
+    def decoded(part: np.ndarray) -> None:
+        parts.append(part)
+        if progress is not None:
+            progress.update(sum(len(p) for p in parts))
+
     if workers == 1 or len(paths) < _MIN_IMAGES_FOR_POOL:
-        parts = [decode.decode_chunk(chunk, image_size) for chunk in chunks]
+        for chunk in chunks:
+            decoded(decode.decode_chunk(chunk, image_size))
     else:
         # fork (where available) starts workers instantly and shares the parent's imports.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
         with concurrent.futures.ProcessPoolExecutor(
             max_workers=min(workers, len(chunks)), mp_context=multiprocessing.get_context(method)
         ) as pool:
-            parts = list(pool.map(decode.decode_chunk, chunks, [image_size] * len(chunks)))
+            for part in pool.map(decode.decode_chunk, chunks, [image_size] * len(chunks)):
+                decoded(part)
     for chunk, part in zip(chunks, parts):
         if part.shape[1:] != parts[0].shape[1:]:
             raise decode.mixed_size_error(
@@ -223,8 +263,11 @@ def cache_key(root: Path, splits: tuple[_SplitFiles, ...], image_size: int | Non
 
 
 def default_cache_dir(root: Path) -> Path:
-    """``root/.twolevel_cache`` when root is writable, else ``$XDG_CACHE_HOME/twolevel_dist``
-    (``~/.cache/twolevel_dist``), e.g. for a read-only shared data folder."""
+    """``$TWOLEVEL_CACHE`` where set; else ``root/.twolevel_cache`` when root is writable, else
+    ``$XDG_CACHE_HOME/twolevel_dist`` (``~/.cache/twolevel_dist``), e.g. for a read-only shared
+    data folder."""
+    if os.environ.get(CACHE_ENV):
+        return user_cache_dir()
     local = root / ".twolevel_cache"
     if _is_writable_dir(local):
         return local
@@ -232,6 +275,10 @@ def default_cache_dir(root: Path) -> Path:
 
 
 def user_cache_dir() -> Path:
+    """``$TWOLEVEL_CACHE``, else ``$XDG_CACHE_HOME/twolevel_dist`` (``~/.cache/twolevel_dist``):
+    the project's one cache folder (``launch/gpu_image_env.sh`` uses it too)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "twolevel_dist"
 
@@ -279,8 +326,9 @@ def _read_cache(path: Path, key: str, classes: list[str]) -> tuple[ImageArrays, 
     return train, test
 
 
-def _write_cache(path: Path, key: str, train: ImageArrays, test: ImageArrays) -> None:
-    """Atomic write (temp file + os.replace), then drop stale caches of the same folder."""
+def _write_cache(path: Path, key: str, train: ImageArrays, test: ImageArrays) -> bool:
+    """Atomic write (temp file + os.replace), then drop stale caches of the same folder;
+    whether it was written."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
@@ -305,12 +353,13 @@ def _write_cache(path: Path, key: str, train: ImageArrays, test: ImageArrays) ->
             f"could not write image cache {path} ({error}); the folder will be decoded again next "
             "time."
         )
-        return
+        return False
     # Same folder and image_size, older key: that cache can never be hit again.
     stale_prefix = path.name[: -len(".npz") - 16]
     for other in path.parent.iterdir():
         if other != path and other.name.startswith(stale_prefix) and other.name.endswith(".npz"):
             other.unlink(missing_ok=True)
+    return True
 
 
 def _extracted_archive(archive: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -327,7 +376,12 @@ def _extracted_archive(archive: Path, cache_dir: str | os.PathLike[str] | None) 
     base = Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()
     folder = base / "extracted" / f"{stem}-{tag}"
     complete_marker = folder / ".complete"
-    if not complete_marker.is_file():
+    if complete_marker.is_file():
+        log.info(f"{archive}: using its extracted copy {folder}")
+    else:
+        progress = Progress(log, f"extracting {archive} into {folder} (once: later starts reuse "
+                                 f"it)", 1)
         safe_extract_tar(archive, folder)
         complete_marker.touch()
+        progress.finish()
     return folder

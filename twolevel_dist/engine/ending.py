@@ -7,21 +7,32 @@ with a complete checkpoint, resumable (``engine.stop``); 130 interrupted before 
 torchrun hides a worker's exit code (it exits 1 whatever failed) and restarts failed workers up
 to ``--max-restarts`` times. So:
 
-where ``TWOLEVEL_EXIT_FILE`` names a file (our launchers set it: ``launch/torchrun.sh``), the job
-writes its exit code and its one line there for the launcher to exit with, and a worker that
-ends with code 2 under torchrun also ends its agent (SIGTERM), so that the agent does not
-restart it into the same refusal. A stop is not restarted either: when a signal reached only
-the workers (SLURM signals every process of a step), torchrun restarts them, and the restarted
-workers find the stop recorded and end at once (``stopped_earlier``). Under a bare torchrun
-nothing of this happens.
+where ``TWOLEVEL_EXIT_FILE`` names a file (our launchers set it: ``launch/torchrun.sh``,
+``launch/slurm.sbatch``), the job writes its exit code and its one line there for the launcher
+to exit with and print last, after torchrun's own report, and a worker that ends with code 2
+under torchrun also ends its agent (SIGTERM), so that the agent does not restart it into the
+same refusal. A stop is not restarted either: when a signal reached only the workers (SLURM
+signals every process of a step), torchrun restarts them, and the restarted workers find the
+stop recorded and end at once (``stopped_earlier``). Under a bare torchrun nothing of this
+happens, but a refusal's line is what torchrun's failure report shows (``announce``).
+
+The line is shown once: rank 0 says an error that every rank meets (most are: a config, the
+data, a check the ranks agree on), and the other ranks leave it that time (``leave_to_rank0``).
 """
 
+import json
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
+from twolevel_dist.engine.stop import STOP_SIGNALS
+
 EXIT_FILE = "TWOLEVEL_EXIT_FILE"
+ERROR_FILE = "TORCHELASTIC_ERROR_FILE"      # set by torchrun for each worker
 NO_RESTART = (2,)
+RANK0_GRACE_S = 10.0
 
 
 def report_exit(code: int, line: str) -> None:
@@ -47,3 +58,36 @@ def stopped_earlier() -> str | None:
     except (OSError, ValueError):
         return None
     return line.strip() if code.strip() == "75" else None
+
+
+def announce(code: int, line: str) -> None:
+    """Record ``code`` and ``line`` for the launcher (``report_exit``) and show ``line`` once,
+    as the last thing where that can be done: under our launchers they print it after torchrun's
+    report; a refusal or failure (codes 2, 3) under a bare torchrun goes into this worker's
+    error file, which torchrun's report prints (as the "Root Cause" where this rank failed
+    first) instead of a pointer to its documentation; anything else goes to stderr (a stop's
+    line too: the Ctrl-C that stopped the run also ends torchrun's agent, which then reports
+    nothing)."""
+    report_exit(code, line)
+    if os.environ.get(EXIT_FILE):
+        return
+    error_file = os.environ.get(ERROR_FILE)
+    if code in (2, 3) and error_file:
+        # The format of torch.distributed.elastic's ErrorHandler.record_exception, with the
+        # line where it puts a traceback (what the report prints).
+        now = str(int(time.time()))
+        Path(error_file).write_text(json.dumps(dict(message=dict(
+            message=line, extraInfo=dict(py_callstack=line, timestamp=now)))))
+        return
+    print(line, file=sys.stderr, flush=True)
+
+
+def leave_to_rank0(grace_s: float = RANK0_GRACE_S) -> None:
+    """On a rank other than 0 about to exit with an error: wait ``grace_s`` for the launcher to
+    end this process. Rank 0 says an error every rank meets, and once it exits torchrun (srun
+    ``--kill-on-bad-exit``) stops the others; exiting first instead would have torchrun stop
+    rank 0, perhaps before it said why. A rank still running after ``grace_s`` met an error of
+    its own (or runs without such a launcher), and then says it itself."""
+    for signum in STOP_SIGNALS:         # the launcher's SIGTERM ends this process, not a stop
+        signal.signal(signum, signal.SIG_DFL)
+    time.sleep(grace_s)

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from twolevel_dist.data import DeviceLoader, is_streaming, load_arrays
 from twolevel_dist.data.streaming import StreamingEpochLoader
-from twolevel_dist.errors import ConfigError
+from twolevel_dist.errors import ConfigError, DataError
 
 
 def build_loaders(dataset, *, seed: int, device: torch.device, rank: int = 0, world: int = 1,
@@ -33,13 +33,20 @@ def _in_memory_loaders(dataset, seed, device, rank, world, dp_rank, dp_size, per
                            seed=seed, image_size=dataset.image_size,
                            num_classes=dataset.num_classes,
                            synthetic_train_size=dataset.train_size,
-                           synthetic_test_size=dataset.test_size)
+                           synthetic_test_size=dataset.test_size, cache_dir=dataset.cache_dir)
+    loaded, problem = None, None
     if rank == 0:
-        train_data, test_data = load()
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        train_data, test_data = load()
+        try:
+            loaded = load()
+        except DataError as error:      # every rank stops with it (rank 0 says why)
+            problem = str(error)
+    if world > 1:                       # the others wait for rank 0's cache here
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+        problem = problems[0]
+    if problem is not None:
+        raise DataError(problem)
+    train_data, test_data = loaded if rank == 0 else load()
     if dataset.train_images is not None:
         train_data = train_data.balanced_subset(dataset.train_images)
     mean, std = train_data.mean_std()

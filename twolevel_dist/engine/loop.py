@@ -1,6 +1,8 @@
 """One training epoch and one evaluation, reading top to bottom. Rank-0 gating is explicit:
-only the caller decides who prints and writes."""
+only the caller decides who prints and writes (a long evaluation's progress lines go to the
+log, which only rank 0's shows)."""
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -14,6 +16,10 @@ from twolevel_dist.engine.step_flags import StepFlag, StepFlags
 from twolevel_dist.engine.stop import signal_name
 from twolevel_dist.errors import RunError
 from twolevel_dist.parallel import all_reduce_values, count_collectives
+from twolevel_dist.progress import Progress
+
+log = logging.getLogger(__name__)
+EVAL_PROGRESS_EVERY_S = 30.0
 
 
 @dataclass
@@ -187,10 +193,13 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, lr_at=None,
 def evaluate(model, loader, *, device, amp: bool, dp_group) -> tuple[float, float, float]:
     """Mean loss, top-1 and top-5 accuracy (percent) over the whole test set: each dp replica
     evaluates its shard, and the sums are added once over the dp group (every gp rank has the
-    same logits)."""
+    same logits). Quiet when short; one that takes longer than ``EVAL_PROGRESS_EVERY_S`` logs
+    how far it is that often (batches queued, on a GPU), and when it is done."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
-    for images, labels in loader:
+    progress = Progress(log, "evaluating the test set", len(loader), unit="batches",
+                        every_s=EVAL_PROGRESS_EVERY_S, announce=False)
+    for batch, (images, labels) in enumerate(loader, 1):
         with autocast(device, amp):
             logits = model(images)
         totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
@@ -198,8 +207,10 @@ def evaluate(model, loader, *, device, amp: bool, dp_group) -> tuple[float, floa
         totals[1] += (top5[:, 0] == labels).sum()
         totals[2] += (top5 == labels[:, None]).any(dim=1).sum()
         totals[3] += labels.numel()
+        progress.update(batch)
     loss_sum, top1, top5, count = all_reduce_values(totals, device=device,
                                                     group=dp_group).tolist()
+    progress.finish()
     return loss_sum / count, 100.0 * top1 / count, 100.0 * top5 / count
 
 

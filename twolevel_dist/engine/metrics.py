@@ -40,18 +40,28 @@ class MetricsWriter:
 
 
 def step_line(stats: dict, *, label: str, steps_in_epoch: int, total_steps: int, lr: float,
-              replicas: int = 1) -> str:
+              replicas: int = 1, evaluation_s: float | None = None) -> str:
     """One line for a log that is not a terminal (a SLURM output file, train.log): where the
-    run is, the loss, the speed of the last steps, how long the rest should take at that speed
-    and, on GPUs, the peak memory. ``stats`` is what ``train_one_epoch`` reports; images/s is
-    summed over the ``replicas`` (data-parallel replicas each see their own images)."""
-    eta = max(total_steps - stats["step"], 0) * stats["step_time_s"]
+    run is, the loss, the speed of the last steps, how long the rest should take and, on GPUs,
+    the peak memory. ``stats`` is what ``train_one_epoch`` reports; images/s is summed over the
+    ``replicas`` (data-parallel replicas each see their own images).
+
+    The ETA: the remaining steps at the recent speed, plus the evaluations still to come (one
+    after each epoch, and one where ``total_steps`` ends the run) at the last evaluation's
+    measured time ``evaluation_s``; before any evaluation has been timed, the line says how many
+    it leaves out."""
+    step = stats["step"]
+    evaluations = max(math.ceil(total_steps / steps_in_epoch) - math.ceil(step / steps_in_epoch)
+                      + 1, 0)
+    eta = max(total_steps - step, 0) * stats["step_time_s"] + evaluations * (evaluation_s or 0)
     hours, rest = divmod(int(eta), 3600)
-    line = (f"{label} [{stats['epoch_step']}/{steps_in_epoch}] step {stats['step']}/"
+    line = (f"{label} [{stats['epoch_step']}/{steps_in_epoch}] step {step}/"
             f"{total_steps} loss {stats['loss']:.4f} lr {lr:.4g} | "
             f"{stats['images_per_s'] * replicas:,.0f} img/s, step {stats['step_time_s']:.3f} s "
             f"(data wait {stats['data_wait_s']:.3f} s) | ETA {hours}:{rest // 60:02d}:"
             f"{rest % 60:02d}")
+    if evaluation_s is None and evaluations:
+        line += f" + {evaluations} evaluation{'s' if evaluations > 1 else ''} not yet timed"
     if stats.get("peak_memory_bytes") is not None:
         line += f" | peak memory {stats['peak_memory_bytes'] / 2**30:.2f} GiB"
     return line

@@ -1,12 +1,15 @@
 """One job per run directory, and no fresh run over an old one.
 
 - A lock held for the job's lifetime: ``.lock``, locked with ``flock`` by rank 0 and naming its
-  holder (host, pid, job, start). The kernel releases it when the holder dies, so the lock of a
-  dead job is recognised as stale and taken over; a live one refuses the second job by name.
+  holder (host, pid, job, start). A job that ends removes it; the kernel releases the ``flock``
+  of a job that died without removing it, so such a lock is recognised as stale and taken over
+  (and the log says so); a live one refuses the second job by name.
 - A fresh run (not ``resume=true``, not a torchrun restart) into a directory that holds a run
   (checkpoints, ``model.pt`` or ``metrics.jsonl``) is refused unless ``overwrite=true``, which
   removes that run's files first.
-- Refusals write nothing: the lock is only created once every check has passed.
+- Refusals leave nothing: the lock is only created once these checks have passed, and an
+  attempt refused after its claim (missing data, no checkpoint to resume, ...) takes back what
+  it wrote (``RunDirLock.take_back``).
 """
 
 import contextlib
@@ -43,11 +46,13 @@ def _try_lock(fd: int) -> bool:
 
 
 class RunDirLock:
-    """The job's hold on its run directory; ``release`` (or the job's end) lets it go."""
+    """The job's hold on its run directory; ``release`` removes it (the kernel lets it go if
+    the job dies first)."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
         self._fd = None
+        self._footprint = None
         self.stale_note = None
 
     def check_free(self) -> None:
@@ -68,22 +73,87 @@ class RunDirLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not _try_lock(fd):                  # another job got here since check_free
-            os.close(fd)
-            raise ConfigError(f"run_dir={self.path.parent} was just taken by "
-                              f"{_holder_text(self.path)}; give this job another run_dir")
+        for _ in range(3):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_lock(fd):                  # another job got here since check_free
+                os.close(fd)
+                raise ConfigError(f"run_dir={self.path.parent} was just taken by "
+                                  f"{_holder_text(self.path)}; give this job another run_dir")
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)    # a job ending as we opened it removed that file: open the new one
+        else:
+            raise ConfigError(f"run_dir={self.path.parent}: its lock file keeps being replaced "
+                              f"by other jobs; give this job another run_dir")
         holder = dict(host=socket.gethostname(), pid=os.getpid(),
                       job=os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID"),
                       started=time.strftime("%Y-%m-%d %H:%M:%S"))
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(holder) + "\n").encode())
         self._fd = fd
+        self._footprint = _Footprint(self.path.parent)
+
+    def take_back(self) -> None:
+        """Undo what this attempt wrote since its claim: it was refused before training began.
+        In a directory that held nothing before (Hydra creates the run directory before the job
+        starts), everything, and the directory; in one that held a run, only this attempt's
+        additions (its new files, its lines of ``train.log``, its ``.hydra`` config, which gets
+        the earlier one back)."""
+        if self._fd is not None:
+            self._footprint.take_back()
+            self.release()
+            if self._footprint.was_empty:
+                remove_if_empty(self.path.parent)
 
     def release(self) -> None:
+        """Remove the lock, then let it go: a finished job leaves no lock for the next to find
+        (a lock file found is a dead job's)."""
         if self._fd is not None:
+            if _same_file(self._fd, self.path):
+                self.path.unlink()
             os.close(self._fd)
             self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+class _Footprint:
+    """What a run directory held when this attempt claimed it (nothing of the attempt's yet but
+    its lock), to take back exactly what the attempt adds."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.names = {p.name for p in run_dir.iterdir()} - {LOCK}
+        self.was_empty = not self.names
+        log = run_dir / "train.log"
+        self.log_size = log.stat().st_size if log.is_file() else None
+        self.hydra = {p.name: p.read_bytes() for p in (run_dir / ".hydra").glob("*")
+                      if p.is_file()}
+
+    def take_back(self) -> None:
+        for path in self.run_dir.iterdir():
+            if path.name not in self.names | {LOCK}:
+                _remove(path)
+        if self.log_size is not None:
+            os.truncate(self.run_dir / "train.log", self.log_size)
+        if ".hydra" in self.names:
+            for path in (self.run_dir / ".hydra").iterdir():
+                if path.name not in self.hydra:
+                    _remove(path)
+            for name, text in self.hydra.items():
+                (self.run_dir / ".hydra" / name).write_bytes(text)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def existing_run(run_dir: Path) -> list[str]:
@@ -109,11 +179,8 @@ def claim(run_dir: Path, *, continuing: bool, overwrite: bool) -> RunDirLock:
     lock.acquire()
     if previous and overwrite and not continuing:
         for name in RUN_FILES:
-            target = Path(run_dir) / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+            _remove(Path(run_dir) / name)
+        lock._footprint = _Footprint(Path(run_dir))     # what a refusal may leave: not those
     return lock
 
 
