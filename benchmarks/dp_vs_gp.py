@@ -42,7 +42,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory  # noqa: E402  (the per-rank memory plan and the networks it builds)
-from common import RESULTS, add_output_options, machine, output_stem, shown  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    add_output_options,
+    machine,
+    output_stem,
+    read_rows,
+    shown,
+)
 from plotting import IDEAL, log_axis, pyplot, save, style  # noqa: E402
 
 from twolevel_dist.paper import PAPER_CIFAR10_ERROR_WRN28_10  # noqa: E402
@@ -450,6 +457,20 @@ def plot(rows: list[dict], networks, gpus, links, batch: int, path: Path) -> Non
     plt = pyplot()
     if plt is not None:
         save(figure(plt, rows, networks, gpus, links, batch), path)
+
+
+def replot(csv_path: Path, stem: Path) -> None:
+    """The plot from the projection's csv alone (every point is a row of it): a new look without
+    planning the memory again. The accuracy csv beside it has no plot."""
+    rows = read_rows(csv_path)
+    if not rows or "speedup_no_overlap" not in rows[0]:
+        print(f"{shown(csv_path)}: no plot for this result, skipped")
+        return
+    networks = list(dict.fromkeys(r["network"] for r in rows))
+    links = list(dict.fromkeys(r["link"] for r in rows if r["link"] != "none"))
+    gpus = sorted({r["N"] for r in rows if r["N"] > 1})
+    batch = next(r["rank_batch"] for r in rows if r["kind"] == "sc")
+    plot(rows, networks, gpus, links, batch, stem.with_suffix(".png"))
 
 
 def notes(args, rows: list[dict], batch_limits: dict) -> list[str]:

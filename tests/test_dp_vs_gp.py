@@ -34,6 +34,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import common  # noqa: E402
 import dp_vs_gp  # noqa: E402
 import plotting  # noqa: E402
+import replot  # noqa: E402
 
 WRN10_2 = dict(depth=10, widen=2, num_classes=10)
 
@@ -281,3 +282,15 @@ def test_the_plot_reads_plainly():
             assert lines[label].get_linestyle() == linestyle
         assert lines["SC on one GPU"].get_color() == colours["sc"]
     plotting.pyplot().close(fig)
+
+
+def test_replot_redraws_the_plot_from_the_committed_csv(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    committed = BENCHMARKS / "results" / "dp_vs_gp_wrn28"
+    accuracy = committed.parent / "dp_vs_gp_wrn28_accuracy.csv"
+    assert replot.main([str(committed.with_suffix(".csv")), str(accuracy)]) == 0
+    (png,) = tmp_path.glob("results/new/*/dp_vs_gp_wrn28.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "dp_vs_gp_wrn28_accuracy.csv: no plot for this result, skipped" in \
+        capsys.readouterr().out
+    assert not list(tmp_path.glob("results/new/*/dp_vs_gp_wrn28_accuracy.png"))
