@@ -25,7 +25,11 @@ Per rank also: parameters, bytes per step, and the planned peak memory (benchmar
 fake-tensor plan, bf16, at the rank's batch; plus DDP's bucket buffers, 4P, where dp > 1). A
 second table puts the accuracy sweep's test errors beside the projected speed.
 
-  python benchmarks/dp_vs_gp.py
+  python benchmarks/dp_vs_gp.py --update
+
+(--update replaces the committed benchmarks/results/dp_vs_gp_wrn28.{csv,md,png} and
+dp_vs_gp_wrn28_accuracy.csv; without it a run writes to a fresh folder,
+benchmarks/results/new/<UTC time>/.)
 """
 
 import argparse
@@ -38,7 +42,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory  # noqa: E402  (the per-rank memory plan and the networks it builds)
-from common import REPO, machine  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    add_output_options,
+    machine,
+    output_stem,
+    read_rows,
+    shown,
+)
+from plotting import IDEAL, log_axis, pyplot, save, style  # noqa: E402
 
 from twolevel_dist.paper import PAPER_CIFAR10_ERROR_WRN28_10  # noqa: E402
 from twolevel_dist.parallel.comm_model import (  # noqa: E402
@@ -50,7 +62,6 @@ from twolevel_dist.parallel.comm_model import (  # noqa: E402
     sent_bytes,
 )
 
-RESULTS = REPO / "benchmarks" / "results"
 STEPS_CSV = RESULTS / "gpu_check" / "20261205-193619" / "gpu_step_time.csv"
 ACCURACY_CSVS = (RESULTS / "accuracy_cifar10_wrn10_2_cpu.csv",
                  RESULTS / "accuracy_cifar10_mobilenet_v2_cpu.csv")
@@ -387,59 +398,79 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _plot(rows: list[dict], networks, gpus, links, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib is not installed: no {path.name} (pip install -e '.[bench]')",
-              file=sys.stderr)
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    # A fixed colour per scheme, a line style per link (one shared table may replace these).
-    colours = {"ddp": "tab:blue", "gc2l": "tab:red", "gc": "tab:gray", "mix": "tab:purple"}
-    styles = dict(zip(links, ("-", "--", ":", "-.")))
-    fig, axes = plt.subplots(1, len(networks), figsize=(5.5 * len(networks), 4.2), sharey=True,
-                             squeeze=False)
-    axes = list(axes[0])
-    for ax, network in zip(axes, networks):
-        for link in links:
-            _plot_link(ax, rows, network, link, gpus, colours, styles[link])
-        ax.axhline(1.0, color="black", linewidth=0.8, label="SC on one GPU")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_xticks(gpus, [str(n) for n in gpus])
-        ticks = [2.0 ** k for k in range(-2, 5)]
-        ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+def figure(plt, rows: list[dict], networks, gpus, links, batch: int):
+    """Speedup over SC on one GPU against N: a panel per network (a row) and link (a column),
+    each scheme in its kind's colour (plotting.KIND_COLOURS: DDP is ``sc_dp``, the dp x gp
+    mixes ``mix``), a line style per link."""
+    linestyles = dict(zip(links, ("-", "--", ":", "-.")))
+    fig, axes = plt.subplots(len(networks), len(links), sharex=True, sharey=True, squeeze=False,
+                             figsize=(4.6 * len(links), 3.6 * len(networks) + 0.4))
+    for network, row in zip(networks, axes):
+        for link, ax in zip(links, row):
+            _plot_link(ax, rows, network, link, linestyles[link])
+            ax.axhline(1.0, color=style("sc")["color"], linewidth=1, label="SC on one GPU")
+            log_axis(ax, "x", ticks=gpus)
+            log_axis(ax, "y", suffix="x")
+            ax.grid(True, which="major", linewidth=0.3, alpha=0.5)
+            ax.set_title(f"{NAMES.get(network, network)} over {link} "
+                         f"({LINKS[link].bandwidth_gbs:g} GB/s)", fontsize=10)
+    for ax in axes[-1]:
         ax.set_xlabel("GPUs (N)")
-        ax.set_title(f"{NAMES.get(network, network)}, batch 128, bf16", fontsize=10)
-    axes[0].set_ylabel("speedup over SC on one GPU (x)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
-    fig.savefig(path, dpi=120)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("speedup over SC on one GPU (x)")
+    fig.suptitle(f"Projected: one GPU's measured compute (bf16, global batch {batch}) + "
+                 "modelled communication", fontsize=10)
+    # One legend, in the first row's last panel (the schemes are the same in every panel).
+    ax = axes[0, -1]
+    handles, labels = ax.get_legend_handles_labels()
+    for link, linestyle in linestyles.items():        # what a line style says
+        handles += ax.plot([], [], color=IDEAL["color"], linestyle=linestyle)
+        labels.append(f"line style: {link}")
+    ax.legend(handles, labels, fontsize=7, loc="best", ncol=2)
+    return fig
 
 
-def _plot_link(ax, rows, network, link, gpus, colours, style) -> None:
+def _plot_link(ax, rows, network, link, linestyle) -> None:
     def series(kind, key):
-        pts = [(r["N"], r[key]) for r in rows if r["network"] == network and r["link"] == link
-               and r["kind"] == kind and r[key] != ""]
         best = {}
-        for n, value in pts:                 # mixes: the best gp at each N
-            best[n] = max(best.get(n, 0.0), value)
+        for r in rows:                       # mixes: the best gp at each N
+            if r["network"] == network and r["link"] == link and r["kind"] == kind \
+                    and r[key] != "":
+                best[r["N"]] = max(best.get(r["N"], 0.0), r[key])
         return sorted(best.items())
+    ddp = style("ddp")
     lo, hi = series("ddp", "speedup_no_overlap"), series("ddp", "speedup_ideal_overlap")
     ax.fill_between([n for n, _ in lo], [v for _, v in lo], [v for _, v in hi],
-                    color=colours["ddp"], alpha=0.15)
-    ax.plot([n for n, _ in hi], [v for _, v in hi], style, color=colours["ddp"], marker="o",
-            label=f"DDP, {link} (band: ideal to no overlap)")
-    for kind, text in (("gc2l", "GC-2L gp = N"), ("gc", "GC gp = N (less accurate)"),
+                    color=ddp["color"], alpha=0.15, linewidth=0)
+    ax.plot([n for n, _ in hi], [v for _, v in hi], label="DDP (band: ideal to no overlap)",
+            **{**ddp, "linestyle": linestyle})
+    for kind, text in (("gc2l", "GC-2L, gp = N"), ("gc", "GC, gp = N (less accurate)"),
                        ("mix", "dp x gp, best gp (lower bound)")):
         pts = series(kind, "speedup_no_overlap")
-        ax.plot([n for n, _ in pts], [v for _, v in pts], style, color=colours[kind],
-                marker="^" if kind == "mix" else "s", label=f"{text}, {link}",
-                linewidth=0.8 if kind == "gc" else 1.5, fillstyle="none" if kind == "mix"
-                else "full")
+        ax.plot([n for n, _ in pts], [v for _, v in pts], label=text,
+                **{**style(kind), "linestyle": linestyle},
+                linewidth=0.8 if kind == "gc" else 1.5,
+                fillstyle="none" if kind == "mix" else "full")
+
+
+def plot(rows: list[dict], networks, gpus, links, batch: int, path: Path) -> None:
+    plt = pyplot()
+    if plt is not None:
+        save(figure(plt, rows, networks, gpus, links, batch), path)
+
+
+def replot(csv_path: Path, stem: Path) -> None:
+    """The plot from the projection's csv alone (every point is a row of it): a new look without
+    planning the memory again. The accuracy csv beside it has no plot."""
+    rows = read_rows(csv_path)
+    if not rows or "speedup_no_overlap" not in rows[0]:
+        print(f"{shown(csv_path)}: no plot for this result, skipped")
+        return
+    networks = list(dict.fromkeys(r["network"] for r in rows))
+    links = list(dict.fromkeys(r["link"] for r in rows if r["link"] != "none"))
+    gpus = sorted({r["N"] for r in rows if r["N"] > 1})
+    batch = next(r["rank_batch"] for r in rows if r["kind"] == "sc")
+    plot(rows, networks, gpus, links, batch, stem.with_suffix(".png"))
 
 
 def notes(args, rows: list[dict], batch_limits: dict) -> list[str]:
@@ -451,12 +482,11 @@ def notes(args, rows: list[dict], batch_limits: dict) -> list[str]:
     fit = (f"Every configuration here fits one {CAPACITY_GB:g} GB GPU by that plan" if not
            too_big else f"Not within one {CAPACITY_GB:g} GB GPU by that plan: "
            + ", ".join(too_big))
-    steps = Path(args.steps).resolve()
-    shown = steps.relative_to(REPO) if steps.is_relative_to(REPO) else steps
+    steps = Path(args.steps)
     return [
         "**Measured**: one rank's compute (forward, backward, SGD step) on one GPU, the per-rank "
         "simulation with the collectives replaced by local stand-ins, bf16 autocast, "
-        f"channels-last, from `{shown}` "
+        f"channels-last, from `{shown(steps)}` "
         f"(machine: {steps_machine(steps)}). Single cells of that check varied up to "
         "1.8x between its two device calls (its NOTES.md): read margins below that as "
         "unsettled. The global batch stays 128 at every N (DDP at N = 16: 8 images per "
@@ -527,7 +557,7 @@ def main(argv=None) -> int:
                         choices=sorted(LINKS))
     parser.add_argument("--batch", type=int, default=128, help="global batch (the measured one)")
     parser.add_argument("--accuracy", nargs="*", default=[str(p) for p in ACCURACY_CSVS])
-    parser.add_argument("--out", default=str(RESULTS / "dp_vs_gp_wrn28"), help="result stem")
+    add_output_options(parser)          # the committed name: dp_vs_gp_wrn28 (_default_name)
     args = parser.parse_args(argv)
     args.command = " ".join(["python benchmarks/dp_vs_gp.py",
                              *(sys.argv[1:] if argv is None else argv)])
@@ -536,14 +566,21 @@ def main(argv=None) -> int:
     wins = winners(rows, args.networks, args.gpus, args.links)
     acc = accuracy_rows(read_accuracy(args.accuracy), rows, args.networks, args.links)
     limits = {network: largest_sc_batch(network) for network in args.networks}
-    stem = Path(args.out)
+    stem = output_stem(args, _default_name(args.networks))
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_csv(stem.with_suffix(".csv"), rows)
     write_csv(stem.parent / f"{stem.name}_accuracy.csv", acc)
     write_markdown(stem.with_suffix(".md"), args, rows, wins, acc, limits)
-    _plot(rows, args.networks, args.gpus, args.links, stem.with_suffix(".png"))
     print(stem.with_suffix(".md").read_text())
+    print(f"wrote {shown(stem)}.csv, .md and {stem.name}_accuracy.csv", flush=True)
+    plot(rows, args.networks, args.gpus, args.links, args.batch, stem.with_suffix(".png"))
     return 0
+
+
+def _default_name(networks) -> str:
+    """The committed name for the default networks; another selection gets its own name, so
+    that --update never replaces the committed table with part of it."""
+    return "dp_vs_gp_" + ("wrn28" if list(networks) == list(NAMES) else "_".join(networks))
 
 
 if __name__ == "__main__":

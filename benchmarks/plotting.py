@@ -16,6 +16,7 @@ KIND_COLOURS = {
     "flgc": "#9467bd",          # purple
     "sc_split": "#8c564b",      # brown: SC across ranks, each layer split by output channels
     "sc_dp": "#e377c2",         # pink: data parallel, SC replicated (DDP)
+    "mix": "#17becf",           # cyan: dp x gp, data-parallel replicas of a GC-2L model
 }
 ALIASES = {"sc split": "sc_split", "dp": "sc_dp", "ddp": "sc_dp"}
 # A variant of a kind (GC-2L's paths) keeps the kind's colour: the line and marker tell it apart.

@@ -6,8 +6,9 @@ plot's look changes without re-running a benchmark (timings need a quiet machine
 
 Each csv's plot is drawn by the script that wrote it (scaling_*: scaling.py, which also reads the
 command and commit from the md beside the csv; accuracy_*: accuracy.py; gpu_step_time:
-gpu_table.py); csv files of results without a plot are skipped. --update writes each png beside
-its csv; by default they go to a fresh folder, benchmarks/results/new/<UTC time>/.
+gpu_table.py; dp_vs_gp_*: dp_vs_gp.py); csv files of results without a plot are skipped.
+--update writes each png beside its csv; by default they go to a fresh folder,
+benchmarks/results/new/<UTC time>/.
 """
 
 import argparse
@@ -16,12 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
+import dp_vs_gp  # noqa: E402
 import gpu_table  # noqa: E402
 import scaling  # noqa: E402
 from common import add_output_options, output_stem, shown  # noqa: E402
 
 PLOTTERS = {"scaling_": scaling.replot, "accuracy_": accuracy.replot,
-            "gpu_step_time": gpu_table.replot}
+            "gpu_step_time": gpu_table.replot, "dp_vs_gp_": dp_vs_gp.replot}
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,10 @@ from twolevel_dist.parallel.simulated import simulated_mesh
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import common  # noqa: E402
 import dp_vs_gp  # noqa: E402
+import plotting  # noqa: E402
+import replot  # noqa: E402
 
 WRN10_2 = dict(depth=10, widen=2, num_classes=10)
 
@@ -228,10 +231,15 @@ def test_planned_memory_is_memory_pys():
                                                            "128")], rel=1e-6)
 
 
-def test_the_script_writes_its_tables(tmp_path):
-    stem = tmp_path / "dp"
+def test_the_script_writes_its_tables_to_a_new_folder(tmp_path, monkeypatch):
+    # Without --update or --out a run never touches the committed results: it writes under
+    # common.RESULTS/new/<UTC time>/, here in tmp_path, in a name of its own for part of the
+    # networks. The inputs (the GPU step times, the accuracy sweep) are still the committed ones.
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     assert dp_vs_gp.main(["--networks", "wrn28_10", "--gpus", "2", "4", "--links",
-                          "ethernet100", "--out", str(stem)]) == 0
+                          "ethernet100"]) == 0
+    (stem,) = [p.with_suffix("") for p in tmp_path.glob("results/new/*/dp_vs_gp_wrn28_10.md")]
+    assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     md = stem.with_suffix(".md").read_text()
     assert "Command: `python benchmarks/dp_vs_gp.py --networks wrn28_10" in md
     assert "NVIDIA H100 80GB HBM3" in md                      # where the compute was measured
@@ -241,6 +249,48 @@ def test_the_script_writes_its_tables(tmp_path):
     assert [r["scheme"] for r in rows] == ["SC, one GPU", "DDP", "GC-2L", "GC", "DDP", "GC-2L",
                                           "GC", "dp 2 x gp 2"]
     assert all(r["fits_80GB"] == "True" for r in rows)
-    with open(tmp_path / "dp_accuracy.csv") as f:
+    with open(stem.parent / "dp_vs_gp_wrn28_10_accuracy.csv") as f:
         gc2l_16 = next(r for r in csv.DictReader(f) if r["kind"] == "gc2l" and r["N"] == "16")
     assert float(gc2l_16["wrn10_2_error"]) == pytest.approx((31.08 + 30.94) / 2)
+
+
+def test_the_default_networks_write_the_committed_name():
+    assert dp_vs_gp._default_name(list(dp_vs_gp.NAMES)) == "dp_vs_gp_wrn28"
+    assert dp_vs_gp._default_name(["wrn28_40"]) == "dp_vs_gp_wrn28_40"
+
+
+def test_the_plot_reads_plainly():
+    networks, gpus, links = list(dp_vs_gp.NAMES), [2, 4, 8, 16], ["nvlink", "ethernet100"]
+    rows = _rows(networks, gpus, links)
+    fig = dp_vs_gp.figure(plotting.pyplot(), rows, networks, gpus, links, 128)
+    fig.canvas.draw()
+    panels = fig.axes
+    assert [ax.get_title() for ax in panels] == [
+        "WRN-28-10 over nvlink (450 GB/s)", "WRN-28-10 over ethernet100 (12.5 GB/s)",
+        "WRN-28-40 over nvlink (450 GB/s)", "WRN-28-40 over ethernet100 (12.5 GB/s)"]
+    assert panels[2].get_xlabel() == panels[3].get_xlabel() == "GPUs (N)"
+    assert panels[0].get_ylabel() == panels[2].get_ylabel() == "speedup over SC on one GPU (x)"
+    assert [t.get_text() for t in panels[2].get_xticklabels()] == ["2", "4", "8", "16"]
+    assert {"0.5x", "1x", "2x", "4x", "8x"} <= {t.get_text() for t in panels[2].get_yticklabels()}
+    colours = plotting.KIND_COLOURS
+    for ax, linestyle in zip(panels, ["-", "--", "-", "--"]):      # a line style per link
+        lines = {line.get_label(): line for line in ax.get_lines() if len(line.get_xdata())}
+        for label, kind in (("DDP (band: ideal to no overlap)", "sc_dp"), ("GC-2L, gp = N", "gc2l"),
+                            ("GC, gp = N (less accurate)", "gc"),
+                            ("dp x gp, best gp (lower bound)", "mix")):
+            assert lines[label].get_color() == colours[kind]
+            assert lines[label].get_linestyle() == linestyle
+        assert lines["SC on one GPU"].get_color() == colours["sc"]
+    plotting.pyplot().close(fig)
+
+
+def test_replot_redraws_the_plot_from_the_committed_csv(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    committed = BENCHMARKS / "results" / "dp_vs_gp_wrn28"
+    accuracy = committed.parent / "dp_vs_gp_wrn28_accuracy.csv"
+    assert replot.main([str(committed.with_suffix(".csv")), str(accuracy)]) == 0
+    (png,) = tmp_path.glob("results/new/*/dp_vs_gp_wrn28.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "dp_vs_gp_wrn28_accuracy.csv: no plot for this result, skipped" in \
+        capsys.readouterr().out
+    assert not list(tmp_path.glob("results/new/*/dp_vs_gp_wrn28_accuracy.png"))
