@@ -55,14 +55,22 @@ def time_steps(step, warmup: int, reps: int, sync=lambda: None) -> list[float]:
 
 
 def training_step(model, batch: int, image_size: int = 32, num_classes: int = 10, device="cpu",
-                  channels_last: bool = False, amp: bool = False):
+                  channels_last: bool = False, amp: bool = False,
+                  part: tuple[int, int] | None = None):
     """A closure doing one SGD step (forward, backward, optimizer) on a fixed random batch; with
     ``channels_last``, the images and the convolution weights in that layout, as
     ``train.channels_last=true`` has them; with ``amp``, the forward under bf16 autocast, as
-    ``train.amp=true``."""
+    ``train.amp=true``. ``part=(i, k)``: the i-th of k equal slices of that batch, a data-
+    parallel replica's share of the global ``batch``."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
-    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator)
+    if part is not None:
+        index, count = part
+        if batch % count:
+            raise ValueError(f"batch {batch} does not split into {count} equal parts")
+        images, labels = images.chunk(count)[index], labels.chunk(count)[index]
+    images, labels = images.to(device), labels.to(device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
         to_layout(model, torch.channels_last)

@@ -11,8 +11,18 @@
 Both report the speedup over SC on one rank, and GC-2L's efficiency against the ideal N^2
 (N times fewer parameters per rank, each rank doing 1/N^2 of SC's work).
 
+``real`` also runs data parallelism at the same N and the same global batch ``--batch``, when
+``--convs`` names it:
+  sc_dp       SC replicated on the N ranks under DDP (dp = N), each rank batch/N images of the
+              global batch; ideal N.
+  gc2l_dp<k>  k DDP replicas of a GC-2L model with N/k groups (dp = k, gp = N/k, at the N with
+              N/k >= 2), each replica batch/k images; ideal k (N/k)^2.
+Their bytes per step add DDP's gradient all-reduce (full tensors, as the engine counts its own
+collectives), summed from the buckets DDP hands a comm hook on the step that is counted.
+
   python benchmarks/scaling.py sim --model wrn28_10 --groups 1 2 4 8 16
   python benchmarks/scaling.py real --model wrn16_4 --groups 1 2 4 --batch 32
+  python benchmarks/scaling.py real --model wrn16_4 --groups 1 2 4 --convs sc sc_dp gc2l gc2l_dp2
 
 Results go to a fresh folder, benchmarks/results/new/<UTC time>/ (--update: over the committed
 ones, --out STEM: STEM.csv/.md/.png); benchmarks/replot.py redraws a plot from its csv.
@@ -50,15 +60,113 @@ from twolevel_dist.parallel import all_reduce_values, count_collectives, paralle
 from twolevel_dist.parallel.comm_model import LINKS, LinkModel, modelled_seconds  # noqa: E402
 from twolevel_dist.parallel.simulated import simulated_mesh  # noqa: E402
 
-SCHEMES = ("sc", "gc", "gc2l", "shuffle")
+SCHEMES = ("sc", "gc", "gc2l", "shuffle")          # the default --convs, and sim's choices
+DP_SCHEMES = ("sc_dp", "gc2l_dp<k>")                 # real mode only (split_ranks)
+LABELS = {"sc_dp": "sc dp (DDP)"}
+
+
+def split_ranks(conv: str, n: int) -> tuple[str, int, int]:
+    """(the network's conv, dp, gp) of scheme ``conv`` on ``n`` ranks: ``sc_dp`` SC replicated
+    on every rank (dp = n, gp = 1); ``gc2l_dp<k>`` k replicas of GC-2L over n/k ranks each; any
+    other one model over the n ranks (dp = 1, gp = n). ValueError where n ranks cannot hold it."""
+    if conv == "sc_dp":
+        return "sc", n, 1
+    match = re.fullmatch(r"gc2l_dp(\d+)", conv)
+    if match:
+        dp = int(match[1])
+        if dp < 2 or n % dp or n // dp < 2:
+            raise ValueError(f"{conv} needs N = {dp} x gp with gp >= 2 groups, not N = {n}")
+        return "gc2l", dp, n // dp
+    return conv, 1, n
+
+
+def rank_batch(batch: int, dp: int) -> int:
+    """Images per rank of a replica when ``dp`` replicas share the global ``batch``."""
+    if batch % dp:
+        raise ValueError(f"the global batch {batch} does not split into {dp} equal replicas")
+    return batch // dp
+
+
+def ideal_speedup(conv: str, dp: int, gp: int) -> int:
+    """SC split over gp ranks (and DDP's replicas): dp x gp; GC, GC-2L and Shuffle: N^2 less work
+    per rank at gp = N (1/gp^2 of SC's), times dp replicas each on 1/dp of the batch."""
+    return dp * gp if conv == "sc" else dp * gp * gp
+
+
+def scheme_name(text: str) -> str:
+    """``--convs``/``--conv`` of real mode: one of SCHEMES, sc_dp or gc2l_dp<k> (k >= 2)."""
+    if text in SCHEMES or text == "sc_dp" or re.fullmatch(r"gc2l_dp([2-9]|[1-9]\d+)", text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid scheme {text!r} (choose from {', '.join(SCHEMES + DP_SCHEMES)})")
 
 
 def _shard(model_name, conv, n, mesh, overlap, device):
-    """Rank ``mesh``'s shard of the network at N = ``n`` on ``device`` (N = 1: the whole one).
-    ``overlap`` is explicit (not by device), so that every row says which GC-2L path it ran."""
+    """Rank ``mesh``'s shard of the network at N = ``n`` groups on ``device`` (N = 1: the whole
+    one), wrapped in DDP where the mesh has dp > 1. ``overlap`` is explicit (not by device), so
+    that every row says which GC-2L path it ran."""
     model = model_from_config(model_name, conv, 1 if conv == "sc" else n)
-    return model.to(device) if n == 1 else parallelize(model, mesh, overlap=overlap,
+    single = n == 1 and mesh["dp"].size() == 1
+    return model.to(device) if single else parallelize(model, mesh, overlap=overlap,
                                                        device=device)
+
+
+class DDPBytes:
+    """The bytes of the buckets a DDP model reduces (``nbytes``, one entry per bucket since
+    ``clear``), recorded by a comm hook that all-reduces them over the model's group as DDP's
+    default does (``communicate``), or returns them as they are: a local stand-in without
+    communication. DDP takes one comm hook, for good."""
+
+    def __init__(self, ddp, communicate: bool):
+        self.group, self.communicate, self.nbytes = ddp.process_group, communicate, []
+        ddp.register_comm_hook(self, _recording_hook)
+
+    def clear(self) -> None:
+        self.nbytes = []
+
+
+def _recording_hook(state: DDPBytes, bucket):
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    buffer = bucket.buffer()
+    state.nbytes.append(buffer.numel() * buffer.element_size())
+    if state.communicate:
+        return default_hooks.allreduce_hook(state.group, bucket)
+    future = torch.futures.Future()
+    future.set_result(buffer)
+    return future
+
+
+def build_rank(model_name: str, conv: str, collectives: str, overlap: bool, device, batch: int,
+               channels_last: bool = False, amp: bool = False):
+    """This rank's part of scheme ``conv`` on the job's ranks (torch.distributed initialised):
+    (model, step, DDPBytes or None). A replica's ranks share its images, ``batch // dp`` of the
+    global ``batch``. "local" collectives: the gp ones by local stand-ins, DDP's by a hook that
+    does not communicate. "real": DDP as parallelize wraps it, no hook (the caller attaches
+    ``DDPBytes(model, True)`` for the step it counts, after the timed ones)."""
+    import torch.distributed as dist
+
+    from twolevel_dist.parallel import init_mesh
+    n, rank = dist.get_world_size(), dist.get_rank()
+    net, dp, gp = split_ranks(conv, n)
+    part, hook = None, None
+    if dp == 1:
+        mesh = init_mesh(n) if collectives == "real" else simulated_mesh(n, rank)
+        model = _shard(model_name, net, n, mesh, overlap, device)
+    else:
+        mesh = init_mesh(gp, dp)
+        part = (mesh["dp"].get_local_rank(), dp)
+        if collectives == "real":
+            model = _shard(model_name, net, gp, mesh, overlap, device)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+            shard = _shard(model_name, net, gp, simulated_mesh(gp, mesh["gp"].get_local_rank()),
+                           overlap, device)
+            model = DistributedDataParallel(shard, process_group=mesh["dp"].get_group(),
+                                            broadcast_buffers=False)
+            hook = DDPBytes(model, communicate=False)
+    step = training_step(model, batch, device=device, channels_last=channels_last, amp=amp,
+                         part=part)
+    return model, step, hook
 
 
 def _variants(convs, with_overlap: bool):
@@ -122,8 +230,9 @@ def run_sim(args) -> list[dict]:
 def _worker(args) -> None:
     """One rank of a real run (under torchrun)."""
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
-    from twolevel_dist.parallel import init_distributed, init_mesh
+    from twolevel_dist.parallel import init_distributed
     torch.set_num_threads(args.threads)
     if args.bind_cores:
         # Rank r on cores [r*t, (r+1)*t): set before the process group exists, so that gloo's
@@ -132,14 +241,11 @@ def _worker(args) -> None:
         os.sched_setaffinity(0, {(local * args.threads + i) % cores for i in range(args.threads)})
     device = init_distributed()
     configure_backends(device)
-    n = dist.get_world_size()
     # "local": every rank runs its own shard at the same time as the others, but with the
     # collectives replaced by local stand-ins: what the step costs without communication,
     # sharing the machine as the real run does.
-    mesh = init_mesh(n) if args.collectives == "real" else simulated_mesh(n, dist.get_rank())
-    model = _shard(args.model, args.conv, n, mesh, args.overlap, device)
-    step = training_step(model, args.batch, device=device, channels_last=args.channels_last,
-                         amp=args.amp)
+    model, step, hook = build_rank(args.model, args.conv, args.collectives, args.overlap, device,
+                                   args.batch, args.channels_last, args.amp)
 
     def sync():
         synchronize(device)
@@ -147,9 +253,15 @@ def _worker(args) -> None:
     # A step lasts as long as its slowest rank.
     times = all_reduce_values(time_steps(step, args.warmup, args.reps, sync), device=device,
                               group=dist.group.WORLD, op="max").tolist()
+    if hook is None and isinstance(model, DistributedDataParallel):
+        # Timed with DDP's own all-reduce; its bytes from a hook on the counted step alone.
+        hook = DDPBytes(model, communicate=True)
+    if hook is not None:
+        hook.clear()
     calls, nbytes = _comm_of_one_step(step)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(dict(step_s=times, calls=calls, bytes=nbytes,
+                                          ddp_bytes=sum(hook.nbytes) if hook else 0,
                                           params_per_rank=sum(p.numel()
                                                               for p in model.parameters()))),
               flush=True)
@@ -178,9 +290,17 @@ def run_real(args) -> list[dict]:
     """Every configuration once per round, the rounds one after another, so that a slow spell
     of a shared machine falls on all configurations alike; a configuration's step time is the
     median over all its rounds' steps."""
-    configs = [(n, conv, overlap) for n in args.groups
-               for conv, overlap in _variants(args.convs, args.with_overlap)
-               if n > 1 or conv == "sc"]
+    configs = []
+    for n in args.groups:
+        for conv, overlap in _variants(args.convs, args.with_overlap):
+            if n == 1 and conv != "sc":
+                continue                      # N = 1 is the SC baseline
+            try:
+                rank_batch(args.batch, split_ranks(conv, n)[1])
+            except ValueError as error:       # e.g. gc2l_dp2 at N = 2 (one group)
+                print(f"skip {conv} N={n}: {error}", file=sys.stderr)
+                continue
+            configs.append((n, conv, overlap))
     steps = {config: [] for config in configs}
     results = {}
     for round_ in range(args.rounds):
@@ -196,17 +316,30 @@ def run_real(args) -> list[dict]:
         if n == 1:
             baseline = step_s
         speedup = baseline / step_s if baseline else float("nan")
-        ideal = n if conv == "sc" else n * n
-        rows.append(dict(model=args.model, conv=_label(conv, overlap), N=n, batch=args.batch,
+        net, dp, gp = split_ranks(conv, n)
+        ideal = ideal_speedup(net, dp, gp)
+        rows.append(dict(model=args.model, conv=_label(conv, overlap), N=n, dp=dp, gp=gp,
+                         batch=args.batch, rank_batch=rank_batch(args.batch, dp),
                          precision="bf16" if args.amp else "fp32", layout=_layout(args),
                          collectives=args.collectives,
                          threads_per_rank=args.threads, oversubscribed=n * args.threads > cores,
                          params_per_rank=result["params_per_rank"], step_s=step_s,
                          step_min_s=min(steps[(n, conv, overlap)]),
-                         comm_MB=sum(result["bytes"].values()) / 1e6,
+                         comm_MB=(sum(result["bytes"].values()) + result["ddp_bytes"]) / 1e6,
+                         ddp_allreduce_MB=result["ddp_bytes"] / 1e6,
                          speedup_vs_sc1=speedup, ideal=ideal, efficiency=speedup / ideal))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+_DP_NOTE = (
+    " Data parallel rows (dp > 1): DDP over dp replicas, each on rank_batch = batch/dp images of "
+    "the same global batch (sc_dp: SC, dp = N; gc2l_dp<k>: GC-2L over gp = N/k ranks per "
+    "replica). comm_MB is the engine's counted gp collectives plus DDP's gradient all-reduce "
+    "(ddp_allreduce_MB: the bytes of the buckets DDP handed a comm hook on one step after the "
+    "timed ones, full tensors as the other collectives are counted; a ring all-reduce sends "
+    "2(dp-1)/dp of it per rank). Ideal: dp x gp for SC (DDP, sc split), dp x gp^2 for GC-2L. "
+    "Memory per rank is not reported.")
 
 
 def _setting(args, rows: list[dict], commit: str) -> str:
@@ -228,16 +361,29 @@ def _setting(args, rows: list[dict], commit: str) -> str:
     return "\n".join(lines) + f"; commit {commit}"
 
 
+def _look(conv: str) -> tuple[dict, str]:
+    """A scheme's line style and legend label: SC at N > 1 is SC split by output channels,
+    sc_dp data parallel, gc2l_dp<k> a dp x gp mix (plotting's ``mix`` colour)."""
+    if conv == "sc":
+        return style("sc_split"), "sc split (N = 1: sc, the baseline)"
+    match = re.fullmatch(r"gc2l_dp(\d+)(\+.*)?", conv)
+    if match:
+        return style("mix" + conv[len("gc2l"):]), \
+            f"gc2l{match[2] or ''}, dp {match[1]} x gp N/{match[1]} (DDP of GC-2L)"
+    return style(conv), LABELS.get(conv, conv)
+
+
 def speedup_figure(plt, rows: list[dict], title: str):
     """Speedup over SC on one rank against N, one line per scheme in its kind's colour (SC at
     N > 1 is SC split by output channels); an oversubscribed point (more threads than cores)
     hollow."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for conv in dict.fromkeys(r["conv"] for r in rows):
+        # DDP's line starts at the baseline: one replica is SC on one rank.
+        of = ("sc_dp", "sc") if conv == "sc_dp" else (conv,)
         points = sorted((r["N"], r["speedup_vs_sc1"], bool(r.get("oversubscribed")))
-                        for r in rows if r["conv"] == conv)
-        look = style("sc_split" if conv == "sc" else conv)
-        label = "sc split (N = 1: sc, the baseline)" if conv == "sc" else conv
+                        for r in rows if r["conv"] == of[0] or (r["conv"] in of and r["N"] == 1))
+        look, label = _look(conv)
         ax.plot([n for n, _, _ in points], [s for _, s, _ in points], label=label, **look)
         hollow = [(n, s) for n, s, over in points if over]
         if hollow:
@@ -245,6 +391,9 @@ def speedup_figure(plt, rows: list[dict], title: str):
                     markerfacecolor="white", markeredgecolor=look["color"], zorder=3)
     ns = sorted({r["N"] for r in rows})
     ax.plot(ns, [n * n for n in ns], label="ideal N² (GC, GC-2L)", **IDEAL)
+    data_parallel = any(r.get("dp", 1) > 1 for r in rows)     # older csv files: no dp column
+    if data_parallel:
+        ax.plot(ns, ns, label="ideal N (DDP, sc split)", **{**IDEAL, "linestyle": "--"})
     crowded = sorted({r["N"] for r in rows if r.get("oversubscribed")})
     if crowded:
         ax.plot([], [], linestyle="none", marker="o", markerfacecolor="white",
@@ -252,7 +401,7 @@ def speedup_figure(plt, rows: list[dict], title: str):
                                               f"(N = {', '.join(map(str, crowded))})")
     log_axis(ax, "x", ticks=ns)
     log_axis(ax, "y", suffix="x")
-    ax.set_xlabel("N (groups = ranks)")
+    ax.set_xlabel("N (ranks = dp x gp)" if data_parallel else "N (groups = ranks)")
     ax.set_ylabel("speedup over SC on one rank (x)")
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
@@ -295,11 +444,19 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--bind-cores", action="store_true",
                            help="pin each rank (and its communication threads) to its own cores")
         if mode == "worker":
-            p.add_argument("--conv", required=True)
+            p.add_argument("--conv", required=True, type=scheme_name)
             p.add_argument("--overlap", action="store_true")
         else:
             p.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4])
-            p.add_argument("--convs", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+            if mode == "sim":
+                p.add_argument("--convs", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+            else:
+                p.add_argument("--convs", nargs="+", default=list(SCHEMES), type=scheme_name,
+                               metavar="CONV",
+                               help=f"schemes, of {', '.join(SCHEMES + DP_SCHEMES)} (default: "
+                                    f"{' '.join(SCHEMES)}); sc_dp: SC under DDP on the N "
+                                    f"ranks, gc2l_dp<k>: k DDP replicas of GC-2L over N/k "
+                                    f"ranks, both on the same global --batch")
             add_output_options(p)
         if mode == "sim":
             p.add_argument("--link", default="nvlink", choices=sorted(LINKS))
@@ -337,7 +494,8 @@ def main(argv=None) -> int:
              "Real ranks: each step's time is its slowest rank's (barrier-synchronised); the "
              "median "
              f"over {getattr(args, 'rounds', 1)} interleaved rounds of {args.reps} steps each. "
-             "'oversubscribed' marks runs with more threads than cores.")
+             "'oversubscribed' marks runs with more threads than cores." +
+             (_DP_NOTE if any(row["dp"] > 1 for row in rows) else ""))
     write_results(stem, rows, f"Scaling ({args.mode}): {args.model}, batch {args.batch}",
                   command, notes)
     plot(rows, args, stem.with_suffix(".png"), git_commit())

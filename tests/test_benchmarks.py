@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from distributed import run_on_ranks
 
 from twolevel_dist.models import build_model
 from twolevel_dist.parallel.comm_model import expected_comm
@@ -37,17 +39,18 @@ def _closed_form_megabytes(ranks: int, batch: int) -> float:
     return sum(nbytes.values()) / 1e6
 
 
-@pytest.mark.slow          # 35 s of torchrun jobs: run with -m slow (README, "Tests")
+@pytest.mark.slow          # 45 s of torchrun jobs: run with -m slow (README, "Tests")
 def test_real_scaling_writes_consistent_results(tmp_path):
     # Real ranks under torchrun; their collectives are stand-ins here (the engine's real ones are
     # tested in test_parallel.py), which keeps this test to a few seconds per job.
     collectives = "local"
     stem = tmp_path / "real"
     _scaling("real", "--model", "wrn10_2", "--batch", "4", "--groups", "1", "2", "--convs", "sc",
-             "gc2l", "--collectives", collectives, "--bind-cores",
+             "sc_dp", "gc2l", "--collectives", collectives, "--bind-cores",
              "--rounds", "2", "--reps", "2", "--warmup", "1", "--out", str(stem))
     rows = _rows(stem)
-    assert [(r["conv"], r["N"]) for r in rows] == [("sc", "1"), ("sc", "2"), ("gc2l", "2")]
+    assert [(r["conv"], r["N"]) for r in rows] == [("sc", "1"), ("sc", "2"), ("sc_dp", "2"),
+                                                   ("gc2l", "2")]
     baseline = float(rows[0]["step_s"])
     for row in rows:
         assert row["collectives"] == collectives and row["layout"] == "NCHW"
@@ -55,10 +58,49 @@ def test_real_scaling_writes_consistent_results(tmp_path):
         assert speedup == pytest.approx(baseline / float(row["step_s"]), rel=1e-6)
         assert float(row["efficiency"]) == pytest.approx(speedup / float(row["ideal"]), rel=1e-6)
         assert 0 < float(row["step_min_s"]) <= float(row["step_s"])
-    # The bytes are counted whether the collectives are real or stand-ins.
-    assert float(rows[2]["comm_MB"]) == pytest.approx(_closed_form_megabytes(2, 4), rel=1e-6)
+    # The bytes are counted whether the collectives are real or stand-ins (DDP's hook).
+    assert float(rows[3]["comm_MB"]) == pytest.approx(_closed_form_megabytes(2, 4), rel=1e-6)
+    dp = rows[2]
+    assert (dp["dp"], dp["gp"], dp["rank_batch"], dp["ideal"]) == ("2", "1", "2", "2")
+    assert float(dp["comm_MB"]) == float(dp["ddp_allreduce_MB"]) == \
+        pytest.approx(4 * int(dp["params_per_rank"]) / 1e6, rel=1e-9)
+    assert int(dp["params_per_rank"]) == int(rows[0]["params_per_rank"])    # a whole replica
     markdown = stem.with_suffix(".md").read_text()
     assert f"--collectives {collectives}" in markdown and "2 interleaved rounds" in markdown
+
+
+@pytest.mark.slow          # six torchrun jobs of up to 4 ranks: run with -m slow (README, "Tests")
+def test_real_scaling_runs_data_parallel_rows_beside_group_parallel_ones(tmp_path):
+    # Real collectives: DDP's own all-reduce timed, its bytes from a comm hook afterwards. At
+    # N = 2, gc2l_dp2 would be one group: skipped.
+    stem = tmp_path / "real_dp"
+    _scaling("real", "--model", "wrn10_2", "--batch", "8", "--groups", "1", "2", "4", "--convs",
+             "sc", "sc_dp", "gc2l_dp2", "--rounds", "1", "--reps", "1", "--warmup", "1",
+             "--out", str(stem))
+    rows = {(r["conv"], int(r["N"])): r for r in _rows(stem)}
+    assert list(rows) == [("sc", 1), ("sc", 2), ("sc_dp", 2), ("sc", 4), ("sc_dp", 4),
+                          ("gc2l_dp2", 4)]
+    params = int(rows[("sc", 1)]["params_per_rank"])
+    for n in (2, 4):
+        dp = rows[("sc_dp", n)]
+        assert (int(dp["dp"]), int(dp["gp"]), int(dp["rank_batch"]), int(dp["ideal"])) == \
+            (n, 1, 8 // n, n)
+        assert int(dp["params_per_rank"]) == params
+        assert float(dp["comm_MB"]) == float(dp["ddp_allreduce_MB"]) == \
+            pytest.approx(4 * params / 1e6, rel=1e-9)
+    mix = rows[("gc2l_dp2", 4)]
+    assert (int(mix["dp"]), int(mix["gp"]), int(mix["rank_batch"]), int(mix["ideal"])) == \
+        (2, 2, 4, 8)
+    shard = int(mix["params_per_rank"])
+    assert float(mix["ddp_allreduce_MB"]) == pytest.approx(4 * shard / 1e6, rel=1e-9)
+    # A replica's two ranks exchange what GC-2L at N = 2 does on the replica's 4 images.
+    assert float(mix["comm_MB"]) == pytest.approx(
+        _closed_form_megabytes(2, 4) + 4 * shard / 1e6, rel=1e-9)
+    for row in rows.values():
+        assert float(row["efficiency"]) == pytest.approx(
+            float(row["speedup_vs_sc1"]) / float(row["ideal"]), rel=1e-6)
+    assert "Data parallel rows" in stem.with_suffix(".md").read_text()
+    assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_per_rank_simulation_writes_consistent_results(tmp_path):
@@ -223,6 +265,93 @@ def test_the_scaling_plot_reads_plainly(results):
               and len(line.get_xdata())]
     assert sorted(x for line in hollow for x in line.get_xdata()) == [4, 4]
     assert any("oversubscribed" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_data_parallel_schemes_split_the_ranks_and_the_global_batch():
+    assert scaling.split_ranks("sc_dp", 4) == ("sc", 4, 1)
+    assert scaling.split_ranks("gc2l_dp2", 8) == ("gc2l", 2, 4)
+    assert scaling.split_ranks("gc2l", 4) == ("gc2l", 1, 4)
+    assert scaling.split_ranks("sc", 2) == ("sc", 1, 2)
+    for conv, n in (("gc2l_dp2", 2), ("gc2l_dp2", 3), ("gc2l_dp4", 4)):
+        with pytest.raises(ValueError):        # one group per replica, or no whole replicas
+            scaling.split_ranks(conv, n)
+    assert scaling.rank_batch(32, 2) == 16 and scaling.rank_batch(32, 1) == 32
+    with pytest.raises(ValueError):
+        scaling.rank_batch(32, 3)
+    # SC split and DDP: N; GC-2L: N^2 per model, times its replicas.
+    assert [scaling.ideal_speedup(*scaling.split_ranks(conv, 4))
+            for conv in ("sc", "sc_dp", "gc", "gc2l", "gc2l_dp2")] == [4, 4, 16, 16, 8]
+    assert scaling.ideal_speedup("sc", 1, 1) == 1
+    parser = scaling._parser()
+    assert parser.parse_args(["real", "--convs", "sc", "sc_dp", "gc2l_dp2"]).convs == [
+        "sc", "sc_dp", "gc2l_dp2"]
+    assert parser.parse_args(["real"]).convs == list(scaling.SCHEMES)   # committed commands
+    for bad in (["real", "--convs", "dp"], ["real", "--convs", "gc2l_dp1"],
+                ["sim", "--convs", "sc_dp"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_a_replicas_images_are_its_slice_of_the_global_batch():
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+    for part in (None, (0, 2), (1, 2)):
+        common.training_step(model, 4, image_size=8, part=part)()
+    assert torch.equal(torch.cat(seen[1:]), seen[0]) and len(seen[1]) == 2
+    with pytest.raises(ValueError):
+        common.training_step(model, 4, image_size=8, part=(0, 3))
+
+
+def _ddp_rank():
+    """On 2 gloo ranks, per kind of collectives: sc_dp's rank (batch 4, 2 images each) after one
+    eval-mode step, the bytes DDP's hook saw, and what one process computes from the same weights
+    on the whole batch and on this rank's half."""
+    import torch.distributed as dist
+    rank, out = dist.get_rank(), {}
+    references = []
+    for part in (None, (rank, 2)):
+        torch.manual_seed(0)
+        single = common.model_from_config("wrn10_2", "sc", 1).eval()
+        common.training_step(single, 4, part=part)()
+        references.append([p.detach() for p in single.parameters()])
+    for collectives in ("real", "local"):
+        torch.manual_seed(0)
+        model, step, hook = scaling.build_rank("wrn10_2", "sc_dp", collectives, False, "cpu", 4)
+        model.eval()                 # BatchNorm's running statistics: no batch dependence
+        if hook is None:
+            hook = scaling.DDPBytes(model, communicate=True)
+        step()
+        out[collectives] = [p.detach() for p in model.parameters()], hook.nbytes
+    return out, references
+
+
+def test_a_data_parallel_step_is_the_step_on_the_whole_batch():
+    # In eval mode DDP's average of the two halves' gradients is the whole batch's: the same SGD
+    # step. With the local stand-in nothing is exchanged: each rank steps on its own half.
+    for out, (whole, half) in run_on_ranks(2, _ddp_rank):
+        for collectives, expected in (("real", whole), ("local", half)):
+            params, nbytes = out[collectives]
+            for p, q in zip(params, expected, strict=True):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+            # DDP's first step reduces every gradient (fp32) as one bucket
+            assert nbytes == [4 * sum(p.numel() for p in params)]
+
+
+def test_the_scaling_plot_draws_data_parallelism_in_its_colour(results):
+    rows = [dict(conv=conv, N=n, dp=dp, speedup_vs_sc1=speedup)
+            for conv, n, dp, speedup in (("sc", 1, 1, 1.0), ("sc_dp", 2, 2, 1.8),
+                                         ("sc_dp", 4, 4, 3.0), ("gc2l", 2, 1, 2.3),
+                                         ("gc2l_dp2", 4, 2, 3.5))]
+    fig = scaling.speedup_figure(plotting.pyplot(), rows, "wrn10_2, batch 8\nreal ranks")
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    ddp = lines["sc dp (DDP)"]
+    assert ddp.get_color() == plotting.KIND_COLOURS["sc_dp"]
+    assert list(ddp.get_xdata()) == [1, 2, 4]                  # from the baseline
+    assert lines["gc2l, dp 2 x gp N/2 (DDP of GC-2L)"].get_color() == plotting.KIND_COLOURS["mix"]
+    assert list(lines["ideal N (DDP, sc split)"].get_ydata()) == [1, 2, 4]
+    assert ax.get_xlabel() == "N (ranks = dp x gp)"
 
 
 def test_replot_redraws_from_the_csv_and_leaves_it_alone(results):
