@@ -362,7 +362,11 @@ def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
             tasks_per_node=per_node, cpus_per_task=args.slurm_cpus_per_task,
             gpus_per_node=args.slurm_gpus_per_node, timeout_min=args.slurm_timeout_min,
             slurm_partition=args.slurm_partition, mem_gb=args.slurm_mem_gb,
-            slurm_setup=["export OMP_NUM_THREADS=" + str(args.slurm_cpus_per_task)])
+            # The job unpickles this script's task, which refers to its sibling modules
+            # (common, plotting): they must import there as they do here.
+            slurm_setup=["export OMP_NUM_THREADS=" + str(args.slurm_cpus_per_task),
+                         f"export PYTHONPATH={Path(__file__).resolve().parent}"
+                         "${PYTHONPATH:+:$PYTHONPATH}"])
         command = train_command(protocol, cell, runs / cell.name, torchrun=False)
         jobs[cell] = executor.submit(_slurm_task, command, str(runs), cell)
         recorded[cell.name] = jobs[cell].job_id
