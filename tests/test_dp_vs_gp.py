@@ -231,6 +231,7 @@ def test_planned_memory_is_memory_pys():
                                                            "128")], rel=1e-6)
 
 
+@pytest.mark.slow          # the whole script, memory planning included (README, "Tests")
 def test_the_script_writes_its_tables_to_a_new_folder(tmp_path, monkeypatch):
     # Without --update or --out a run never touches the committed results: it writes under
     # common.RESULTS/new/<UTC time>/, here in tmp_path, in a name of its own for part of the
