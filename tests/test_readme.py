@@ -24,10 +24,11 @@ def _main_command() -> list[str]:
 
 
 def _epoch_lines(log: str) -> list[str]:
-    """The epoch lines and the final line, without the time stamps and speeds (which vary)."""
+    """The epoch lines and the final line, without the time stamps, speeds and the run's own
+    directory (which vary)."""
     lines = [line.split(" ", 1)[1] for line in log.splitlines()
              if re.search(r" epoch \d+/\d+ step \d+:| final test accuracy ", line)]
-    return [re.sub(r" \| [\d,]+ img/s, .*$", "", line) for line in lines]
+    return [re.sub(r" \| [\d,]+ img/s, .*$| \(consolidated .*\)$", "", line) for line in lines]
 
 
 def test_the_readme_quotes_the_committed_log_of_its_main_command():
