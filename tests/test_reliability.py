@@ -134,9 +134,46 @@ def test_a_fresh_run_over_an_old_one_is_refused_and_overwrite_replaces_it(tmp_pa
     assert out.returncode == 2
     assert (run_dir / ".hydra" / "config.yaml").read_text() == config   # untouched
     assert (run_dir / "model.pt").stat().st_mtime_ns == model_mtime
+    # A replacement refused after its claim (here: init_from names no file) gives the old run
+    # back whole, its log included.
+    log_text = (run_dir / "train.log").read_text()
+    listing = sorted(p.name for p in run_dir.iterdir())
+    out = _train(run_dir, *ONE_EPOCH, "overwrite=true", f"init_from={tmp_path}/none.pt",
+                 nproc=1, check=False)
+    _refused(out, "none.pt")
+    assert (run_dir / "model.pt").stat().st_mtime_ns == model_mtime
+    assert [m["step"] for m in read_metrics(run_dir)] == [2]
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == config
+    assert (run_dir / "train.log").read_text() == log_text
+    assert sorted(p.name for p in run_dir.iterdir()) == listing
     _train(run_dir, *ONE_EPOCH, "train.max_steps=1", "overwrite=true", nproc=1)
     assert [m["step"] for m in read_metrics(run_dir)] == [1]            # only the new run
     assert "max_steps: 1" in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert not (run_dir / ".replaced").exists()
+
+
+def test_a_replacement_killed_before_its_first_step_gives_the_old_run_back(tmp_path):
+    from twolevel_dist.engine.run_dir import claim
+    from twolevel_dist.errors import ConfigError
+    (tmp_path / "checkpoints" / "epoch_0001").mkdir(parents=True)
+    (tmp_path / "model.pt").write_bytes(b"the old run's model")
+    (tmp_path / "train.log").write_text("the old run's log\n")
+    lock = claim(tmp_path, continuing=False, overwrite=True)       # the old run set aside
+    assert not (tmp_path / "model.pt").exists()
+    (tmp_path / "train.log").write_text("the replacement's log\n")
+    os.close(lock._fd)              # killed: no take_back, no began; the kernel drops the flock
+    with pytest.raises(ConfigError, match="already holds a run"):
+        claim(tmp_path, continuing=False, overwrite=False)
+    lock = claim(tmp_path, continuing=True, overwrite=False)       # resume=true: it is back
+    assert "restored the run" in lock.restored_note
+    assert (tmp_path / "model.pt").read_bytes() == b"the old run's model"
+    assert (tmp_path / "train.log").read_text() == "the old run's log\n"
+    assert not (tmp_path / ".replaced").exists()
+    lock.release()
+    lock = claim(tmp_path, continuing=False, overwrite=True)
+    lock.began()                   # training began: the old run is gone for good
+    lock.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_second_job_in_a_busy_directory_is_refused_naming_the_holder(tmp_path):

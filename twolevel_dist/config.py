@@ -142,7 +142,7 @@ class TrainConfig:
     # true: continue from run_dir's newest complete checkpoint; auto: that where there is one,
     # else start afresh (requeued jobs); false: a fresh run.
     resume: Any = False
-    overwrite: bool = False              # start afresh in a run_dir that holds a run (removes it)
+    overwrite: bool = False              # start afresh in a run_dir that holds a run (replaces it)
     run_dir: Optional[str] = None        # default: outputs/<model>-<conv>/<job id>
     tensorboard: bool = True
 

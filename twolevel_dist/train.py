@@ -220,8 +220,9 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
     began = False
     try:
         _setup_logging(run_dir, job.rank)
-        if lock is not None and lock.stale_note:
-            log.info(lock.stale_note)
+        for note in (lock.stale_note, lock.restored_note) if lock is not None else ():
+            if note:
+                log.info(note)
         train_loader, test_loader = loaders_for(cfg, job)
         model, optimizer, meta, parameters = _build(cfg, job, train_loader.num_classes)
         schedule = _schedule(cfg, len(train_loader))
@@ -239,6 +240,8 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
         # the time.
         step_model = torch.compile(prepare_for_compile(model)) if cfg.train.compile else model
         began = True            # from here on a failure keeps what the run wrote
+        if lock is not None:
+            lock.began()        # and the run it replaces (overwrite=true) is gone
         record = _fit(cfg, run_dir, job, model, step_model, optimizer, schedule, ema, meta,
                       (train_loader, test_loader), *progress)
         _finish(run_dir, job, model, ema, meta, record)

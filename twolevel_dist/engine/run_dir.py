@@ -6,7 +6,9 @@
   (and the log says so); a live one refuses the second job by name.
 - A fresh run (not ``resume=true``, not a torchrun restart) into a directory that holds a run
   (checkpoints, ``model.pt`` or ``metrics.jsonl``) is refused unless ``overwrite=true``, which
-  removes that run's files first.
+  replaces that run: its files are set aside in ``.replaced/`` at the claim and removed only
+  once training begins (``RunDirLock.began``), so a replacement refused on the way (missing
+  data, a bad ``init_from``...) or killed before its first step gives the old run back.
 - Refusals leave nothing: the lock is only created once these checks have passed, and an
   attempt refused after its claim (missing data, no checkpoint to resume, ...) takes back what
   it wrote (``RunDirLock.take_back``).
@@ -26,6 +28,8 @@ from twolevel_dist.errors import ConfigError
 LOCK = ".lock"
 # What a run leaves in its directory; overwrite=true removes exactly these.
 RUN_FILES = ("checkpoints", "model.pt", "metrics.jsonl", "tensorboard", "train.log", ".hydra")
+# Where overwrite=true keeps the replaced run until the replacement's training begins.
+REPLACED = ".replaced"
 
 
 def _holder_text(path: Path) -> str:
@@ -54,6 +58,7 @@ class RunDirLock:
         self._fd = None
         self._footprint = None
         self.stale_note = None
+        self.restored_note = None
 
     def check_free(self) -> None:
         """Refuse if a live job holds the directory (writes nothing); note a dead one's lock."""
@@ -101,9 +106,14 @@ class RunDirLock:
         the earlier one back)."""
         if self._fd is not None:
             self._footprint.take_back()
+            _restore_replaced(self.path.parent)
             self.release()
             if self._footprint.was_empty:
                 remove_if_empty(self.path.parent)
+
+    def began(self) -> None:
+        """Training has begun: the run this one replaces (``overwrite=true``) is gone for good."""
+        _remove(self.path.parent / REPLACED)
 
     def release(self) -> None:
         """Remove the lock, then let it go: a finished job leaves no lock for the next to find
@@ -171,17 +181,39 @@ def claim(run_dir: Path, *, continuing: bool, overwrite: bool) -> RunDirLock:
     """Rank 0's claim on ``run_dir`` for this job (see the module docstring)."""
     lock = RunDirLock(run_dir)
     lock.check_free()
-    previous = existing_run(run_dir)
+    # A run an overwrite=true attempt killed before its first step set aside is still a run.
+    previous = existing_run(run_dir) or existing_run(Path(run_dir) / REPLACED)
     if previous and not continuing and not overwrite:
         raise ConfigError(
             f"run_dir={run_dir} already holds a run ({', '.join(previous)}); continue it with "
             f"resume=true, replace it with overwrite=true, or choose another run_dir")
     lock.acquire()
+    if _restore_replaced(run_dir):
+        lock.restored_note = (f"restored the run that an overwrite=true attempt, killed "
+                              f"before training began, had set aside in {REPLACED}/")
+        lock._footprint = _Footprint(Path(run_dir))
     if previous and overwrite and not continuing:
+        aside = Path(run_dir) / REPLACED
+        aside.mkdir()
         for name in RUN_FILES:
-            _remove(Path(run_dir) / name)
+            if (Path(run_dir) / name).exists() or (Path(run_dir) / name).is_symlink():
+                os.replace(Path(run_dir) / name, aside / name)
         lock._footprint = _Footprint(Path(run_dir))     # what a refusal may leave: not those
     return lock
+
+
+def _restore_replaced(run_dir: Path) -> bool:
+    """Put back the run an overwrite=true attempt set aside (it never began training: it
+    removes the set-aside files when it does), over what that attempt wrote. Whether there was
+    one."""
+    aside = Path(run_dir) / REPLACED
+    if not aside.is_dir():
+        return False
+    for path in aside.iterdir():
+        _remove(Path(run_dir) / path.name)
+        os.replace(path, Path(run_dir) / path.name)
+    aside.rmdir()
+    return True
 
 
 def remove_if_empty(run_dir: Path) -> None:
