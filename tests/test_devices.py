@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from distributed import run_on_ranks
 
 from twolevel_dist.engine.device import resolve_amp, rng_state, set_rng_state
+from twolevel_dist.engine.ema import ShardEMA
 from twolevel_dist.engine.loop import average_batch_norm_statistics, train_one_epoch
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import TwoLevelGroupConv2d, to_layout
@@ -28,6 +29,7 @@ from twolevel_dist.parallel import (
     mesh,
     parallelize,
 )
+from twolevel_dist.parallel.grad_norm import clip_grad_norm_
 from twolevel_dist.parallel.sharded import ShardedTwoLevelConv2d, resolve_overlap
 from twolevel_dist.parallel.simulated import simulated_mesh
 
@@ -148,6 +150,13 @@ def _collectives_of_a_meta_model():
             shard = parallelize(model, gp_mesh, overlap=overlap)
             F.cross_entropy(shard(torch.randn(4, 3, 16, 16, device="meta")),
                             torch.zeros(4, dtype=torch.long, device="meta")).backward()
+            # The recipes' tensors stay on the device too (recorded beside the collectives).
+            norm = clip_grad_norm_(shard, 1.0, gp_mesh["gp"].get_group())
+            ema = ShardEMA(shard, 0.9)
+            ema.update()
+            seen.append(("clip_grad_norm_ and ShardEMA",
+                         sorted({norm.device.type} | {t.device.type for t in ema.state.values()}
+                                | {p.grad.device.type for p in shard.parameters()})))
             consolidate_state_dict(shard, gp_mesh)
         dp_mesh = init_mesh(1)          # dp = 2: the loop's reductions over replicas
         with torch.device("meta"):

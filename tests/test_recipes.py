@@ -187,6 +187,22 @@ def test_smoothing_clipping_and_the_average_match_one_device(dp, gp):
     assert not torch.allclose(ref_average[weight], ref_state[weight])
 
 
+def test_clipping_scales_each_dtype_in_its_own_and_a_model_without_gradients_is_left_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    assert float(clip_grad_norm_(model, MAX_NORM)) == 0.0         # before the first backward
+    model[1].to(torch.bfloat16)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    reference = [p.grad.double().clone() for p in model.parameters()]
+    expected = torch.nn.utils.get_total_norm(reference)
+    norm = clip_grad_norm_(model, MAX_NORM)
+    assert float(norm) == pytest.approx(float(expected))
+    for p, g in zip(model.parameters(), reference):
+        assert p.grad.dtype == p.dtype
+        torch.testing.assert_close(p.grad.double(), g * MAX_NORM / (float(expected) + 1e-6),
+                                   rtol=1e-2 if p.dtype == torch.bfloat16 else 1e-6, atol=0)
+
+
 def test_a_run_with_the_average_writes_and_evaluates_it_each_epoch(tmp_path):
     run_dir = tmp_path / "run"
     _train(run_dir, *SMALL, "train.epochs=2", "groups=2", "train.ema_decay=0.9",

@@ -27,11 +27,17 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, gp_group=None) -> t
     norm before clipping (a float64 tensor on the device)."""
     model = unwrap(model)
     dims = tensor_shard_dims(model)
+    # Every gp rank takes part in the reduction, even one with no gradient yet (nothing to
+    # scale): the others would wait for it.
     named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
-    device = named[0][1].device
+    device = next(model.parameters()).device
     sharded = _sum_of_squares([g for name, g in named if dims.get(name) is not None], device)
     replicated = _sum_of_squares([g for name, g in named if dims.get(name) is None], device)
     norm = (all_reduce_values(sharded, device=device, group=gp_group) + replicated).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_([g for _, g in named], scale.float())
+    by_dtype = {}
+    for _, g in named:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype, grads in by_dtype.items():        # each dtype scaled in its own precision
+        torch._foreach_mul_(grads, scale.to(dtype))
     return norm
