@@ -162,6 +162,27 @@ def test_every_bad_input_is_one_error_line_and_nothing_written(run_dir, tmp_path
     assert (_files(tmp_path), _files(run_dir.parent)) == before
 
 
+def test_a_rank_that_dies_under_it_ends_the_others_with_one_line_and_exit_3(run_dir, tmp_path):
+    """Rank 1 joins the process group and dies (SIGKILL's effect: no goodbye): rank 0's next
+    collective fails, and it says so in one line, not a gloo traceback."""
+    from distributed import free_port
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "LOCAL_RANK": "0"}
+    peer = subprocess.Popen(
+        [str(PYTHON), "-c", "import os; from twolevel_dist.parallel import init_distributed; "
+                            "init_distributed(60, 60, 'cpu'); os._exit(9)"],
+        env={**os.environ, "PYTHONPATH": str(REPO), **env, "RANK": "1"})
+    try:
+        out = _run([str(PYTHON), "-m", "twolevel_dist.evaluate", f"run_dir={run_dir}", "gp=1"],
+                   tmp_path, **env, RANK="0")
+    finally:
+        peer.wait(timeout=60)
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert out.stderr.startswith("error: a collective failed on rank 0"), out.stderr[-3000:]
+    assert "Evaluate again once it is fixed" in out.stderr
+    assert out.stderr.count("\n") == 1 and not out.stdout
+
+
 def test_train_refuses_eval_only_and_names_the_evaluator():
     with pytest.raises(ConfigError, match="python -m twolevel_dist.evaluate run_dir="):
         validate(TrainConfig(eval_only=True))

@@ -17,7 +17,8 @@ Keys (Hydra overrides): run_dir (required), gp, device (auto, cpu, cuda, as trai
 (model, or ema: the weight average of a run with train.ema_decay, model_ema.pt) and
 dataset.* (each one the run's own unless given, e.g. dataset.root=... for the data elsewhere, or
 dataset.name=... for another test set of the same classes). It writes nothing. A refusal is one
-``error:`` line on stderr and exit code 2.
+``error:`` line on stderr and exit code 2; a rank that died or hung under it, one line and
+exit code 3 on the others.
 """
 
 import sys
@@ -45,6 +46,7 @@ from twolevel_dist.engine.checkpoint import (
     latest_complete,
     load_rank_checkpoint,
 )
+from twolevel_dist.engine.ending import peer_failure
 from twolevel_dist.engine.loop import evaluate
 from twolevel_dist.engine.model_file import read_model_file
 from twolevel_dist.errors import ConfigError, RunError
@@ -198,7 +200,7 @@ def result_line(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m twolevel_dist.evaluate`` and ``twolevel-evaluate``: the result line on rank
-    0's stdout, or one ``error:`` line and exit code 2."""
+    0's stdout, or one ``error:`` line and exit code 2 (3: another rank died)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if {"-h", "--help"} & set(args):
         print(__doc__)
@@ -208,6 +210,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError, RunError) as error:    # a clear message, not a stack trace
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except (dist.DistError, RuntimeError) as error:
+        line = peer_failure(error, "Evaluate again once it is fixed")
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -50,7 +50,13 @@ from twolevel_dist.engine.checkpoint import (
 )
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
 from twolevel_dist.engine.ema import ShardEMA
-from twolevel_dist.engine.ending import announce, leave_to_rank0, report_exit, stopped_earlier
+from twolevel_dist.engine.ending import (
+    announce,
+    leave_to_rank0,
+    peer_failure,
+    report_exit,
+    stopped_earlier,
+)
 from twolevel_dist.engine.loaders import build_loaders
 from twolevel_dist.engine.loop import (
     EpochSums,
@@ -602,14 +608,6 @@ def _over_replicas(sums: EpochSums, job) -> EpochSums:
     return replace(sums, loss=loss, correct=int(correct), samples=int(samples))
 
 
-def _peer_failure(error: BaseException) -> bool:
-    """A collective that failed because another rank died or hung past ``dist.timeout_s``:
-    NCCL's watchdog and torch raise DistError; gloo a RuntimeError naming its transport."""
-    text = str(error)
-    return isinstance(error, dist.DistError) or "Timed out" in text or "gloo" in text or \
-        "Connection closed by peer" in text or "Connection reset by peer" in text
-
-
 def _end(code: int, line: str, only_rank0: bool = False, then=None) -> None:
     """Exit with ``code`` and its one line, shown once where the user looks and reported to
     the launcher (``engine.ending.announce``); ``then`` runs before the exit. Rank 0 says it at
@@ -664,12 +662,10 @@ def main(cfg) -> None:
         remove_if_empty(run_dir)
         _end(2, f"error: {error}")
     except (dist.DistError, RuntimeError) as error:
-        if not _peer_failure(error):
+        line = peer_failure(error, "Resume with resume=true once it is fixed")
+        if line is None:
             raise
-        _end(3, f"error: a collective failed on rank {env_rank()} ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:300]}): another rank died or hung for longer than "
-                f"dist.timeout_s; its own log says why. Resume with resume=true once it is "
-                f"fixed")
+        _end(3, line)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
 from twolevel_dist.engine.stop import STOP_SIGNALS
 
 EXIT_FILE = "TWOLEVEL_EXIT_FILE"
@@ -91,3 +93,17 @@ def leave_to_rank0(grace_s: float = RANK0_GRACE_S) -> None:
     for signum in STOP_SIGNALS:         # the launcher's SIGTERM ends this process, not a stop
         signal.signal(signum, signal.SIG_DFL)
     time.sleep(grace_s)
+
+
+def peer_failure(error: BaseException, then: str) -> str | None:
+    """The line for a collective that failed because another rank died or hung past
+    ``dist.timeout_s`` (NCCL's watchdog and torch raise DistError; gloo a RuntimeError naming
+    its transport), ending with what to do ``then``; None for any other error."""
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or "Timed out" in text or "gloo" in text or
+            "Connection closed by peer" in text or "Connection reset by peer" in text):
+        return None
+    return (f"error: a collective failed on rank {os.environ.get('RANK', 0)} "
+            f"({type(error).__name__}: {text.splitlines()[0][:300] if text else ''}): another "
+            f"rank died or hung for longer than dist.timeout_s; its own log says why. {then}")
+
