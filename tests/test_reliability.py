@@ -202,7 +202,10 @@ def test_a_second_job_in_a_busy_directory_is_refused_naming_the_holder(tmp_path)
 def test_rejected_commands_leave_nothing_behind(tmp_path):
     for override, message in [("+train.epoch=3", "unknown config key(s): train.epoch (did you "
                                                  "mean train.epochs?)"),
-                              ("schedule.gamma=-1", "schedule.gamma=-1.0 must be in (0, 1]")]:
+                              ("schedule.gamma=-1", "schedule.gamma=-1.0 must be in (0, 1]"),
+                              ("conv=gc2", "conv=gc2 names no conv config (did you mean "
+                                           "conv=gc2l?); the choices are flgc, gc, gc2l, sc, "
+                                           "shuffle (configs/conv/)")]:
         out = subprocess.run([str(PYTHON), "-m", "twolevel_dist.train", "model=wrn10_2",
                               "train.epochs=2", override], cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)
@@ -228,6 +231,19 @@ def test_out_of_range_values_are_refused_with_the_fix(section, values, message):
     cfg = replace(cfg, **{section: replace(getattr(cfg, section), **values)})
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(cfg)
+
+
+def test_config_group_choices_are_checked_in_sweeps_and_hydras_own_left_to_it():
+    from twolevel_dist.config import check_config_choices
+    from twolevel_dist.errors import ConfigError
+    check_config_choices(["-m", "model=wrn10_2,wrn16_4", "+experiment=cifar_wrn28_10",
+                          "hydra/launcher=submitit_slurm", "model.widen=3", "schedule=cosine",
+                          "conv=choice(gc,gc2l)"])
+    with pytest.raises(ConfigError, match=re.escape("model=wrn16_5 names no model config (did "
+                                                    "you mean model=wrn16_4?)")):
+        check_config_choices(["-m", "model=wrn10_2,wrn16_5"])
+    with pytest.raises(ConfigError, match="dataset=cifar names no dataset config"):
+        check_config_choices(["+dataset=cifar"])
 
 
 def test_default_run_directories_differ_between_jobs(monkeypatch):

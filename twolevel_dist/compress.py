@@ -41,6 +41,7 @@ from omegaconf import OmegaConf
 from twolevel_dist.config import (
     CONFIG_DIR,
     CompressConfig,
+    check_config_choices,
     check_known_keys,
     register_resolvers,
     validate_compress,
@@ -337,5 +338,16 @@ def main(cfg) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m twolevel_dist.compress``: the command line's config group choices checked
+    (one ``error:`` line, exit 2), then Hydra's ``main``."""
+    try:
+        check_config_choices(sys.argv[1:])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -251,6 +251,29 @@ def _unknown_keys(values: dict, schema, prefix: str = "") -> list[str]:
     return unknown
 
 
+def check_config_choices(args: list[str], config_dir: str = CONFIG_DIR) -> None:
+    """Refuse a config group choice on the command line that names no file of its group
+    (``model=wrn99``), in one line with the choices, before Hydra would report it in a dozen.
+    Sweeps list their values with commas (``-m model=wrn10_2,wrn16_4``); Hydra's own groups
+    (``hydra/launcher=...``, from plugins) and sweep functions (``choice(...)``) are Hydra's
+    to check."""
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        folder = Path(config_dir) / key
+        if key.startswith("hydra") or "." in key or "(" in value or not folder.is_dir():
+            continue
+        choices = sorted(path.stem for path in folder.glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in choices and choice != "null":
+                close = difflib.get_close_matches(choice, choices, n=1)
+                hint = f" (did you mean {key}={close[0]}?)" if close else ""
+                raise ConfigError(f"{key}={choice} names no {key} config{hint}; the choices "
+                                  f"are {', '.join(choices)} (configs/{key}/)")
+
+
 def check_known_keys(cfg, schema_type,
                      known="the known keys are in twolevel_dist/config.py and configs/") -> None:
     """Refuse keys the schema does not have. Hydra lets ``+key=value`` add one even to a typed

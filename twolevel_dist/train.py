@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from twolevel_dist.config import (
     CONFIG_DIR,
     TrainConfig,
+    check_config_choices,
     check_known_keys,
     register_resolvers,
     validate,
@@ -671,5 +672,15 @@ def main(cfg) -> None:
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m twolevel_dist.train`` and ``twolevel-train``: the command line's config
+    group choices checked (one ``error:`` line, exit 2), then Hydra's ``main``."""
+    try:
+        check_config_choices(sys.argv[1:])
+    except ConfigError as error:
+        _end(2, f"error: {error}")
     main()
+
+
+if __name__ == "__main__":
+    cli()
