@@ -441,13 +441,17 @@ def _committed_commits(out: Path) -> set[str]:
 
 def collect(protocol: Protocol, runs: Path, kept: dict[str, dict] | None = None) -> list[dict]:
     """One row per cell with at least one finished epoch, in the protocol's order: from its run
-    directory, or from ``kept`` (``committed_cells``) where that directory is not here."""
+    directory, or from ``kept`` (``committed_cells``) where that directory has not finished
+    the cell."""
     rows, ledger, kept = [], Ledger(runs), kept or {}
     for cell in protocol.cells:
         run_dir = runs / cell.name
+        # A finished committed row stands until a run directory here finishes the cell: an
+        # unfinished one (a partial copy, a rerun in progress) never replaces it.
+        if cell.name in kept and cell_state(run_dir) != "done":
+            rows.append(kept[cell.name])
+            continue
         if not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir):
-            if cell.name in kept:
-                rows.append(kept[cell.name])
             continue
         records = read_metrics(run_dir)
         config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))

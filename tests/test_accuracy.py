@@ -99,6 +99,15 @@ def test_a_sweep_runs_each_cell_once_skips_finished_ones_and_resumes_an_interrup
     assert "2 cells, 2 already done" in out
     assert [(r["conv"], r["finished"]) for r in rows(runs)] == [("sc", "True"), ("gc2l", "True")]
     assert "2 finished cell(s) kept from the committed" in (results / "acc.md").read_text()
+    # A run directory that has not finished the cell (a partial copy) does not replace its
+    # committed finished row.
+    committed = rows(runs)
+    (runs / "sc_N1_s0").mkdir()
+    (runs / "sc_N1_s0" / "metrics.jsonl").write_text(json.dumps(
+        dict(epoch=1, step=2, train_loss=2.3, test_acc=10.0, test_loss=2.3)) + "\n")
+    code, out, err = sweep(protocol, runs, capsys, "--aggregate-only")
+    assert code == 0, err[-2000:]
+    assert rows(runs) == committed
 
 
 def test_a_sweep_killed_outright_still_counts_the_killed_attempts_time(tmp_path, capsys):
