@@ -44,13 +44,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS, git_commit, read_rows, write_results  # noqa: E402
 from plotting import log_axis, pyplot, save, style  # noqa: E402
 
-from twolevel_dist.config import ModelConfig  # noqa: E402
+from twolevel_dist.config import CONFIG_DIR, ModelConfig, TrainConfig  # noqa: E402
 from twolevel_dist.engine.checkpoint import latest_complete, rank_file  # noqa: E402
 from twolevel_dist.engine.metrics import read_metrics  # noqa: E402
 from twolevel_dist.errors import ConfigError  # noqa: E402
@@ -100,6 +103,12 @@ class Protocol:
     train: list[str]
     cells: list[Cell]
     path: Path
+
+
+# The results' columns, in order.
+COLUMNS = ("model", "conv", "N", "seed", "params", "params_per_rank", "final_test_error",
+           "best_test_error", "final_train_loss", "epochs", "wall_time_s", "finished",
+           "train_loss_per_epoch")
 
 
 def _positive_ints(block: dict, key: str, where: str) -> list[int]:
@@ -396,28 +405,42 @@ def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
 
 # --- results ----------------------------------------------------------------------------------
 
-def _parameters_per_rank(run_dir: Path, config: dict, cell: Cell) -> int | None:
-    """One rank's share with one rank per group (the whole model for sc and flgc), counted on
-    the meta device; the number of classes comes from the run's saved head bias. None where the
-    model cannot be split one group per rank (the cell itself ran as one process)."""
+def _num_classes(run_dir: Path) -> int | None:
+    """The classes of the run's head (its saved bias), or None where it saved no weights yet."""
     saved = run_dir / "model.pt"
     if not saved.is_file():
         position = latest_complete(run_dir)
         saved = rank_file(run_dir, position, 0) if position is not None else None
     if saved is None:
         return None
-    state = torch.load(saved, map_location="cpu", weights_only=True)["model"]
-    num_classes = state["fc.bias"].numel()
-    model_cfg = ModelConfig(**config["model"])
+    return torch.load(saved, map_location="cpu", weights_only=True)["model"]["fc.bias"].numel()
+
+
+def protocol_model(protocol: Protocol) -> ModelConfig:
+    """The model config the protocol's cells train (its ``train`` overrides over configs/)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)   # as train does
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        cfg = compose(config_name="train", overrides=list(protocol.train))
+    return ModelConfig(**OmegaConf.to_container(cfg.model))
+
+
+def parameter_counts(model_cfg: ModelConfig, cell: Cell,
+                     num_classes: int | None) -> tuple[int, int | str]:
+    """(the whole single-device network's parameters, one rank's share with one rank per group:
+    the whole for sc and flgc, "" where the layers cannot be split so), counted on the meta
+    device; ``num_classes`` None: the network's default head."""
     with torch.device("meta"):
         model = build_model(model_cfg.name, conv=cell.conv, groups=cell.groups,
                             num_classes=num_classes, **model_cfg.build_kwargs())
-        if cell.ranks > 1:
-            try:
-                model = parallelize(model, simulated_mesh(cell.groups))
-            except ConfigError:     # e.g. Shuffle across ranks needs N^2 to divide C_out
-                return None
-    return sum(p.numel() for p in model.parameters())
+        whole = sum(p.numel() for p in model.parameters())
+        if cell.ranks == 1:
+            return whole, whole
+        try:
+            model = parallelize(model, simulated_mesh(cell.groups))
+        except ConfigError:         # e.g. Shuffle across ranks needs N^2 to divide C_out
+            return whole, ""
+    return whole, sum(p.numel() for p in model.parameters())
 
 
 def committed_cells(out: Path) -> dict[str, dict]:
@@ -442,25 +465,29 @@ def _committed_commits(out: Path) -> set[str]:
 def collect(protocol: Protocol, runs: Path, kept: dict[str, dict] | None = None) -> list[dict]:
     """One row per cell with at least one finished epoch, in the protocol's order: from its run
     directory, or from ``kept`` (``committed_cells``) where that directory has not finished
-    the cell."""
-    rows, ledger, kept = [], Ledger(runs), kept or {}
+    the cell. Every row gets both parameter counts (``parameter_counts``), a kept one too: from
+    the protocol's model, with the head of the runs here (all cells share their data set)."""
+    rows, ledger, kept, classes = [], Ledger(runs), kept or {}, []
     for cell in protocol.cells:
         run_dir = runs / cell.name
         # A finished committed row stands until a run directory here finishes the cell: an
         # unfinished one (a partial copy, a rerun in progress) never replaces it.
         if cell.name in kept and cell_state(run_dir) != "done":
-            rows.append(kept[cell.name])
+            rows.append(dict(kept[cell.name]))
             continue
         if not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir):
             continue
         records = read_metrics(run_dir)
         config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
         model = config["model"]
+        num_classes = _num_classes(run_dir)
+        classes.append(num_classes)
+        params, per_rank = parameter_counts(ModelConfig(**model), cell, num_classes)
         rows.append(dict(
             model=f"{model['name']}-{model['depth']}-{model['widen']}" if model.get("depth")
             else model["name"],
-            conv=cell.conv, N=cell.groups, seed=cell.seed,
-            params_per_rank=_parameters_per_rank(run_dir, config, cell) or "",
+            conv=cell.conv, N=cell.groups, seed=cell.seed, params=params,
+            params_per_rank=per_rank,
             final_test_error=round(100 - records[-1]["test_acc"], 2),
             best_test_error=round(100 - max(r["test_acc"] for r in records), 2),
             final_train_loss=round(records[-1]["train_loss"], 4),
@@ -468,7 +495,14 @@ def collect(protocol: Protocol, runs: Path, kept: dict[str, dict] | None = None)
             wall_time_s=round(ledger.wall(cell)["seconds"]),
             finished=cell_state(run_dir) == "done",
             train_loss_per_epoch=" ".join(f"{r['train_loss']:.4f}" for r in records)))
-    return rows
+    missing = [row for row in rows if not isinstance(row.get("params"), int)]
+    if missing:              # kept rows of an older csv, which had no whole-network count
+        model_cfg = protocol_model(protocol)
+        num_classes = next((c for c in classes if c is not None), None)
+        for row in missing:
+            row["params"], row["params_per_rank"] = parameter_counts(
+                model_cfg, Cell(row["conv"], row["N"], row["seed"]), num_classes)
+    return [{key: row[key] for key in COLUMNS} for row in rows]
 
 
 def _spread(values: list[float]) -> str:
@@ -495,6 +529,21 @@ def error_table(rows: list[dict], paper: bool) -> list[str]:
             theirs = PAPER_CIFAR10_ERROR_WRN28_10.get((kind, 1 if kind == "sc" else n))
             cells.append(f"{ours} (paper {theirs:.2f})" if paper and theirs else ours)
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def parameter_table(rows: list[dict]) -> list[str]:
+    """The whole network's parameters by conv kind and N (what compression compares), in
+    thousands, of every cell with a row."""
+    ns = sorted({r["N"] for r in rows if r["conv"] != "sc"})
+    kinds = [k for k in ("sc", "gc", "flgc", "shuffle", "gc2l") if any(r["conv"] == k
+                                                                        for r in rows)]
+    lines = ["| conv | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for kind in kinds:
+        counts = [next((r["params"] for r in rows if r["conv"] == kind
+                        and (kind == "sc" or r["N"] == n)), None) for n in ns]
+        lines.append(f"| {kind} | " + " | ".join(f"{c / 1e3:,.1f}k" if c else "–"
+                                                 for c in counts) + " |")
     return lines
 
 
@@ -566,7 +615,9 @@ def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[d
     rows of cells whose run directories are not here)."""
     kept = committed_cells(out)
     rows = collect(protocol, runs, kept)
-    from_csv = sum(1 for r in rows if r is kept.get(Cell(r["conv"], r["N"], r["seed"]).name))
+    # A finished row whose run directory here has not finished is the committed csv's.
+    from_csv = sum(1 for r in rows if r["finished"] and
+                   cell_state(runs / Cell(r["conv"], r["N"], r["seed"]).name) != "done")
     if not rows:
         print(f"no cell of {protocol.path} has finished an epoch in {runs} yet: nothing to "
               f"aggregate", flush=True)
@@ -588,9 +639,11 @@ def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[d
         "## Final test error (%) against N" + ("" if paper else
                                                 " (the paper's figures: README)"),
         "", *error_table(rows, paper), "",
-        "mean ± half the range over seeds; sc does not depend on N. params_per_rank: one "
-        "rank's share with one rank per group (empty where the layers cannot be split so; "
-        "Shuffle needs N^2 to divide every layer's width). Plots: "
+        "## Parameters of the whole network against N", "", *parameter_table(rows), "",
+        "mean ± half the range over seeds; sc does not depend on N. params: the whole "
+        "single-device network; params_per_rank: one rank's share with one rank per group "
+        "(empty where the layers cannot be split so; Shuffle needs N^2 to divide every layer's "
+        "width). Plots: "
         f"`{out.name}.png` (error against N), `{out.name}_loss.png` (training loss).", "",
         "## Every cell"])
     write_results(out, rows, f"Accuracy against N: {protocol.tag}", command, notes)

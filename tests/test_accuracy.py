@@ -63,8 +63,10 @@ def test_a_sweep_runs_each_cell_once_skips_finished_ones_and_resumes_an_interrup
                                                                abs=0.01)
         assert float(row["best_test_error"]) <= float(row["final_test_error"])
         assert float(row["wall_time_s"]) > 0
-    # One rank's share of GC-2L at N = 2 against the whole SC network.
+    # One rank's share of GC-2L at N = 2 against the whole SC network; the whole GC-2L network.
     assert int(table[1]["params_per_rank"]) < int(table[0]["params_per_rank"]) / 2
+    assert table[0]["params"] == table[0]["params_per_rank"] == "303706"
+    assert int(table[1]["params_per_rank"]) < int(table[1]["params"]) < int(table[0]["params"])
     results = runs.parent / "results"
     md = (results / "acc.md").read_text()
     assert "| gc2l | " in md and "2 of 2 cells finished" in md
@@ -92,12 +94,19 @@ def test_a_sweep_runs_each_cell_once_skips_finished_ones_and_resumes_an_interrup
     assert (runs / ".sweep" / "sc_N1_s0.log").read_text() == sc_log
 
     # A later session starts from a fresh clone: the run directories are gone, the committed
-    # results are not. Their finished cells are kept, not trained again.
+    # results are not. Their finished cells are kept, not trained again; a csv written before
+    # the whole network's count was a column gets it back from the protocol.
     shutil.rmtree(runs)
+    counted = rows(runs)
+    with open(results / "acc.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, [k for k in counted[0] if k != "params"])
+        writer.writeheader()
+        writer.writerows({k: v for k, v in row.items() if k != "params"} for row in counted)
     code, out, err = sweep(protocol, runs, capsys)
     assert code == 0, err[-2000:]
     assert "2 cells, 2 already done" in out
     assert [(r["conv"], r["finished"]) for r in rows(runs)] == [("sc", "True"), ("gc2l", "True")]
+    assert rows(runs) == counted
     assert "2 finished cell(s) kept from the committed" in (results / "acc.md").read_text()
     # A run directory that has not finished the cell (a partial copy) does not replace its
     # committed finished row.
