@@ -22,7 +22,8 @@ channels-last, per-rank simulation, no real collective) plus its communication a
          is an upper bound (marked <=) and its speedup a lower bound (>=).
 
 Per rank also: parameters, bytes per step, and the planned peak memory (benchmarks/memory.py's
-fake-tensor plan, bf16, at the rank's batch; plus DDP's bucket buffers, 4P, where dp > 1). A
+fake-tensor plan, bf16, at the rank's batch; DDP's buckets hold the gradients themselves,
+gradient_as_bucket_view, so dp > 1 adds nothing to it). A
 second table puts the accuracy sweep's test errors beside the projected speed.
 
   python benchmarks/dp_vs_gp.py --update
@@ -135,9 +136,8 @@ def rank_profile(network: str, scheme: Scheme, batch: int, with_memory: bool) ->
             if scheme.gp > 1 else ({}, {})
     params = sum(p.numel() for p in shard.parameters())
     peak = None
-    if with_memory:     # the plan's peak, plus DDP's bucket buffers (gradient_as_bucket_view off)
+    if with_memory:     # the plan's peak: DDP's buckets are the gradients (gradient_as_bucket_view)
         peak = memory.measure_step(spec, scheme.conv, scheme.gp, PRECISION, rank_batch)["peak"]
-        peak += sum(buckets)
     return dict(params=params, buckets=buckets, calls=calls, nbytes=nbytes, peak=peak)
 
 
@@ -507,8 +507,9 @@ def notes(args, rows: list[dict], batch_limits: dict) -> list[str]:
         "images taken to be no slower) and the mix's step is an upper bound (<=), its speedup "
         "a lower bound (>=). On NVLink, N = 16 assumes one NVLink domain of 16 GPUs (an "
         "8-GPU HGX node has 8).",
-        "Memory: benchmarks/memory.py's plan (fake tensors, bf16, the rank's batch) plus DDP's "
-        f"bucket buffers (4P) where dp > 1. {fit}; SC alone on one GPU fits it {limits} (the "
+        "Memory: benchmarks/memory.py's plan (fake tensors, bf16, the rank's batch); with dp > 1 "
+        "DDP's buckets hold the gradients themselves (gradient_as_bucket_view), nothing more. "
+        f"{fit}; SC alone on one GPU fits it {limits} (the "
         "plan's largest batch, by bisection).",
     ]
 

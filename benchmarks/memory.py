@@ -596,8 +596,8 @@ def _fits_note() -> str:
         "and cuBLAS handles, nor cuDNN's convolution workspaces (an algorithm may ask for "
         "hundreds of MB), nor NCCL's communication buffers: the fixed margin. Nor the caching "
         f"allocator's 512-byte rounding, block splitting and fragmentation: the "
-        f"{100 * FRAGMENTATION:g}%. Not modelled: dp > 1, where DDP's gradient buckets add up "
-        "to another 4P bytes.")
+        f"{100 * FRAGMENTATION:g}%. With dp > 1 nothing is added: DDP's buckets hold the "
+        "gradients themselves (gradient_as_bucket_view).")
 
 
 def notes(rows: list[dict], checks: list[dict]) -> str:

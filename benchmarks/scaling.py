@@ -158,11 +158,10 @@ def build_rank(model_name: str, conv: str, collectives: str, overlap: bool, devi
         if collectives == "real":
             model = _shard(model_name, net, gp, mesh, overlap, device)
         else:
-            from torch.nn.parallel import DistributedDataParallel
+            from twolevel_dist.parallel.parallelize import data_parallel
             shard = _shard(model_name, net, gp, simulated_mesh(gp, mesh["gp"].get_local_rank()),
                            overlap, device)
-            model = DistributedDataParallel(shard, process_group=mesh["dp"].get_group(),
-                                            broadcast_buffers=False)
+            model = data_parallel(shard, mesh["dp"].get_group())
             hook = DDPBytes(model, communicate=False)
     step = training_step(model, batch, device=device, channels_last=channels_last, amp=amp,
                          part=part)

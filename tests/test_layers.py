@@ -330,3 +330,19 @@ def test_representatives_by_taps_on_every_small_geometry(layout):
                 torch.testing.assert_close(a, b)
             checked += 1
     assert checked == 117
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_coarse_weights_gradient_is_laid_out_as_the_weight(groups, channels_last):
+    """A0's gradient [C_out, N] has A0's own strides (DDP copies any other layout into its
+    bucket the slow way, warning every step), [C_out, 1] included."""
+    from twolevel_dist.layers.coarse import coarse_weight_grad
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    grad = torch.randn(2, 8, 5, 5).contiguous(memory_format=layout)
+    representatives = torch.randn(2, groups, 5, 5)
+    weight_grad = coarse_weight_grad(grad, representatives)
+    assert weight_grad.shape == (8, groups) and weight_grad.stride() == (groups, 1)
+    expected = torch.einsum("bohw,bnhw->on", grad, representatives)
+    torch.testing.assert_close(weight_grad, expected)
+

@@ -46,10 +46,15 @@ def coarse_weight_grad(grad: torch.Tensor, representatives: torch.Tensor) -> tor
     with N (a handful) output rows is the faster of the two (few output rows, long inner
     dimension: what matrix kernels block best)."""
     if is_channels_last(grad):
-        return (pixel_rows(representatives).to(grad.dtype).t() @ pixel_rows(grad)).t()
-    flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)
-    flat_reps = representatives.flatten(2).to(grad.dtype)
-    return torch.bmm(flat_reps, flat_grad.transpose(1, 2)).sum(0).t()
+        transposed = pixel_rows(representatives).to(grad.dtype).t() @ pixel_rows(grad)
+    else:
+        flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)
+        flat_reps = representatives.flatten(2).to(grad.dtype)
+        transposed = torch.bmm(flat_reps, flat_grad.transpose(1, 2)).sum(0)
+    # Laid out as A0 is, strides included (a small copy; .contiguous() would keep a transposed
+    # [O, 1]'s strides): DDP copies a gradient whose strides differ from its parameter's into
+    # its bucket the slow way, with a warning every step.
+    return transposed.t().clone(memory_format=torch.contiguous_format)
 
 
 def add_coarse_(local: torch.Tensor, coarse_weight: torch.Tensor,

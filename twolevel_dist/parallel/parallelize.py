@@ -4,6 +4,8 @@ the shard is wrapped in DDP over the dp dimension only, so gradients are average
 and never cross the ranks of one model.
 """
 
+import inspect
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -58,9 +60,24 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, overlap: bool | None = No
     if device is not None:
         model.to(device)
     if dp_mesh.size() > 1:
-        model = DistributedDataParallel(model, process_group=dp_mesh.get_group(),
-                                        broadcast_buffers=broadcast_buffers)
+        model = data_parallel(model, dp_mesh.get_group(), broadcast_buffers=broadcast_buffers)
     return model
+
+
+# torch 2.13 renamed DDP's per-forward buffer broadcast (the old name warns on every rank).
+_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in
+                inspect.signature(DistributedDataParallel.__init__).parameters
+                else "broadcast_buffers")
+
+
+def data_parallel(module: nn.Module, group, *, broadcast_buffers: bool = False):
+    """``module`` wrapped in DDP over ``group``. The gradients are views into DDP's buckets
+    (``gradient_as_bucket_view``): no second gradient-sized copy per replica, and the all-reduce
+    writes them in place. ``broadcast_buffers``: DDP's broadcast of the buffers from replica 0
+    before every forward (under the name this torch takes; at construction the replicas'
+    buffers are the same either way)."""
+    return DistributedDataParallel(module, process_group=group, gradient_as_bucket_view=True,
+                                   **{_BUFFER_SYNC: broadcast_buffers})
 
 
 def unwrap(model: nn.Module) -> nn.Module:
