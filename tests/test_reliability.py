@@ -244,6 +244,8 @@ def test_config_group_choices_are_checked_in_sweeps_and_hydras_own_left_to_it():
         check_config_choices(["-m", "model=wrn10_2,wrn16_5"])
     with pytest.raises(ConfigError, match="dataset=cifar names no dataset config"):
         check_config_choices(["+dataset=cifar"])
+    with pytest.raises(ConfigError, match=r"configs folder .* is missing.*pip install -e \."):
+        check_config_choices([], config_dir="/nonexistent/configs")
 
 
 def test_default_run_directories_differ_between_jobs(monkeypatch):

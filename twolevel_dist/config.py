@@ -256,7 +256,13 @@ def check_config_choices(args: list[str], config_dir: str = CONFIG_DIR) -> None:
     (``model=wrn99``), in one line with the choices, before Hydra would report it in a dozen.
     Sweeps list their values with commas (``-m model=wrn10_2,wrn16_4``); Hydra's own groups
     (``hydra/launcher=...``, from plugins) and sweep functions (``choice(...)``) are Hydra's
-    to check."""
+    to check. First, that the configs are there at all: a non-editable install copies the
+    package without the repository's configs/."""
+    if not Path(config_dir).is_dir():
+        raise ConfigError(f"the configs folder {config_dir} is missing: this install holds the "
+                          f"twolevel_dist package without the repository's configs/; install "
+                          f"from a clone in editable mode (pip install -e ., what "
+                          f"launch/setup_env.sh does)")
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
