@@ -190,7 +190,7 @@ def _init_process_group(backend: str, timeout: timedelta, startup_timeout: timed
         dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 timeout=timeout)
     except (RuntimeError, OSError) as error:     # DistNetworkError, DistStoreError
-        if isinstance(error, ConfigError) or not _timed_out(error):
+        if not _timed_out(error):
             raise
         raise RunError(
             f"rank {rank} found no rank 0 of this job at {os.environ['MASTER_ADDR']}:"
