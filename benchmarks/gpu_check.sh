@@ -15,8 +15,11 @@
 #   tests        120 s  tests/test_gpu.py (the `gpu` tests: layers and a sharded network against
 #                       float64, two ranks on one GPU), tests/test_devices.py and
 #                       tests/test_compile.py, on the image's torch; junit xml
-#   step_time    130 s  gpu_table.py steps: the per-rank step-time table (it starts no
-#                       configuration after 110 s and says what it left out)
+#   profile       45 s  gpu_table.py profile: GC against GC-2L's fused shard of WRN-28-10 at
+#                       N = 2, the host's time to issue a step against the step, operators per
+#                       step, the operators with the most device and host time (torch.profiler)
+#   step_time    100 s  gpu_table.py steps: the per-rank step-time table (it starts no
+#                       configuration after 80 s and says what it left out)
 #   train_run     80 s  a real `twolevel_dist.train` through torchrun, train.compile=true,
 #                       channels-last, bf16: WRN-16-4 GC-2L (groups=2 on one rank: the
 #                       single-device GC-2L network), one epoch of 40 steps on synthetic data
@@ -25,8 +28,8 @@
 #   train_table   75 s  gpu_table.py train: images/s of SC and of GC-2L shards, all eager,
 #                       then compiled (no new configuration after 50 s; each compilation
 #                       takes tens of seconds, so the last N may be left out)
-# 455 s of steps and about 15 s of setup (the imports, the wheels): 470 s, less where steps
-# finish early. At the very most 520 s: a step not ended 10 s after its SIGINT is killed.
+# 470 s of steps and about 15 s of setup (the imports, the wheels): 485 s, less where steps
+# finish early. At the very most 545 s: a step not ended 10 s after its SIGINT is killed.
 #
 # Results go to a fresh folder, default benchmarks/results/gpu_check/<UTC time>, never over
 # committed results; --results DIR must be new or empty. Where $OUT is set (the device tool), it
@@ -50,7 +53,7 @@ cd "$(dirname "$0")/.."
 
 die() { echo "gpu_check: error: $*" >&2; exit 2; }
 
-STEPS=(tests step_time train_run memory train_table)
+STEPS=(tests profile step_time train_run memory train_table)
 dry_run=0 results="" only=""
 while [ $# -gt 0 ]; do
     case $1 in
@@ -156,7 +159,7 @@ if metrics.is_file():
               "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(f"{r[k]:.4g}" if isinstance(r.get(k), float) else
                                 str(r.get(k, "")) for k in keys) + " |" for r in records]
-for name in ("gpu_step_time", "gpu_memory", "gpu_train_images_per_s"):
+for name in ("gpu_profile", "gpu_step_time", "gpu_memory", "gpu_train_images_per_s"):
     table = results / f"{name}.md"
     if table.is_file():       # each table's title one level down
         lines += ["", "#" + table.read_text()]
@@ -216,7 +219,8 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else "(no GPU)")'
 
 step tests 120 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" \
     --junitxml="$RESULTS/tests_junit.xml"
-step step_time 130 "$PY" benchmarks/gpu_table.py steps --out "$RESULTS" --time-limit 110 \
+step profile 45 "$PY" benchmarks/gpu_table.py profile --out "$RESULTS" "${TABLE_ARGS[@]}"
+step step_time 100 "$PY" benchmarks/gpu_table.py steps --out "$RESULTS" --time-limit 80 \
     "${TABLE_ARGS[@]}"
 step train_run 80 env "${TRAIN_ENV[@]}" "$PY" -m torch.distributed.run --standalone \
     --nproc_per_node=1 -m twolevel_dist.train conv=gc2l groups=2 train.epochs=1 \

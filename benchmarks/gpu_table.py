@@ -10,7 +10,11 @@ shard rank 0 holds at N, the collectives replaced by local stand-ins, as ``scali
           eager and torch.compile'd: gpu_train_images_per_s.md/.csv;
   memory  the peak memory of a training step (torch.cuda.max_memory_allocated) beside
           benchmarks/memory.py's plan for the same network, batch, N and precision:
-          gpu_memory.md/.csv.
+          gpu_memory.md/.csv;
+  profile where a step's time goes, GC against GC-2L's fused shard (WRN-28-10, N = 2, bf16,
+          channels-last): the host's time to issue a step against the step, the operators per
+          step, and the operators that take the most device and host time (torch.profiler):
+          gpu_profile.md/.csv. A shard whose host time is its step time is launch-bound.
 
 Each table is rewritten after every configuration, so a run stopped at its time limit keeps what
 it measured; ``--time-limit`` starts no configuration after that many seconds and says which it
@@ -251,6 +255,54 @@ def measure_memory(config: dict, sizes: Sizes, device: torch.device) -> dict:
                 measured_over_planned=measured / planned, measured_by=how)
 
 
+def profile_plan(sizes: Sizes) -> list[dict]:
+    network, batch = sizes.train_network
+    n = max(n for n in sizes.train_groups if n <= 2)
+    return [dict(network=network, batch=batch, precision="bf16", layout="channels_last",
+                 scheme=scheme, N=n) for scheme in ("gc", "gc2l_fused")]
+
+
+PROFILED_STEPS = 3
+
+
+def _top(events, key, count: int = 6) -> str:
+    """The ``count`` operators with the most ``key`` time: "name ms (calls)", by descending time."""
+    ranked = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:count]
+    return "; ".join(f"{e.key} {getattr(e, key, 0) / 1e3 / PROFILED_STEPS:.2f} "
+                     f"({e.count // PROFILED_STEPS})" for e in ranked if getattr(e, key, 0) > 0)
+
+
+def measure_profile(config: dict, sizes: Sizes, device: torch.device) -> dict:
+    """One configuration's step, unprofiled then profiled: ``step_ms`` (synchronised) and
+    ``host_ms`` (the time for the step's Python call to return: the host issuing its work,
+    which a GPU runs behind it), then ``PROFILED_STEPS`` steps under torch.profiler: the
+    operators per step and the ones with the most device and host time, in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+    model = build(config["network"], config["scheme"], config["N"], device)
+    step = training_step(model, config["batch"], sizes.image_size, device=device,
+                         channels_last=True, amp=True)
+    times = time_steps(step, sizes.warmup, sizes.reps, lambda: synchronize(device))
+    host = []
+    for _ in range(sizes.reps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - start)
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            step()
+        synchronize(device)
+    events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "twolevel::"))]
+    device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return dict(step_ms=1e3 * median(times), host_ms=1e3 * median(host),
+                ops_per_step=sum(e.count for e in events) // PROFILED_STEPS,
+                top_device_ms=_top(events, device_key),
+                top_host_ms=_top(events, "self_cpu_time_total"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 def _fmt(value) -> str:
@@ -380,6 +432,8 @@ TABLES = {
                         "compiled"),
     "memory": dict(stem="gpu_memory", plan=memory_plan,
                    title="Peak memory of a training step: measured against memory.py's plan"),
+    "profile": dict(stem="gpu_profile", plan=profile_plan,
+                    title="Where a step's time goes: GC against GC-2L's fused shard"),
 }
 
 
@@ -388,6 +442,8 @@ def measure(run: Run, config: dict) -> dict:
         return measure_step_time(config, run.sizes, run.device)
     if run.table == "train":
         return measure_images_per_s(config, run.sizes, run.device, run.backend)
+    if run.table == "profile":
+        return measure_profile(config, run.sizes, run.device)
     return measure_memory(config, run.sizes, run.device)
 
 
@@ -425,6 +481,16 @@ def _notes(run: Run, left_out: int, why: str) -> list[str]:
             "(cuDNN's autotuning; compiled: the compilation too); `compiled_speedup`: compiled "
             "images/s over eager at the same N. Every N eager first, then compiled.",
             _compile_note(run.backend)]
+    elif run.table == "profile":
+        notes += [
+            "One process, one GPU, rank 0's shard (per-rank simulation), bf16 autocast, "
+            "channels-last. `step_ms`: the median synchronised step; `host_ms`: the median "
+            "time for the step's Python call to return (the host issuing the work, which the "
+            "device runs behind it: where it equals the step, the step waits on the host, "
+            "launch-bound). Then 3 steps under torch.profiler: `ops_per_step`, the aten and "
+            "twolevel operators called per step (nested calls included); `top_device_ms` and "
+            "`top_host_ms`, the six operators with the most self time on the device and on "
+            "the host: ms per step (calls per step). On a CPU both are host time."]
     else:
         notes += [
             "memory.py's plan (FakeTensorMode, nothing allocated) against a real step on the "

@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 # What $OUT holds: the device tool returns at most 8 files, named in letters, digits and ._-
 OUT_FILES = {"gpu_check_log.txt", "gpu_check.md", "gpu_check_results.tar.gz"}
-STEPS = ("tests", "step_time", "train_run", "memory", "train_table")
-TABLES = ("gpu_step_time", "gpu_memory", "gpu_train_images_per_s")
+STEPS = ("tests", "profile", "step_time", "train_run", "memory", "train_table")
+TABLES = ("gpu_profile", "gpu_step_time", "gpu_memory", "gpu_train_images_per_s")
 # The tiny step-time table (gpu_table.TINY): one line per precision, layout and scheme.
 ALL = ("sc", "sc_dp", "sc_split", "gc", "gc2l_fused", "gc2l_pad8", "gc2l_taps")
 STEP_LINES = ([("bf16", "channels_last", s) for s in ALL] +
@@ -112,6 +112,12 @@ def test_the_other_tables_have_their_rows(dry_run):
     assert [(r["mode"], r["scheme"], r["N"]) for r in train] == \
         [(m, s, n) for m in ("eager", "compiled") for s, n in (("sc", "1"), ("gc2l_shard", "2"))]
     assert all(float(r["img_s"]) > 0 for r in train)
+    profile = {r["scheme"]: r for r in csv.DictReader(io.StringIO(files["gpu_profile.csv"]))}
+    assert list(profile) == ["gc", "gc2l_fused"]
+    # GC-2L's coarse level is operators of its own (WRN-10-1, N = 2: 1,961 against 781).
+    assert int(profile["gc2l_fused"]["ops_per_step"]) > 2 * int(profile["gc"]["ops_per_step"])
+    assert "aten::convolution_backward" in profile["gc"]["top_host_ms"]
+    assert all(float(r["host_ms"]) > 0 and float(r["step_ms"]) > 0 for r in profile.values())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
