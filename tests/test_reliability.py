@@ -153,9 +153,14 @@ def test_a_fresh_run_over_an_old_one_is_refused_and_overwrite_replaces_it(tmp_pa
 
 
 def test_a_replacement_killed_before_its_first_step_gives_the_old_run_back(tmp_path):
+    from dataclasses import replace
+
+    from twolevel_dist.config import TrainConfig
     from twolevel_dist.engine.run_dir import claim
     from twolevel_dist.errors import ConfigError
+    from twolevel_dist.train import _resolve_resume
     (tmp_path / "checkpoints" / "epoch_0001").mkdir(parents=True)
+    mark_complete(tmp_path, 1)
     (tmp_path / "model.pt").write_bytes(b"the old run's model")
     (tmp_path / "train.log").write_text("the old run's log\n")
     lock = claim(tmp_path, continuing=False, overwrite=True)       # the old run set aside
@@ -164,6 +169,11 @@ def test_a_replacement_killed_before_its_first_step_gives_the_old_run_back(tmp_p
     os.close(lock._fd)              # killed: no take_back, no began; the kernel drops the flock
     with pytest.raises(ConfigError, match="already holds a run"):
         claim(tmp_path, continuing=False, overwrite=False)
+    # resume=auto resumes the old run; the replacement requeued (overwrite=true) starts again.
+    auto = TrainConfig(resume="auto")
+    assert _resolve_resume(auto, tmp_path).resume is True
+    again = _resolve_resume(replace(auto, overwrite=True), tmp_path)
+    assert again.resume is False and again.overwrite is True
     lock = claim(tmp_path, continuing=True, overwrite=False)       # resume=true: it is back
     assert "restored the run" in lock.restored_note
     assert (tmp_path / "model.pt").read_bytes() == b"the old run's model"

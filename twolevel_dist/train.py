@@ -68,8 +68,8 @@ from twolevel_dist.engine.loop import (
 )
 from twolevel_dist.engine.metrics import MetricsWriter, step_line, truncate_metrics
 from twolevel_dist.engine.model_file import read_model_file, write_model_file
+from twolevel_dist.engine.run_dir import REPLACED, existing_run, remove_if_empty
 from twolevel_dist.engine.run_dir import claim as run_dir_claim
-from twolevel_dist.engine.run_dir import existing_run, remove_if_empty
 from twolevel_dist.engine.schedule import LearningRate, milestone_epochs, scaled_lr
 from twolevel_dist.engine.schedule import changes as schedule_changes
 from twolevel_dist.errors import ConfigError, RunError, RunStopped
@@ -275,7 +275,14 @@ def _resolve_resume(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
         return cfg
     if latest_complete(run_dir) is not None:
         return replace(cfg, resume=True)
-    if (run_dir / "model.pt").is_file():
+    if cfg.overwrite:       # a requeued overwrite=true job that had not checkpointed: again
+        return replace(cfg, resume=False)
+    # What an overwrite=true attempt killed before training began set aside is the run here
+    # (the claim puts it back).
+    aside = run_dir / REPLACED
+    if latest_complete(aside) is not None:
+        return replace(cfg, resume=True)
+    if (run_dir / "model.pt").is_file() or (aside / "model.pt").is_file():
         raise ConfigError(f"resume=auto: {run_dir} holds a finished run (model.pt) and no "
                           f"checkpoint to continue from; choose another run_dir, or "
                           f"overwrite=true to replace it")
