@@ -104,7 +104,7 @@ class PaddedFusedTwoLevel(nn.Module):
         self.stride, self.padding, self.group = layer.stride, layer.padding, layer.group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.conv2d(x, self.weight[0], None, self.stride, self.padding)
+        out = F.conv2d(x, self.weight.squeeze(0), None, self.stride, self.padding)
         layout = torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) \
             else torch.contiguous_format
         fused = out[:, : self.filters].contiguous(memory_format=layout)

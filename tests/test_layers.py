@@ -335,14 +335,16 @@ def test_representatives_by_taps_on_every_small_geometry(layout):
 @pytest.mark.parametrize("groups", [1, 4])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_coarse_weights_gradient_is_laid_out_as_the_weight(groups, channels_last):
-    """A0's gradient [C_out, N] has A0's own strides (DDP copies any other layout into its
-    bucket the slow way, warning every step), [C_out, 1] included."""
+    """A0's gradient [C_out, N] has A0's own strides and dtype (DDP copies any other layout into
+    its bucket the slow way, warning every step), [C_out, 1] included."""
     from twolevel_dist.layers.coarse import coarse_weight_grad
     layout = torch.channels_last if channels_last else torch.contiguous_format
     grad = torch.randn(2, 8, 5, 5).contiguous(memory_format=layout)
     representatives = torch.randn(2, groups, 5, 5)
-    weight_grad = coarse_weight_grad(grad, representatives)
-    assert weight_grad.shape == (8, groups) and weight_grad.stride() == (groups, 1)
+    coarse_weight = torch.zeros(8, groups, dtype=torch.float64)
+    weight_grad = coarse_weight_grad(grad, representatives, coarse_weight)
+    assert weight_grad.stride() == coarse_weight.stride() == (groups, 1)
+    assert weight_grad.dtype == torch.float64            # the weight's, as under autocast
     expected = torch.einsum("bohw,bnhw->on", grad, representatives)
-    torch.testing.assert_close(weight_grad, expected)
+    torch.testing.assert_close(weight_grad, expected.double(), rtol=1e-5, atol=1e-6)
 

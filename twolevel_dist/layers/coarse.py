@@ -40,21 +40,22 @@ def coarse_correction(coarse_weight: torch.Tensor, representatives: torch.Tensor
     return out.unflatten(2, representatives.shape[2:])
 
 
-def coarse_weight_grad(grad: torch.Tensor, representatives: torch.Tensor) -> torch.Tensor:
+def coarse_weight_grad(grad: torch.Tensor, representatives: torch.Tensor,
+                      coarse_weight: torch.Tensor) -> torch.Tensor:
     """The gradient of A0 [O, N] from the output gradient [B, O, H, W] and the representatives
     [B, N, H, W]: the sum over the batch of [N, H*W] x [H*W, O], in this order because a product
     with N (a handful) output rows is the faster of the two (few output rows, long inner
-    dimension: what matrix kernels block best)."""
+    dimension: what matrix kernels block best). Returned as ``coarse_weight`` is, its dtype
+    (float32 under autocast) and strides, in one copy: autograd and DDP take a gradient laid
+    out as its parameter without copying it again (DDP warns every step about one that is not,
+    as a transposed [O, 1] would be)."""
     if is_channels_last(grad):
         transposed = pixel_rows(representatives).to(grad.dtype).t() @ pixel_rows(grad)
     else:
         flat_grad = grad.reshape(grad.shape[0], grad.shape[1], -1)
         flat_reps = representatives.flatten(2).to(grad.dtype)
         transposed = torch.bmm(flat_reps, flat_grad.transpose(1, 2)).sum(0)
-    # Laid out as A0 is, strides included (a small copy; .contiguous() would keep a transposed
-    # [O, 1]'s strides): DDP copies a gradient whose strides differ from its parameter's into
-    # its bucket the slow way, with a warning every step.
-    return transposed.t().clone(memory_format=torch.contiguous_format)
+    return torch.empty_like(coarse_weight).copy_(transposed.t())
 
 
 def add_coarse_(local: torch.Tensor, coarse_weight: torch.Tensor,
@@ -100,6 +101,6 @@ class _AddCoarse(Function):
     @staticmethod
     def backward(ctx, grad):
         coarse_weight, representatives = ctx.saved_tensors
-        grad_coarse = coarse_weight_grad(grad, representatives)
-        return (grad, grad_coarse.to(coarse_weight.dtype),
+        grad_coarse = coarse_weight_grad(grad, representatives, coarse_weight)
+        return (grad, grad_coarse,
                 representatives_grad(grad, coarse_weight).to(representatives.dtype))

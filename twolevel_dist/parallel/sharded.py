@@ -57,7 +57,7 @@ class _CoarseExchange(Function):
         # Under autocast the forward ran in the gradient's (lower) precision; A0 is stored in
         # float32 and gets its gradient in float32.
         coarse_weight, representatives = ctx.saved_tensors
-        grad_coarse = coarse_weight_grad(grad, representatives).to(coarse_weight.dtype)
+        grad_coarse = coarse_weight_grad(grad, representatives, coarse_weight)
         grad_representatives = representatives_grad(grad, coarse_weight)
         world = representatives.shape[1]
         own = ops.reduce_scatter(channels_to_stacked(grad_representatives, world), ctx.key)
@@ -145,7 +145,9 @@ class ShardedTwoLevelConv2d(_ShardedConv):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.overlap and resolve_impl(self.impl, x.device) == "fused":
-            fused = F.conv2d(x, self.weight[0], None, self.stride, self.padding)
+            # squeeze, not [0]: its backward is a view of the gradient, where select's writes
+            # it into a zero-filled weight-sized tensor (two more kernels per layer).
+            fused = F.conv2d(x, self.weight.squeeze(0), None, self.stride, self.padding)
             return coarse_exchange(fused, self.coarse_weight, self.key)
         grad_sum = InputGradSum()
         if self.overlap:
