@@ -58,7 +58,7 @@ from twolevel_dist.engine.checkpoint import latest_complete, rank_file  # noqa: 
 from twolevel_dist.engine.metrics import read_metrics  # noqa: E402
 from twolevel_dist.errors import ConfigError  # noqa: E402
 from twolevel_dist.layers import CONV_KINDS  # noqa: E402
-from twolevel_dist.models import build_model  # noqa: E402
+from twolevel_dist.models import build_model, count_parameters  # noqa: E402
 from twolevel_dist.paper import PAPER_CIFAR10_ERROR_WRN28_10  # noqa: E402
 from twolevel_dist.parallel import parallelize  # noqa: E402
 from twolevel_dist.parallel.simulated import simulated_mesh  # noqa: E402
@@ -405,15 +405,16 @@ def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
 
 # --- results ----------------------------------------------------------------------------------
 
-def _num_classes(run_dir: Path) -> int | None:
-    """The classes of the run's head (its saved bias), or None where it saved no weights yet."""
+def _saved_weights(run_dir: Path) -> dict | None:
+    """The run's weights (its model.pt, else rank 0's newest complete checkpoint), or None
+    where it saved none yet."""
     saved = run_dir / "model.pt"
     if not saved.is_file():
         position = latest_complete(run_dir)
         saved = rank_file(run_dir, position, 0) if position is not None else None
     if saved is None:
         return None
-    return torch.load(saved, map_location="cpu", weights_only=True)["model"]["fc.bias"].numel()
+    return torch.load(saved, map_location="cpu", weights_only=True)["model"]
 
 
 def protocol_model(protocol: Protocol) -> ModelConfig:
@@ -427,15 +428,18 @@ def protocol_model(protocol: Protocol) -> ModelConfig:
 
 def parameter_counts(model_cfg: ModelConfig, cell: Cell,
                      num_classes: int | None) -> tuple[int, int | str]:
-    """(the whole single-device network's parameters, one rank's share with one rank per group:
-    the whole for sc and flgc, "" where the layers cannot be split so), counted on the meta
-    device; ``num_classes`` None: the network's default head."""
+    """(the whole network's parameters as deployed, ``count_parameters``: for FLGC the
+    connections inside its groups as initialised, balanced, and its group logits; one rank's
+    share with one rank per group, counted on the meta device: the whole for sc and flgc, ""
+    where the layers cannot be split so). ``num_classes`` None: the network's default head."""
+    torch.manual_seed(0)
+    whole = count_parameters(build_model(model_cfg.name, conv=cell.conv, groups=cell.groups,
+                                         num_classes=num_classes, **model_cfg.build_kwargs()))
+    if cell.ranks == 1:
+        return whole, whole
     with torch.device("meta"):
         model = build_model(model_cfg.name, conv=cell.conv, groups=cell.groups,
                             num_classes=num_classes, **model_cfg.build_kwargs())
-        whole = sum(p.numel() for p in model.parameters())
-        if cell.ranks == 1:
-            return whole, whole
         try:
             model = parallelize(model, simulated_mesh(cell.groups))
         except ConfigError:         # e.g. Shuffle across ranks needs N^2 to divide C_out
@@ -467,20 +471,22 @@ def collect(protocol: Protocol, runs: Path, kept: dict[str, dict] | None = None)
     directory, or from ``kept`` (``committed_cells``) where that directory has not finished
     the cell. Every row gets both parameter counts (``parameter_counts``), a kept one too: from
     the protocol's model, with the head of the runs here (all cells share their data set)."""
-    rows, ledger, kept, classes = [], Ledger(runs), kept or {}, []
+    rows, ledger, kept, classes, from_kept = [], Ledger(runs), kept or {}, [], []
     for cell in protocol.cells:
         run_dir = runs / cell.name
         # A finished committed row stands until a run directory here finishes the cell: an
         # unfinished one (a partial copy, a rerun in progress) never replaces it.
         if cell.name in kept and cell_state(run_dir) != "done":
             rows.append(dict(kept[cell.name]))
+            from_kept.append(rows[-1])
             continue
         if not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir):
             continue
         records = read_metrics(run_dir)
         config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
         model = config["model"]
-        num_classes = _num_classes(run_dir)
+        trained = _saved_weights(run_dir)
+        num_classes = trained["fc.bias"].numel() if trained is not None else None
         classes.append(num_classes)
         params, per_rank = parameter_counts(ModelConfig(**model), cell, num_classes)
         rows.append(dict(
@@ -495,11 +501,10 @@ def collect(protocol: Protocol, runs: Path, kept: dict[str, dict] | None = None)
             wall_time_s=round(ledger.wall(cell)["seconds"]),
             finished=cell_state(run_dir) == "done",
             train_loss_per_epoch=" ".join(f"{r['train_loss']:.4f}" for r in records)))
-    missing = [row for row in rows if not isinstance(row.get("params"), int)]
-    if missing:              # kept rows of an older csv, which had no whole-network count
+    if from_kept:            # counted again: an older csv may lack them, or count otherwise
         model_cfg = protocol_model(protocol)
         num_classes = next((c for c in classes if c is not None), None)
-        for row in missing:
+        for row in from_kept:
             row["params"], row["params_per_rank"] = parameter_counts(
                 model_cfg, Cell(row["conv"], row["N"], row["seed"]), num_classes)
     return [{key: row[key] for key in COLUMNS} for row in rows]
@@ -641,9 +646,11 @@ def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[d
         "", *error_table(rows, paper), "",
         "## Parameters of the whole network against N", "", *parameter_table(rows), "",
         "mean ± half the range over seeds; sc does not depend on N. params: the whole "
-        "single-device network; params_per_rank: one rank's share with one rank per group "
-        "(empty where the layers cannot be split so; Shuffle needs N^2 to divide every layer's "
-        "width). Plots: "
+        "single-device network as deployed (FLGC: the connections inside its groups as "
+        "initialised, balanced, and its group logits, not the dense weight it trains); "
+        "params_per_rank: one rank's "
+        "share with one rank per group (empty where the layers cannot be split so; Shuffle "
+        "needs N^2 to divide every layer's width). Plots: "
         f"`{out.name}.png` (error against N), `{out.name}_loss.png` (training loss).", "",
         "## Every cell"])
     write_results(out, rows, f"Accuracy against N: {protocol.tag}", command, notes)
