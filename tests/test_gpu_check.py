@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.sh, which a rare GPU session runs once: here its --dry-run runs every step
 on the CPU with tiny sizes and must leave in $OUT exactly what the device tool brings back, with
-every step's results in the tarball; without --dry-run, on a machine with no GPU, it refuses at
-once in one line and writes nothing."""
+every step's results in the tarball (slow: run them before spending device time); without
+--dry-run, on a machine with no GPU, it refuses at once in one line and writes nothing."""
 
 import csv
 import io
@@ -57,6 +57,7 @@ def _markdown_table(text: str) -> list[list[str]]:
             if not line.startswith("|---")]
 
 
+@pytest.mark.slow          # the dry run: 30-40 s (README, "The GPU check")
 def test_the_dry_run_passes_and_leaves_the_three_files_in_out(dry_run):
     done, out, _ = dry_run
     assert done.stdout.strip().splitlines()[-1] == "gpu_check: all passed"
@@ -69,6 +70,7 @@ def test_the_dry_run_passes_and_leaves_the_three_files_in_out(dry_run):
     assert [f"| {step} | ok |" in summary for step in STEPS] == [True] * len(STEPS)
 
 
+@pytest.mark.slow          # the dry run: 30-40 s (README, "The GPU check")
 def test_the_tarball_holds_every_steps_results(dry_run):
     _, _, files = dry_run
     expected = {f"{table}.{ext}" for table in TABLES for ext in ("csv", "md")}
@@ -85,6 +87,7 @@ def test_the_tarball_holds_every_steps_results(dry_run):
         assert rows and all(r["status"] == "ok" for r in rows), (table, rows)
 
 
+@pytest.mark.slow          # the dry run: 30-40 s (README, "The GPU check")
 def test_the_step_time_table_has_every_scheme_at_every_n(dry_run):
     _, _, files = dry_run
     header, *rows = _markdown_table(files["gpu_step_time.md"])
@@ -101,6 +104,7 @@ def test_the_step_time_table_has_every_scheme_at_every_n(dry_run):
     assert {r["params_per_rank"] for r in steps if r["scheme"] == "sc_dp"} == sc and len(sc) == 1
 
 
+@pytest.mark.slow          # the dry run: 30-40 s (README, "The GPU check")
 def test_the_other_tables_have_their_rows(dry_run):
     _, _, files = dry_run
     memory = list(csv.DictReader(io.StringIO(files["gpu_memory.csv"])))

@@ -399,7 +399,7 @@ def test_pruning_keeps_the_newest_complete_checkpoints_and_drops_older_torn_ones
 
 # --- stopping by a signal -------------------------------------------------------------------------
 
-SIGNALLED = [*SMALL[:2], "dataset.train_size=1024", *SMALL[3:], "train.epochs=2", "groups=2",
+SIGNALLED = [*SMALL[:2], "dataset.train_size=640", *SMALL[3:], "train.epochs=2", "groups=2",
              "train.log_every=1"]
 TORCHRUN_SH = Path(__file__).resolve().parents[1] / "launch" / "torchrun.sh"
 
@@ -438,8 +438,9 @@ def test_ctrl_c_and_sigterm_stop_at_a_step_with_a_checkpoint_and_resume_auto_los
     assert len(stopped) == 1 and "resume=auto" in stopped[0], out.stderr[-3000:]
     first = latest_complete(run_dir)
     assert first is not None and first.epochs == 0 and first.step >= 10   # inside epoch 1
-    # SIGTERM to the launcher alone (a scheduler stopping the job) in epoch 2 of the resumed run.
-    out = _signal_at(_launch(run_dir, *SIGNALLED, "resume=auto"), run_dir, 40,
+    # SIGTERM to the launcher alone (a scheduler stopping the job) in epoch 2 (steps 21-40) of
+    # the resumed run.
+    out = _signal_at(_launch(run_dir, *SIGNALLED, "resume=auto"), run_dir, 30,
                      lambda job: job.send_signal(signal.SIGTERM))
     assert out.returncode == 75 and "stopped: SIGTERM" in out.stderr, out.stderr[-3000:]
     assert latest_complete(run_dir).step > first.step
