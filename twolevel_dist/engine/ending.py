@@ -30,6 +30,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from twolevel_dist.engine.stop import STOP_SIGNALS
+from twolevel_dist.parallel.mesh import env_rank
 
 EXIT_FILE = "TWOLEVEL_EXIT_FILE"
 ERROR_FILE = "TORCHELASTIC_ERROR_FILE"      # set by torchrun for each worker
@@ -103,7 +104,7 @@ def peer_failure(error: BaseException, then: str) -> str | None:
     if not (isinstance(error, dist.DistError) or "Timed out" in text or "gloo" in text or
             "Connection closed by peer" in text or "Connection reset by peer" in text):
         return None
-    return (f"error: a collective failed on rank {os.environ.get('RANK', 0)} "
+    return (f"error: a collective failed on rank {env_rank()} "
             f"({type(error).__name__}: {text.splitlines()[0][:300] if text else ''}): another "
             f"rank died or hung for longer than dist.timeout_s; its own log says why. {then}")
 
