@@ -15,11 +15,18 @@ from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import CONV_KINDS
 from twolevel_dist.parallel import check_device
 
-# configs/ at the repository root, as an absolute path: Hydra resolves a relative config_path
-# against the calling module's package when the entry point is a console script
-# (twolevel-train), where "../configs" names no package. The project is installed editable
-# (launch/setup_env.sh), so the package stays beside it.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+def _config_dir() -> str:
+    """configs/ as an absolute path: Hydra resolves a relative config_path against the calling
+    module's package when the entry point is a console script (twolevel-train). In a checkout
+    (and an editable install) it is the repository's configs/ beside the package; a wheel
+    carries it inside the package (pyproject.toml maps it to twolevel_dist/configs)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return str(installed if installed.is_dir() else package.parent / "configs")
+
+
+CONFIG_DIR = _config_dir()
 
 
 @dataclass
@@ -256,13 +263,13 @@ def check_config_choices(args: list[str], config_dir: str = CONFIG_DIR) -> None:
     (``model=wrn99``), in one line with the choices, before Hydra would report it in a dozen.
     Sweeps list their values with commas (``-m model=wrn10_2,wrn16_4``); Hydra's own groups
     (``hydra/launcher=...``, from plugins) and sweep functions (``choice(...)``) are Hydra's
-    to check. First, that the configs are there at all: a non-editable install copies the
-    package without the repository's configs/."""
+    to check. First, that the configs are there at all (a package copied by hand, without
+    them)."""
     if not Path(config_dir).is_dir():
-        raise ConfigError(f"the configs folder {config_dir} is missing: this install holds the "
-                          f"twolevel_dist package without the repository's configs/; install "
-                          f"from a clone in editable mode (pip install -e ., what "
-                          f"launch/setup_env.sh does)")
+        raise ConfigError(f"the configs folder {config_dir} is missing: this copy of the "
+                          f"twolevel_dist package has neither the repository's configs/ beside "
+                          f"it nor its own; install it with pip (pip install -e . in a clone, "
+                          f"what launch/setup_env.sh does, or pip install .)")
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
