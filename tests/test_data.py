@@ -795,6 +795,18 @@ def test_image_folder_accepts_an_archive_and_extracts_it_once(tmp_path):
     assert len(extracted) == 1 and (extracted[0] / ".complete").is_file()
     load_image_folder(archive, cache_dir=cache)
     assert list((cache / "extracted").iterdir()) == extracted
+    # The same archive staged elsewhere for another job (a new path and mtime): the same copy.
+    staged = tmp_path / "node-local" / archive.name
+    staged.parent.mkdir()
+    staged.write_bytes(archive.read_bytes())
+    load_image_folder(staged, cache_dir=cache)
+    assert list((cache / "extracted").iterdir()) == extracted
+    # A changed archive: a copy of its own, with the new content.
+    (next((source / "train").iterdir()) / "extra.png").write_bytes(
+        next(next((source / "train").iterdir()).iterdir()).read_bytes())
+    changed, _ = load_image_folder(make_tar_gz(staged, source), cache_dir=cache)
+    assert len(list((cache / "extracted").iterdir())) == 2
+    assert len(changed.images) == len(from_folder.images) + 1
 
 
 def test_extract_tar_helper(tmp_path):

@@ -6,7 +6,7 @@ Layout::
     root/test/<class>/<image>      (or root/val/<class>/<image> when there is no test/)
 
 ``root`` may also be a .tar / .tar.gz / .tgz archive of that layout: it is extracted once
-into a cache folder. Decoded arrays are cached in an .npz keyed by the file list, sizes,
+into a cache folder named by its content (a copy of it elsewhere reuses the extraction). Decoded arrays are cached in an .npz keyed by the file list, sizes,
 mtimes and ``image_size``, so editing the folder invalidates the cache automatically.
 
 Where the caches go: ``cache_dir`` (``dataset.cache_dir``), else ``$TWOLEVEL_CACHE``, for both;
@@ -363,11 +363,17 @@ def _write_cache(path: Path, key: str, train: ImageArrays, test: ImageArrays) ->
 
 
 def _extracted_archive(archive: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
-    """Extract an image-folder archive once into the cache; later calls reuse the folder."""
-    stat = archive.stat()
-    tag = hashlib.sha256(
-        f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
-    ).hexdigest()[:16]
+    """Extract an image-folder archive once into the cache; later calls reuse the folder.
+
+    The copy is named by the archive's content, not its path or mtime: an archive staged anew
+    for each job (copied to node-local disk, provisioned again) finds the copy its first
+    extraction made instead of adding another; a changed archive gets a new one. Hashing reads
+    the archive once per start, a small part of what extracting it takes."""
+    digest = hashlib.sha256()
+    with open(archive, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    tag = digest.hexdigest()[:16]
     stem = archive.name
     for suffix in ARCHIVE_SUFFIXES:
         if stem.endswith(suffix):
