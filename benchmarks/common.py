@@ -39,9 +39,12 @@ def model_from_config(name: str, conv: str, groups: int, num_classes: int = 10):
                        **cfg.build_kwargs())
 
 
-def time_steps(step, warmup: int, reps: int, sync=lambda: None) -> list[float]:
+def time_steps(step, warmup: int, reps: int, sync=lambda: None,
+               until_done: bool = True) -> list[float]:
     """Wall-clock seconds of ``reps`` calls of ``step`` after ``warmup`` untimed ones; ``sync``
-    runs before each start and stop (a barrier across ranks, a device synchronise)."""
+    runs before each start and stop (a barrier across ranks, a device synchronise). With
+    ``until_done=False``, not before the stop: the time for the call to return, the host's
+    share of a step whose work a GPU runs behind it."""
     for _ in range(warmup):
         step()
     times = []
@@ -49,8 +52,10 @@ def time_steps(step, warmup: int, reps: int, sync=lambda: None) -> list[float]:
         sync()
         start = time.perf_counter()
         step()
-        sync()
+        if until_done:
+            sync()
         times.append(time.perf_counter() - start)
+    sync()
     return times
 
 

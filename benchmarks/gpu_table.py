@@ -282,13 +282,7 @@ def measure_profile(config: dict, sizes: Sizes, device: torch.device) -> dict:
     step = training_step(model, config["batch"], sizes.image_size, device=device,
                          channels_last=True, amp=True)
     times = time_steps(step, sizes.warmup, sizes.reps, lambda: synchronize(device))
-    host = []
-    for _ in range(sizes.reps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        host.append(time.perf_counter() - start)
-    synchronize(device)
+    host = time_steps(step, 0, sizes.reps, lambda: synchronize(device), until_done=False)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
     with profile(activities=activities) as prof:
