@@ -405,16 +405,17 @@ def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
 
 # --- results ----------------------------------------------------------------------------------
 
-def _saved_weights(run_dir: Path) -> dict | None:
-    """The run's weights (its model.pt, else rank 0's newest complete checkpoint), or None
-    where it saved none yet."""
+def _trained_classes(run_dir: Path) -> int | None:
+    """The number of classes the run's head has (its model.pt, else rank 0's newest complete
+    checkpoint; memory-mapped, so only that tensor is read), or None where it saved none yet."""
     saved = run_dir / "model.pt"
     if not saved.is_file():
         position = latest_complete(run_dir)
         saved = rank_file(run_dir, position, 0) if position is not None else None
     if saved is None:
         return None
-    return torch.load(saved, map_location="cpu", weights_only=True)["model"]
+    return torch.load(saved, map_location="cpu", weights_only=True, mmap=True)[
+        "model"]["fc.bias"].numel()
 
 
 def protocol_model(protocol: Protocol) -> ModelConfig:
@@ -466,11 +467,13 @@ def _committed_commits(out: Path) -> set[str]:
     return {c.strip() for c in found.group(1).split(",")} - {"unknown"} if found else set()
 
 
-def collect(protocol: Protocol, runs: Path, kept: dict[str, dict] | None = None) -> list[dict]:
+def collect(protocol: Protocol, runs: Path,
+            kept: dict[str, dict] | None = None) -> tuple[list[dict], int]:
     """One row per cell with at least one finished epoch, in the protocol's order: from its run
     directory, or from ``kept`` (``committed_cells``) where that directory has not finished
-    the cell. Every row gets both parameter counts (``parameter_counts``), a kept one too: from
-    the protocol's model, with the head of the runs here (all cells share their data set)."""
+    the cell; and how many rows came from ``kept``. Every row gets both parameter counts
+    (``parameter_counts``), a kept one too: from the protocol's model, with the head of the
+    runs here (all cells share their data set)."""
     rows, ledger, kept, classes, from_kept = [], Ledger(runs), kept or {}, [], []
     for cell in protocol.cells:
         run_dir = runs / cell.name
@@ -485,8 +488,7 @@ def collect(protocol: Protocol, runs: Path, kept: dict[str, dict] | None = None)
         records = read_metrics(run_dir)
         config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
         model = config["model"]
-        trained = _saved_weights(run_dir)
-        num_classes = trained["fc.bias"].numel() if trained is not None else None
+        num_classes = _trained_classes(run_dir)
         classes.append(num_classes)
         params, per_rank = parameter_counts(ModelConfig(**model), cell, num_classes)
         rows.append(dict(
@@ -507,7 +509,7 @@ def collect(protocol: Protocol, runs: Path, kept: dict[str, dict] | None = None)
         for row in from_kept:
             row["params"], row["params_per_rank"] = parameter_counts(
                 model_cfg, Cell(row["conv"], row["N"], row["seed"]), num_classes)
-    return [{key: row[key] for key in COLUMNS} for row in rows]
+    return [{key: row[key] for key in COLUMNS} for row in rows], len(from_kept)
 
 
 def _spread(values: list[float]) -> str:
@@ -619,10 +621,7 @@ def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[d
     """``out``.csv/.md and the two plots from the cells' run directories (and the committed
     rows of cells whose run directories are not here)."""
     kept = committed_cells(out)
-    rows = collect(protocol, runs, kept)
-    # A finished row whose run directory here has not finished is the committed csv's.
-    from_csv = sum(1 for r in rows if r["finished"] and
-                   cell_state(runs / Cell(r["conv"], r["N"], r["seed"]).name) != "done")
+    rows, from_csv = collect(protocol, runs, kept)
     if not rows:
         print(f"no cell of {protocol.path} has finished an epoch in {runs} yet: nothing to "
               f"aggregate", flush=True)
