@@ -102,19 +102,25 @@ def _assert_restarted_to_the_same_metrics(run_dir: Path, uninterrupted: list[dic
             assert a[key] == b[key], (key, a, b)
 
 
+def _sbatch_on_two_nodes(slurm, tmp_path, *overrides, options=(), env=None):
+    """``launch/slurm.sbatch`` with THREE_EPOCHS and ``overrides`` on 2 nodes, one rank each,
+    waited for by sbatch (``--wait``), its output in ``tmp_path``/slurm-<job id>.out."""
+    return subprocess.Popen(
+        ["sbatch", "--wait", "--nodes=2", "--cpus-per-task=1", *options,
+         f"--output={tmp_path}/slurm-%j.out", "launch/slurm.sbatch", *THREE_EPOCHS, *overrides],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**slurm, "NPROC_PER_NODE": "1", "PYTHON": sys.executable, "MAX_RESTARTS": "1",
+             **(env or {})})
+
+
 @pytest.mark.slurm
 def test_sbatch_on_two_nodes_restarts_a_rank_killed_on_the_second_node_to_the_same_metrics(
         slurm, uninterrupted, tmp_path):
     """GC-2L with one group per node; the node names resolve nowhere (the rendezvous needs
     SLURM's NodeAddr); a worker SIGKILLed on node2 in epoch 2 restarts both nodes' workers."""
     run_dir = tmp_path / "run"
-    job = subprocess.Popen(
-        ["sbatch", "--wait", "--nodes=2", "--cpus-per-task=1",
-         f"--output={tmp_path}/slurm-%j.out", "launch/slurm.sbatch", *THREE_EPOCHS,
-         f"run_dir={run_dir}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**slurm, "NPROC_PER_NODE": "1", "PYTHON": sys.executable, "MAX_RESTARTS": "1",
-             "RDZV_PORT": str(29500 + os.getpid() % 1000)})
+    job = _sbatch_on_two_nodes(slurm, tmp_path, f"run_dir={run_dir}",
+                               env={"RDZV_PORT": str(29500 + os.getpid() % 1000)})
     try:
         _kill_a_worker_in_epoch_2([job], run_dir, "SLURMD_NODENAME", "node2")
         output, _ = job.communicate(timeout=900)
@@ -288,12 +294,8 @@ def test_sbatch_stopped_by_its_time_limit_signal_and_by_scancel_requeues_to_the_
     epoch 2: each time every rank checkpoints at a step and the job requeues itself; the third
     run finishes with exactly the metrics of an uninterrupted run."""
     run_dir = tmp_path / "run"
-    job = subprocess.Popen(
-        ["sbatch", "--wait", "--nodes=2", "--cpus-per-task=1", "--open-mode=append",
-         f"--output={tmp_path}/slurm-%j.out", "launch/slurm.sbatch", *THREE_EPOCHS,
-         "train.checkpoint_every_steps=5", f"run_dir={run_dir}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**slurm, "NPROC_PER_NODE": "1", "PYTHON": sys.executable, "MAX_RESTARTS": "1"})
+    job = _sbatch_on_two_nodes(slurm, tmp_path, "train.checkpoint_every_steps=5",
+                               f"run_dir={run_dir}", options=["--open-mode=append"])
     try:
         job_id = _job_id(job)
         _wait_for_checkpoint_after(job, run_dir, 5)                       # in epoch 1

@@ -91,7 +91,7 @@ def _matches_unsharded(dp, gp, cases, transport="direct", device="cpu"):
         replicas, ref_logits, ref_losses = _reference_step(single, xs, ys, train)
         reference = replicas[dp_rank]
         ref_after = reference(xs[dp_rank])
-        label = (name, conv, overlap, train, dtype)
+        label = case_label((name, kwargs, size, conv, overlap, train, dtype))
         torch.testing.assert_close(logits, ref_logits[dp_rank], **TOL,
                                    msg=lambda m: f"{label}: {m}")
         torch.testing.assert_close(loss, ref_losses[dp_rank], **TOL)
@@ -107,6 +107,12 @@ def _matches_unsharded(dp, gp, cases, transport="direct", device="cpu"):
     return checked
 
 
+def case_label(case) -> tuple:
+    """What names a case in messages and results: (model, conv, overlap, train, dtype)."""
+    name, _, _, conv, overlap, train, dtype = case
+    return (name, conv, overlap, train, str(dtype))
+
+
 def _cases(convs, models=(WRN, MOBILENET), modes=(True, False), dtype=torch.float64):
     return [(name, kwargs, size, conv, overlap, train, dtype)
             for name, kwargs, size in models for conv, overlap in convs for train in modes]
@@ -120,22 +126,28 @@ ALL_SCHEMES = GC2L + [("gc", False), ("sc", False), ("shuffle", False)]
     (1, 1, _cases([("gc2l", False)])),
     (1, 2, _cases(ALL_SCHEMES, models=(WRN,)) + _cases(GC2L, models=(MOBILENET,))
      + _cases(GC2L, models=(WRN,), dtype=torch.float32)),
-    (1, 4, _cases(ALL_SCHEMES, models=(WRN,), modes=(True,))
-     + _cases(GC2L[:1], models=(WRN, MOBILENET), modes=(False,))
-     + _cases(GC2L[:1], models=(MOBILENET,), modes=(True,))),
     (2, 2, _cases(GC2L[:1]) + _cases(GC2L[:1], models=(WRN,), modes=(True,),
                                       dtype=torch.float32)),
-], ids=["gp1", "gp2", "gp4", "dp2xgp2"])
+], ids=["gp1", "gp2", "dp2xgp2"])
 def test_matches_unsharded(dp, gp, cases):
     results = run_on_ranks(dp * gp, _matches_unsharded, dp, gp, cases)
     assert all(len(r) == len(cases) for r in results)
 
 
-def test_matches_unsharded_through_the_backends_own_collectives():
-    cases = _cases(GC2L, models=(WRN,), modes=(True,)) + _cases(ALL_SCHEMES[2:], models=(WRN,),
-                                                                  modes=(True,))
-    results = run_on_ranks(4, _matches_unsharded, 1, 4, cases, "native")
-    assert all(len(r) == len(cases) for r in results)
+# gp = 4 is checked in the one 4-rank job below (``four_ranks``).
+GP4_CASES = (_cases(ALL_SCHEMES, models=(WRN,), modes=(True,))
+             + _cases(GC2L[:1], models=(WRN, MOBILENET), modes=(False,))
+             + _cases(GC2L[:1], models=(MOBILENET,), modes=(True,)))
+NATIVE_CASES = (_cases(GC2L, models=(WRN,), modes=(True,))
+                + _cases(ALL_SCHEMES[2:], models=(WRN,), modes=(True,)))
+
+
+def test_matches_unsharded_on_four_ranks(four_ranks):
+    assert all(r["gp4"] == [case_label(c) for c in GP4_CASES] for r in four_ranks)
+
+
+def test_matches_unsharded_through_the_backends_own_collectives(four_ranks):
+    assert all(r["native"] == [case_label(c) for c in NATIVE_CASES] for r in four_ranks)
 
 
 DIST_FUNCTIONS = ["all_gather_single", "all_gather_into_tensor", "reduce_scatter_single",
@@ -187,10 +199,29 @@ def _count_collectives(overlap, transport):
                 parameter_shapes_communicated=sorted(set(shapes) & param_shapes))
 
 
-@pytest.mark.parametrize("overlap,transport",
-                         [(False, "direct"), (True, "direct"), (False, "native"), (True, "native")])
-def test_one_all_gather_per_gc2l_layer_and_nothing_else(overlap, transport):
-    for r in run_on_ranks(4, _count_collectives, overlap, transport):
+COUNTED = [(False, "direct"), (True, "direct"), (False, "native"), (True, "native")]
+
+
+def _on_four_ranks():
+    """Every check of this file on 4 ranks (gp = 4), in one job: starting 4 ranks takes longer
+    than most of the checks. Each check sets the transport and dtype it needs."""
+    results = dict(gp4=_matches_unsharded(1, 4, GP4_CASES),
+                   native=_matches_unsharded(1, 4, NATIVE_CASES, "native"))
+    torch.set_default_dtype(torch.float32)
+    for overlap, transport in COUNTED:
+        results[overlap, transport] = _count_collectives(overlap, transport)
+    results["per_rank"] = _parameters_per_rank()
+    return results
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_on_ranks(4, _on_four_ranks)
+
+
+@pytest.mark.parametrize("overlap,transport", COUNTED)
+def test_one_all_gather_per_gc2l_layer_and_nothing_else(four_ranks, overlap, transport):
+    for r in (ranks[overlap, transport] for ranks in four_ranks):
         layers = r["layers"]
         assert layers == 9   # 3 stages x (2 convolutions) + 3 projection shortcuts
         gather, scatter = (("all_gather_single", "reduce_scatter_single")
@@ -222,8 +253,8 @@ def _parameters_per_rank():
                 layer_per_rank=sum(p.numel() for p in shard_layer.parameters()))
 
 
-def test_parameters_per_rank_follow_the_papers_per_processor_count():
-    for r in run_on_ranks(4, _parameters_per_rank):
+def test_parameters_per_rank_follow_the_papers_per_processor_count(four_ranks):
+    for r in (ranks["per_rank"] for ranks in four_ranks):
         n = 4
         assert r["per_rank"] == (r["total"] - r["replicated"]) // n + r["replicated"]
         cin, cout, k = r["layer"]
