@@ -2,6 +2,7 @@
 and its configs, and trains from any directory."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,8 +22,16 @@ def wheel(tmp_path_factory):
     # torch 2.11 environment has Python 3.11's 65: the wheel does not depend on torch).
     pytest.importorskip("setuptools", minversion="68")
     out = tmp_path_factory.mktemp("wheel")
+    # From a copy of what the build reads: setuptools writes build/ and egg-info beside it.
+    source = out / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source)
+    for name in ("twolevel_dist", "configs"):
+        shutil.copytree(ROOT / name, source / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(ROOT)],
+                    "--no-build-isolation", "-w", str(out), str(source)],
                    check=True, capture_output=True, text=True, cwd=out)
     (path,) = out.glob("twolevel_dist-*.whl")
     return path
