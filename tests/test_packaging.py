@@ -18,9 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    # pip builds with this environment's setuptools (pyproject.toml asks for 68 or newer; the
-    # torch 2.11 environment has Python 3.11's 65: the wheel does not depend on torch).
-    pytest.importorskip("setuptools", minversion="68")
+    pytest.importorskip("setuptools", minversion="68")     # the dev extra's; the build's own
     out = tmp_path_factory.mktemp("wheel")
     # From a copy of what the build reads: setuptools writes build/ and egg-info beside it.
     source = out / "source"
