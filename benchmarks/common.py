@@ -22,18 +22,21 @@ sys.path.insert(0, str(REPO))
 # The committed results. A run writes under RESULTS / "new" unless told otherwise (output_stem).
 RESULTS = REPO / "benchmarks" / "results"
 
-from twolevel_dist.config import ModelConfig  # noqa: E402
+from twolevel_dist.config import CONFIG_DIR, ModelConfig, check_config_choices  # noqa: E402
 from twolevel_dist.engine.device import autocast  # noqa: E402
+from twolevel_dist.errors import ConfigError  # noqa: E402
 from twolevel_dist.layers import to_layout  # noqa: E402
 from twolevel_dist.models import build_model  # noqa: E402
 
 
 def model_from_config(name: str, conv: str, groups: int, num_classes: int = 10):
-    """``build_model`` from ``configs/model/<name>.yaml``, so benchmarks and training agree."""
-    path = REPO / "configs" / "model" / f"{name}.yaml"
-    if not path.is_file():
-        choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise SystemExit(f"error: no model config {path}; choose one of {choices}")
+    """``build_model`` from ``configs/model/<name>.yaml``, so benchmarks and training agree; a
+    name with no config ends the benchmark with train's one line naming the choices."""
+    try:
+        check_config_choices([f"model={name}"])
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    path = Path(CONFIG_DIR) / "model" / f"{name}.yaml"
     cfg = ModelConfig(**OmegaConf.to_container(OmegaConf.load(path)))
     return build_model(cfg.name, conv=conv, groups=groups, num_classes=num_classes,
                        **cfg.build_kwargs())

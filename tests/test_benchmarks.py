@@ -370,3 +370,9 @@ def test_replot_redraws_from_the_csv_and_leaves_it_alone(results):
     for suffix in (".csv", ".md"):
         assert (results / name).with_suffix(suffix).read_bytes() == \
             committed.with_suffix(suffix).read_bytes()
+
+
+def test_a_model_name_with_no_config_ends_a_benchmark_with_the_choices():
+    with pytest.raises(SystemExit, match=r"^error: model=wrn16_5 names no model config \(did you "
+                                         r"mean model=wrn16_4\?\); the choices are "):
+        common.model_from_config("wrn16_5", "sc", 1)
