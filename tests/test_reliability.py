@@ -488,23 +488,6 @@ print("not reached", flush=True)
     assert out.stderr.count("SIGTERM received: stopping after the next step") == 1
 
 
-def test_a_rank_the_launcher_already_signalled_does_not_wait_for_rank_0():
-    # A rank that was hung while rank 0 gave up gets torchrun's SIGTERM as a stop request; its
-    # collective then fails too. It ends by that signal at once, not after the grace that
-    # leaves rank 0 the time to say why (which would also have it say its own line instead).
-    script = """
-import os, signal
-from twolevel_dist.engine import ending, stop
-stop.install()
-os.kill(os.getpid(), signal.SIGTERM)
-ending.leave_to_rank0(grace_s=120)
-print("waited", flush=True)
-"""
-    out = subprocess.run([str(PYTHON), "-c", script], capture_output=True, text=True, timeout=60)
-    assert out.returncode == -signal.SIGTERM, out.stderr[-2000:]
-    assert out.stdout == ""
-
-
 def test_a_port_rank_0_cannot_bind_ends_every_rank_within_the_startup_timeout(tmp_path):
     # Without torchrun (srun, submitit), rank 0 hosts the rendezvous: here its port is taken.
     # Rank 0 says so, naming the port; rank 1 gives up after dist.startup_timeout_s, not after

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from twolevel_dist.engine import stop
 from twolevel_dist.engine.stop import STOP_SIGNALS
 from twolevel_dist.parallel.mesh import env_rank
 
@@ -91,13 +90,9 @@ def leave_to_rank0(grace_s: float = RANK0_GRACE_S) -> None:
     end this process. Rank 0 says an error every rank meets, and once it exits torchrun (srun
     ``--kill-on-bad-exit``) stops the others; exiting first instead would have torchrun stop
     rank 0, perhaps before it said why. A rank still running after ``grace_s`` met an error of
-    its own (or runs without such a launcher), and then says it itself. A stop signal already
-    received is the launcher ending this process (torchrun's SIGTERM to a rank that was hung
-    while rank 0 gave up on it): it takes effect at once, without the wait."""
+    its own (or runs without such a launcher), and then says it itself."""
     for signum in STOP_SIGNALS:         # the launcher's SIGTERM ends this process, not a stop
         signal.signal(signum, signal.SIG_DFL)
-    if received := stop.requested():
-        os.kill(os.getpid(), received)
     time.sleep(grace_s)
 
 
