@@ -6,8 +6,9 @@ Layout::
     root/test/<class>/<image>      (or root/val/<class>/<image> when there is no test/)
 
 ``root`` may also be a .tar / .tar.gz / .tgz archive of that layout: it is extracted once
-into a cache folder named by its content (a copy of it elsewhere reuses the extraction). Decoded arrays are cached in an .npz keyed by the file list, sizes,
-mtimes and ``image_size``, so editing the folder invalidates the cache automatically.
+into a cache folder named by its content (a copy of it elsewhere reuses the extraction).
+Decoded arrays are cached in an .npz keyed by the file list, sizes, mtimes and ``image_size``,
+so editing the folder invalidates the cache automatically.
 
 Where the caches go: ``cache_dir`` (``dataset.cache_dir``), else ``$TWOLEVEL_CACHE``, for both;
 with neither, decoded arrays go to ``root/.twolevel_cache`` where ``root`` is writable and to
