@@ -821,19 +821,20 @@ def test_extract_tar_helper(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def cifar10_jpeg_root(tmp_path_factory) -> Path:
+def cifar10_jpeg_root() -> Path:
+    """The real archive extracted as training extracts it: once per machine, into the user's
+    cache (extracting is tested on small archives above; 60,000 files take many seconds)."""
     if not SHARED_CIFAR_JPEG.is_file():
         pytest.skip(
             f"real-data archive {SHARED_CIFAR_JPEG} is absent (it lives in ../shared/data on the "
             "dev machines)"
         )
-    destination = tmp_path_factory.mktemp("cifar10_jpeg")
-    data.extract_tar(SHARED_CIFAR_JPEG, destination)
-    return destination
+    return image_folder_module._extracted_archive(SHARED_CIFAR_JPEG, None)
 
 
-def test_real_cifar10_jpeg_folder_loads_and_caches(cifar10_jpeg_root, monkeypatch):
-    train, test = load_image_folder(cifar10_jpeg_root)
+def test_real_cifar10_jpeg_folder_loads_and_caches(cifar10_jpeg_root, tmp_path, monkeypatch):
+    # Decoded here, into a cache of this test's own (the extracted copy may hold one already).
+    train, test = load_image_folder(cifar10_jpeg_root, cache_dir=tmp_path)
     assert train.classes == CIFAR10_CLASSES
     assert train.images.shape == (50_000, 3, 32, 32) and test.images.shape == (10_000, 3, 32, 32)
     assert torch.bincount(train.labels).tolist() == [5000] * 10
@@ -847,7 +848,7 @@ def test_real_cifar10_jpeg_folder_loads_and_caches(cifar10_jpeg_root, monkeypatc
         raise AssertionError("decoded although the cache is valid")
 
     monkeypatch.setattr(image_folder_module.decode, "decode_chunk", no_decoding)
-    cached_train, cached_test = load_image_folder(cifar10_jpeg_root)
+    cached_train, cached_test = load_image_folder(cifar10_jpeg_root, cache_dir=tmp_path)
     assert torch.equal(cached_train.images, train.images) and torch.equal(
         cached_test.labels, test.labels
     )

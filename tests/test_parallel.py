@@ -126,24 +126,28 @@ ALL_SCHEMES = GC2L + [("gc", False), ("sc", False), ("shuffle", False)]
     (1, 1, _cases([("gc2l", False)])),
     (1, 2, _cases(ALL_SCHEMES, models=(WRN,)) + _cases(GC2L, models=(MOBILENET,))
      + _cases(GC2L, models=(WRN,), dtype=torch.float32)),
-    (2, 2, _cases(GC2L[:1]) + _cases(GC2L[:1], models=(WRN,), modes=(True,),
-                                      dtype=torch.float32)),
-], ids=["gp1", "gp2", "dp2xgp2"])
+], ids=["gp1", "gp2"])
 def test_matches_unsharded(dp, gp, cases):
     results = run_on_ranks(dp * gp, _matches_unsharded, dp, gp, cases)
     assert all(len(r) == len(cases) for r in results)
 
 
-# gp = 4 is checked in the one 4-rank job below (``four_ranks``).
+# gp = 4 and dp x gp = 2 x 2 are checked in the one 4-rank job below (``four_ranks``).
 GP4_CASES = (_cases(ALL_SCHEMES, models=(WRN,), modes=(True,))
              + _cases(GC2L[:1], models=(WRN, MOBILENET), modes=(False,))
              + _cases(GC2L[:1], models=(MOBILENET,), modes=(True,)))
 NATIVE_CASES = (_cases(GC2L, models=(WRN,), modes=(True,))
                 + _cases(ALL_SCHEMES[2:], models=(WRN,), modes=(True,)))
+DP2_GP2_CASES = _cases(GC2L[:1]) + _cases(GC2L[:1], models=(WRN,), modes=(True,),
+                                          dtype=torch.float32)
 
 
 def test_matches_unsharded_on_four_ranks(four_ranks):
     assert all(r["gp4"] == [case_label(c) for c in GP4_CASES] for r in four_ranks)
+
+
+def test_matches_unsharded_on_two_replicas_of_two_groups(four_ranks):
+    assert all(r["dp2xgp2"] == [case_label(c) for c in DP2_GP2_CASES] for r in four_ranks)
 
 
 def test_matches_unsharded_through_the_backends_own_collectives(four_ranks):
@@ -206,7 +210,8 @@ def _on_four_ranks():
     """Every check of this file on 4 ranks (gp = 4), in one job: starting 4 ranks takes longer
     than most of the checks. Each check sets the transport and dtype it needs."""
     results = dict(gp4=_matches_unsharded(1, 4, GP4_CASES),
-                   native=_matches_unsharded(1, 4, NATIVE_CASES, "native"))
+                   native=_matches_unsharded(1, 4, NATIVE_CASES, "native"),
+                   dp2xgp2=_matches_unsharded(2, 2, DP2_GP2_CASES))
     torch.set_default_dtype(torch.float32)
     for overlap, transport in COUNTED:
         results[overlap, transport] = _count_collectives(overlap, transport)

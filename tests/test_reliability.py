@@ -488,6 +488,18 @@ print("not reached", flush=True)
     assert out.stderr.count("SIGTERM received: stopping after the next step") == 1
 
 
+def test_only_an_error_every_rank_meets_waits_for_rank_0_to_say_it(monkeypatch):
+    from twolevel_dist import train
+    waited = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TWOLEVEL_EXIT_FILE", raising=False)
+    monkeypatch.setattr(train, "leave_to_rank0", lambda: waited.append(True))
+    for own in (False, True):
+        with pytest.raises(SystemExit):
+            train._end(2, "error: x", own=own)
+    assert waited == [True]          # not for an error of this rank's own (errors.RankError)
+
+
 def test_a_port_rank_0_cannot_bind_ends_every_rank_within_the_startup_timeout(tmp_path):
     # Without torchrun (srun, submitit), rank 0 hosts the rendezvous: here its port is taken.
     # Rank 0 says so, naming the port; rank 1 gives up after dist.startup_timeout_s, not after
@@ -502,7 +514,7 @@ def test_a_port_rank_0_cannot_bind_ends_every_rank_within_the_startup_timeout(tm
                "MASTER_PORT": str(port), "LOCAL_RANK": "0"}
         started = time.time()
         ranks = [subprocess.Popen([str(PYTHON), "-m", "twolevel_dist.train", *SMALL,
-                                   f"run_dir={tmp_path / 'run'}", "dist.startup_timeout_s=6"],
+                                   f"run_dir={tmp_path / 'run'}", "dist.startup_timeout_s=3"],
                                   env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
         outs = [rank.communicate(timeout=120) for rank in ranks]
@@ -511,5 +523,5 @@ def test_a_port_rank_0_cannot_bind_ends_every_rank_within_the_startup_timeout(tm
     assert time.time() - started < 90
     assert [rank.returncode for rank in ranks] == [2, 2], outs
     assert f"port {port} on 127.0.0.1 is already in use" in outs[0][1]
-    assert f"found no rank 0 of this job at 127.0.0.1:{port} within 6 s" in outs[1][1]
+    assert f"found no rank 0 of this job at 127.0.0.1:{port} within 3 s" in outs[1][1]
     assert "Traceback" not in outs[0][1] + outs[1][1]

@@ -11,6 +11,11 @@ class RunError(RuntimeError):
     the cause and what to do; nothing incomplete was left marked complete."""
 
 
+class RankError(RunError):
+    """A failure that only this rank meets (at startup it found no rank 0 of its job): said at
+    once, where an error every rank meets is left to rank 0 to say."""
+
+
 class DataError(ValueError):
     """A data set is missing, malformed, or asked for with inconsistent options: the message
     names the path, the expected layout or the config key to change."""

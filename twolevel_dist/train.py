@@ -72,7 +72,7 @@ from twolevel_dist.engine.run_dir import REPLACED, existing_run, remove_if_empty
 from twolevel_dist.engine.run_dir import claim as run_dir_claim
 from twolevel_dist.engine.schedule import LearningRate, milestone_epochs, scaled_lr
 from twolevel_dist.engine.schedule import changes as schedule_changes
-from twolevel_dist.errors import ConfigError, RunError, RunStopped
+from twolevel_dist.errors import ConfigError, RankError, RunError, RunStopped
 from twolevel_dist.layers import to_layout
 from twolevel_dist.models import build_model, count_parameters
 from twolevel_dist.parallel import (
@@ -616,13 +616,14 @@ def _over_replicas(sums: EpochSums, job) -> EpochSums:
     return replace(sums, loss=loss, correct=int(correct), samples=int(samples))
 
 
-def _end(code: int, line: str, only_rank0: bool = False, then=None) -> None:
+def _end(code: int, line: str, only_rank0: bool = False, then=None, own: bool = False) -> None:
     """Exit with ``code`` and its one line, shown once where the user looks and reported to
     the launcher (``engine.ending.announce``); ``then`` runs before the exit. Rank 0 says it at
     once; another rank first leaves rank 0 the time to (``engine.ending.leave_to_rank0``) and
     says it only if still running then: its own error. ``only_rank0``: the others stay silent
-    (a stop, which every rank agrees on)."""
-    if env_rank() != 0 and not only_rank0:
+    (a stop, which every rank agrees on); ``own``: an error only this rank met (``RankError``),
+    said at once."""
+    if env_rank() != 0 and not only_rank0 and not own:
         leave_to_rank0()
     if not only_rank0 or env_rank() == 0:
         announce(code, line)
@@ -668,7 +669,7 @@ def main(cfg) -> None:
                   "to save")
     except (ConfigError, DataError, RunError) as error:   # a clear message, not a stack trace
         remove_if_empty(run_dir)
-        _end(2, f"error: {error}")
+        _end(2, f"error: {error}", own=isinstance(error, RankError))
     except (dist.DistError, RuntimeError) as error:
         line = peer_failure(error, "Resume with resume=true once it is fixed")
         if line is None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from twolevel_dist.errors import ConfigError, RunError
+from twolevel_dist.errors import ConfigError, RankError
 from twolevel_dist.validate import positive_int
 
 
@@ -192,7 +192,7 @@ def _init_process_group(backend: str, timeout: timedelta, startup_timeout: timed
     except (RuntimeError, OSError) as error:     # DistNetworkError, DistStoreError
         if not _timed_out(error):
             raise
-        raise RunError(
+        raise RankError(
             f"rank {rank} found no rank 0 of this job at {os.environ['MASTER_ADDR']}:"
             f"{os.environ['MASTER_PORT']} within {startup.total_seconds():g} s "
             f"(dist.startup_timeout_s): rank 0 did not start (its own log says why), the "
