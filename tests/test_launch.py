@@ -153,6 +153,7 @@ def test_hydra_sweep_over_groups_through_the_submitit_launcher(slurm, tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow          # the Hydra sweep test above submits through submitit the same way
 def test_an_accuracy_sweep_runs_one_slurm_job_per_cell_through_submitit(slurm, tmp_path):
     """Two cells, one SLURM job each (GC-2L: one task per group, each its own rank)."""
     protocol = tmp_path / "tiny.yaml"
@@ -172,6 +173,7 @@ def test_an_accuracy_sweep_runs_one_slurm_job_per_cell_through_submitit(slurm, t
     assert (runs / "acc.png").is_file()
 
 
+@pytest.mark.slow          # the sbatch test restarts the same way (two agents, c10d) under SLURM
 def test_two_torchrun_agents_meet_by_c10d_and_restart_a_killed_rank_to_the_same_metrics(
         uninterrupted, tmp_path):
     """``torchrun --nnodes=2``: two agents (nodes) of one rank each on this machine, no SLURM;
