@@ -783,7 +783,7 @@ def test_image_folder_parallel_decode_matches_serial(tmp_path, monkeypatch):
     assert torch.equal(serial_test.images, parallel_test.images)
 
 
-def test_image_folder_accepts_an_archive_and_extracts_it_once(tmp_path):
+def test_image_folder_accepts_an_archive_and_extracts_it_once(tmp_path, monkeypatch):
     source = tmp_path / "set"
     make_image_folder(source)
     archive = make_tar_gz(tmp_path / "set.tar.gz", source)
@@ -793,8 +793,15 @@ def test_image_folder_accepts_an_archive_and_extracts_it_once(tmp_path):
     assert torch.equal(from_archive.images, from_folder.images)
     extracted = list((cache / "extracted").iterdir())
     assert len(extracted) == 1 and (extracted[0] / ".complete").is_file()
+    # A second start neither extracts nor reads the archive: its digest is remembered.
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: (
+        reads.append(Path(path)), real_open(path, *a, **k))[1])
     load_image_folder(archive, cache_dir=cache)
+    monkeypatch.undo()
     assert list((cache / "extracted").iterdir()) == extracted
+    assert archive not in reads
     # The same archive staged elsewhere for another job (a new path and mtime): the same copy.
     staged = tmp_path / "node-local" / archive.name
     staged.parent.mkdir()

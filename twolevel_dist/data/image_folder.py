@@ -6,7 +6,8 @@ Layout::
     root/test/<class>/<image>      (or root/val/<class>/<image> when there is no test/)
 
 ``root`` may also be a .tar / .tar.gz / .tgz archive of that layout: it is extracted once
-into a cache folder named by its content (a copy of it elsewhere reuses the extraction).
+into a cache folder named by its content (a copy of it elsewhere reuses the extraction;
+the digest is remembered by path, size and mtime, so a later start does not read it again).
 Decoded arrays are cached in an .npz keyed by the file list, sizes, mtimes and ``image_size``,
 so editing the folder invalidates the cache automatically.
 
@@ -368,19 +369,14 @@ def _extracted_archive(archive: Path, cache_dir: str | os.PathLike[str] | None) 
 
     The copy is named by the archive's content, not its path or mtime: an archive staged anew
     for each job (copied to node-local disk, provisioned again) finds the copy its first
-    extraction made instead of adding another; a changed archive gets a new one. Hashing reads
-    the archive once per start, a small part of what extracting it takes."""
-    digest = hashlib.sha256()
-    with open(archive, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    tag = digest.hexdigest()[:16]
+    extraction made instead of adding another; a changed archive gets a new one."""
+    base = Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()
+    tag = _archive_sha256(archive, base / "archive-digests")[:16]
     stem = archive.name
     for suffix in ARCHIVE_SUFFIXES:
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
             break
-    base = Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()
     folder = base / "extracted" / f"{stem}-{tag}"
     complete_marker = folder / ".complete"
     if complete_marker.is_file():
@@ -392,3 +388,41 @@ def _extracted_archive(archive: Path, cache_dir: str | os.PathLike[str] | None) 
         complete_marker.touch()
         progress.finish()
     return folder
+
+
+def _archive_sha256(archive: Path, memo_dir: Path) -> str:
+    """The archive's sha256, remembered under ``memo_dir`` by its path, size and mtime.
+
+    Hashing reads the whole archive; remembering the digest spares that read to every later
+    start (each rank of each job) that finds the archive where and as it was. An archive
+    staged anew has a new mtime, so it is hashed once more and finds the same extracted copy.
+    A cache that cannot be written only costs the read again."""
+    stat = archive.stat()
+    identity = f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    memo = memo_dir / hashlib.sha256(identity.encode()).hexdigest()[:32]
+    try:
+        remembered = memo.read_text().strip()
+        if len(remembered) == 64 and all(c in "0123456789abcdef" for c in remembered):
+            return remembered
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    with open(archive, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    hexdigest = digest.hexdigest()
+    try:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed: ranks starting together never read half a digest.
+        handle, temp_name = tempfile.mkstemp(prefix=memo.name, suffix=".tmp", dir=memo_dir)
+        try:
+            with os.fdopen(handle, "w") as file:
+                file.write(hexdigest)
+            os.chmod(temp_name, 0o644)
+            os.replace(temp_name, memo)
+        except BaseException:
+            os.unlink(temp_name)
+            raise
+    except OSError:
+        pass
+    return hexdigest
