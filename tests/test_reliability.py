@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from distributed import run_on_ranks
 from test_train import PYTHON, SMALL, TORCHRUN, _train
 
 from twolevel_dist.engine.checkpoint import (
@@ -26,6 +28,7 @@ from twolevel_dist.engine.checkpoint import (
 )
 from twolevel_dist.engine.metrics import read_metrics
 from twolevel_dist.errors import RunError
+from twolevel_dist.parallel import init_mesh
 
 ONE_EPOCH = [*SMALL, "groups=2", "train.epochs=1"]
 
@@ -382,6 +385,27 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path):
     assert timeout_s - 2 < rank0_gone < timeout_s + 20, rank0_gone   # the timeout, not before
     assert "another rank died or hung" in err, err[-3000:]
     assert latest_complete_epoch(run_dir) is None
+
+
+def _a_gp_peer_hangs(timeout_s, hang_s):
+    """dp 2 x gp 2; rank 1 joins its gp all-reduce only after ``hang_s``: the seconds rank 0,
+    its gp peer, waited there, and whether its wait failed."""
+    mesh = init_mesh(2, timeout_s=timeout_s)
+    group, rank = mesh["gp"].get_group(), dist.get_rank()
+    if rank == 1:
+        time.sleep(hang_s)
+    started, failed = time.monotonic(), False
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+    except RuntimeError:        # gloo's "Timed out waiting ..." (rank 1's: rank 0 has left)
+        failed = True
+    return time.monotonic() - started, failed
+
+
+def test_a_hung_peer_in_a_gp_group_smaller_than_the_world_fails_within_the_timeout():
+    # DeviceMesh gives such groups torch's 30 minutes unless init_mesh passes the job's on.
+    waited, failed = run_on_ranks(4, _a_gp_peer_hangs, 1.0, 6.0)[0]
+    assert failed and waited < 4, (waited, failed)
 
 
 def test_pruning_keeps_the_newest_complete_checkpoints_and_drops_older_torn_ones(tmp_path):

@@ -299,9 +299,9 @@ def setup_job(cfg: TrainConfig, gp: int | None = None) -> Job:
               if launched else local_device(cfg.device))
     configure_backends(device, tf32=cfg.train.tf32)
     groups, gp = _layout(cfg, world, gp)
+    mesh = init_mesh(gp, timeout_s=cfg.dist.timeout_s) if world > 1 else None
     job = Job(device=device, amp=resolve_amp(cfg.train.amp, device), world=world,
-              rank=dist.get_rank() if world > 1 else 0,
-              mesh=init_mesh(gp) if world > 1 else None, model_groups=groups, gp=gp)
+              rank=dist.get_rank() if world > 1 else 0, mesh=mesh, model_groups=groups, gp=gp)
     # Whether this is a restart round: torchrun counts a restart only on the nodes whose own
     # workers failed (the others' were stopped for it), so the nodes compare their counts.
     restarts = job.agree(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))

@@ -224,9 +224,11 @@ def _rendezvous_store(rank: int, world: int, agent_hosts_store: bool,
         raise
 
 
-def init_mesh(groups: int, dp: int | None = None) -> DeviceMesh:
+def init_mesh(groups: int, dp: int | None = None,
+              timeout_s: float = DEFAULT_TIMEOUT_S) -> DeviceMesh:
     """A ("dp", "gp") mesh with gp = ``groups`` ranks per model and dp = world // groups
-    replicas."""
+    replicas. ``timeout_s`` bounds a wait in the mesh's collectives as ``init_distributed``'s
+    bounds one in the world's: give both the same."""
     if not dist.is_initialized():
         raise ConfigError("init_mesh needs torch.distributed initialised first; call "
                           "twolevel_dist.parallel.init_distributed() (under torchrun)")
@@ -245,7 +247,15 @@ def init_mesh(groups: int, dp: int | None = None) -> DeviceMesh:
     # Plain gloo: CPU ranks. Any other backend ("cpu:gloo,cuda:nccl", "nccl", a CUDA-only gloo)
     # serves the GPUs, where the mesh's tensors live.
     device_type = "cpu" if dist.get_backend() == "gloo" else "cuda"
-    return init_device_mesh(device_type, (dp, groups), mesh_dim_names=("dp", "gp"))
+    mesh = init_device_mesh(device_type, (dp, groups), mesh_dim_names=("dp", "gp"))
+    # DeviceMesh creates the groups of a dimension smaller than the world with torch's default
+    # timeout (30 min, torch 2.11 to 2.13), not the world's: a hung peer in a gp or dp
+    # collective would hold the job that long. Each group gets the job's (as torchtitan's
+    # set_pg_timeouts does; the function is private, in torch since 2.2).
+    for dim in ("dp", "gp"):
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s),
+                                              mesh[dim].get_group())
+    return mesh
 
 
 if __name__ == "__main__":          # launch/slurm.sbatch: the port of the job id given
