@@ -373,7 +373,10 @@ def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
             slurm_partition=args.slurm_partition, mem_gb=args.slurm_mem_gb,
             # The job unpickles this script's task, which refers to its sibling modules
             # (common, plotting): they must import there as they do here.
+            # SRUN_CPUS_PER_TASK: SLURM 22.05 to 23.02's srun does not take --cpus-per-task
+            # from the job, and a cluster that binds tasks would give each rank one core.
             slurm_setup=["export OMP_NUM_THREADS=" + str(args.slurm_cpus_per_task),
+                         "export SRUN_CPUS_PER_TASK=" + str(args.slurm_cpus_per_task),
                          f"export PYTHONPATH={Path(__file__).resolve().parent}"
                          "${PYTHONPATH:+:$PYTHONPATH}"])
         command = train_command(protocol, cell, runs / cell.name, torchrun=False)
