@@ -267,15 +267,18 @@ class _FakeStore:
         self.timeouts.append(timeout)
 
 
-@pytest.mark.parametrize("visible,local_rank,device,expected", [
-    (0, 0, "auto", "cpu"), (1, 3, "auto", "cuda:0"), (4, 3, "auto", "cuda:3"),
-    (4, 5, "auto", "LOCAL_RANK=5 but this process sees only 4 GPUs"),
-    (4, 3, "cpu", "cpu"),             # device=cpu: the CPU and gloo alone, GPUs or not
-    (1, 0, "cuda", "cuda:0"),
+@pytest.mark.parametrize("visible,local_rank,device,expected,local_ranks", [
+    (0, 0, "auto", "cpu", 2), (4, 3, "auto", "cuda:3", 4),
+    (1, 3, "auto", "cuda:0", None),     # srun --gpus-per-task: each rank sees its own GPU
+    (4, 5, "auto", "LOCAL_RANK=5 but this process sees only 4 GPUs", None),
+    (1, 0, "auto", r"2 ranks on this node \(torchrun --nproc_per_node=2\) but only 1 GPU\(s\) "
+                   "visible, and NCCL cannot give two ranks one GPU", 2),
+    (4, 3, "cpu", "cpu", 8),          # device=cpu: the CPU and gloo alone, GPUs or not
+    (1, 0, "cuda", "cuda:0", 1),
     (0, 0, "cuda", "device=cuda but no CUDA device is visible to this process .*; use "
-                   "device=cpu or device=auto")])
+                   "device=cpu or device=auto", None)])
 def test_init_asks_for_a_backend_for_cpu_and_cuda_tensors(monkeypatch, visible, local_rank,
-                                                          device, expected):
+                                                          device, expected, local_ranks):
     init, store = _Recorder(), _FakeStore
     _FakeStore.made = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
@@ -288,6 +291,10 @@ def test_init_asks_for_a_backend_for_cpu_and_cuda_tensors(monkeypatch, visible, 
     for key, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT="29500", LOCAL_RANK=str(local_rank)).items():
         monkeypatch.setenv(key, value)
+    if local_ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
     if expected not in ("cpu", "cuda:0", "cuda:3"):
         with pytest.raises(ConfigError, match=expected):
             init_distributed(timeout_s=77, startup_timeout_s=11, device=device)

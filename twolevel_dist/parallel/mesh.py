@@ -114,6 +114,14 @@ def local_device(kind: str = "auto") -> torch.device:
                           "build of torch, no driver, or CUDA_VISIBLE_DEVICES hides them); use "
                           "device=cpu or device=auto")
     visible, local_rank = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
+    # torchrun (which sets LOCAL_WORLD_SIZE) shows every local rank the same GPUs.
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local_ranks > visible:
+        raise ConfigError(
+            f"{local_ranks} ranks on this node (torchrun --nproc_per_node={local_ranks}) but "
+            f"only {visible} GPU(s) visible, and NCCL cannot give two ranks one GPU: launch "
+            f"--nproc_per_node={visible} (groups=N on one rank trains the single-device "
+            f"model), or device=cpu for CPU ranks on gloo")
     if visible == 1:
         return torch.device("cuda", 0)
     if local_rank >= visible:
