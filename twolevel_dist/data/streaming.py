@@ -357,10 +357,17 @@ def center_crop_box(size: tuple[int, int], image_size: int) -> tuple[int, int, i
     return round(left), round(top), max(1, round(crop)), max(1, round(crop))
 
 
-def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 images [..., 3, H, W] to float32, ImageNet-normalised, on their own device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1)
+def imagenet_mean_std(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's channel mean and std, [3, 1, 1] float32 on ``device``. A loader makes them once:
+    a tensor made from a list on a GPU is a copy from pageable memory, which waits for the GPU."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
+def normalise(pixels: torch.Tensor, mean_std=None) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] to float32, ImageNet-normalised, on their own device
+    (``mean_std``: ``imagenet_mean_std`` of that device, made here where not given)."""
+    mean, std = mean_std if mean_std is not None else imagenet_mean_std(pixels.device)
     return (pixels.to(torch.float32) / 255.0 - mean) / std
 
 
@@ -421,6 +428,7 @@ class StreamingEpochLoader:
         self.files, self.labels = list_image_files(self.root, split)
         self.num_classes = max(self.labels) + 1
         self.device, self.channels_last = torch.device(device), channels_last
+        self.mean_std = imagenet_mean_std(self.device)
         gp = torch.distributed.get_world_size(gp_group) if gp_group is not None else 1
         self.gp_group = gp_group if gp > 1 and train and batch_size % gp == 0 else None
         parts = dict(part=torch.distributed.get_rank(gp_group), parts=gp) if self.gp_group else {}
@@ -457,7 +465,8 @@ class StreamingEpochLoader:
             labels = labels.to(self.device, non_blocking=True)
             if self.gp_group is not None:
                 images, labels = (self._gather(t) for t in (images, labels))
-            yield normalise(images).contiguous(memory_format=memory_format), labels
+            yield (normalise(images, self.mean_std).contiguous(memory_format=memory_format),
+                   labels)
 
     def _gather(self, part: torch.Tensor) -> torch.Tensor:
         parts = [
