@@ -18,7 +18,9 @@ from test_train import PYTHON, SMALL, TORCHRUN, _train
 
 from twolevel_dist.engine.checkpoint import (
     COMPLETE,
+    Position,
     atomic_save,
+    complete_checkpoints,
     complete_epochs,
     epoch_dir,
     latest_complete,
@@ -287,18 +289,26 @@ def test_resume_falls_back_past_damaged_checkpoints_and_says_so(tmp_path):
     (epoch_dir(run_dir, 3) / COMPLETE).write_text("epoch 3\n")
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 3, "st')                         # and a torn metrics line
-    out = _train(run_dir, *common, "train.epochs=3", "train.max_steps=6", "resume=true")
+    # Keeping one checkpoint, through epoch 2 only: had the damaged epoch 3 stayed "complete",
+    # pruning would have kept it alone, the new epoch 2 deleted.
+    out = _train(run_dir, *common, "train.epochs=3", "train.keep_checkpoints=1", "resume=true")
     log = (run_dir / "train.log").read_text()
     assert "skipped epoch 3" in out.stdout + log and "is missing" in out.stdout + log
     assert "skipped epoch 2" in out.stdout + log and str(damaged) in out.stdout + log
     assert "resumed from" in log and "epoch 1, step 2" in log
+    assert complete_checkpoints(run_dir) == [Position(2, 0)]
+    aside = epoch_dir(run_dir, 2).with_name(epoch_dir(run_dir, 2).name + ".damaged")
+    assert (aside / damaged.name).stat().st_size == 1000
+    assert epoch_dir(run_dir, 3).with_name(epoch_dir(run_dir, 3).name + ".damaged").is_dir()
+    out = _train(run_dir, *common, "train.epochs=3", "train.max_steps=6", "resume=true")
+    assert "epoch 2, step 4" in (run_dir / "train.log").read_text()
     assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2, 3]
     # When no complete checkpoint loads on every rank, the error names each file.
-    for epoch in (1, 2, 3):
-        rank_file(run_dir, epoch, 0).write_bytes(b"garbage")
+    for position in complete_checkpoints(run_dir):
+        rank_file(run_dir, position, 0).write_bytes(b"garbage")
     out = _train(run_dir, *common, "train.epochs=3", "resume=true", check=False)
     _refused(out, "no complete checkpoint")
-    assert str(rank_file(run_dir, 1, 0)) in out.stderr and "unreadable" in out.stderr
+    assert str(rank_file(run_dir, 3, 0)) in out.stderr and "unreadable" in out.stderr
 
 
 @pytest.fixture

@@ -394,12 +394,13 @@ def _restore(cfg, run_dir, job, model, optimizer, schedule, meta, ema):
     workers after a failure), else (0, 0, None). Any number of dp replicas may resume it."""
     if not (cfg.resume or job.restarted):
         return 0, 0, None
-    if latest_complete(run_dir) is None:
+    if job.agree(latest_complete(run_dir))[0] is None:      # rank 0's view, for every rank
         if job.restarted and not cfg.resume:
             return 0, 0, None             # the failure came before the first checkpoint
         raise ConfigError(f"resume=true but {run_dir}/checkpoints holds no complete "
                           f"checkpoint; start without resume")
-    position, state, notes = load_newest_readable(run_dir, job.gp_rank, meta, job.agree)
+    position, state, notes = load_newest_readable(run_dir, job.gp_rank, meta, job.agree,
+                                                  set_aside=job.rank == 0)
     for note in notes:
         log.warning(f"resume: {note}")
     unwrap(model).load_state_dict(state["model"])

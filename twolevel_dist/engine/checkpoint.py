@@ -162,12 +162,18 @@ def load_rank_checkpoint(run_dir: Path, at, gp_rank: int, expected_meta: dict) -
     return state
 
 
-def load_newest_readable(run_dir: Path, gp_rank: int, expected_meta: dict, agree):
+def load_newest_readable(run_dir: Path, gp_rank: int, expected_meta: dict, agree,
+                         set_aside: bool = False):
     """(position, this gp rank's state, notes) of the newest complete checkpoint that loads on
     every rank. ``agree(problem)`` gathers each rank's problem (None: loaded) so all ranks fall
-    back together; a checkpoint of another model or layout is refused outright, not skipped."""
-    notes = []
-    for position in complete_checkpoints(run_dir):
+    back together; a checkpoint of another model or layout is refused outright, not skipped.
+    Every rank tries the checkpoints rank 0 lists: a shared file system may show a node a stale
+    listing, and ranks resuming from different checkpoints would mix their shards.
+    With ``set_aside`` (one rank), the complete checkpoints skipped are renamed
+    ``<name>.damaged``: left in place, pruning would count them as the newest and delete the
+    good ones written after the resume, and the training would write into them again."""
+    notes, skipped = [], []
+    for position in agree(complete_checkpoints(run_dir))[0]:
         try:
             state = load_rank_checkpoint(run_dir, position, gp_rank, expected_meta)
             problem = None
@@ -175,12 +181,26 @@ def load_newest_readable(run_dir: Path, gp_rank: int, expected_meta: dict, agree
             state, problem = None, str(error)
         problems = [p for p in agree(problem) if p is not None]
         if not problems:
+            if set_aside:
+                for damaged in skipped:
+                    _set_aside(epoch_dir(run_dir, damaged))
             return position, state, notes
         label = f"epoch {position.epochs}" if not position.step else position.name
-        notes.append(f"skipped {label}: {problems[0]}")
+        notes.append(f"skipped {label}: {problems[0]}"
+                     + (f" (set aside as {position.name}.damaged)" if set_aside else ""))
+        skipped.append(position)
     raise ConfigError(f"resume: no complete checkpoint under {Path(run_dir) / 'checkpoints'} "
                       f"loads on every rank ({'; '.join(notes) or 'there is none'}); start "
                       f"without resume=true (with overwrite=true to replace the run)")
+
+
+def _set_aside(folder: Path) -> None:
+    """Rename ``folder`` to ``<name>.damaged`` (``.damaged.2``, ... where taken)."""
+    target, n = folder.with_name(f"{folder.name}.damaged"), 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.damaged.{n}")
+    os.replace(folder, target)
 
 
 def check_meta(found: dict, expected: dict, path) -> None:
