@@ -816,6 +816,45 @@ def test_image_folder_accepts_an_archive_and_extracts_it_once(tmp_path, monkeypa
     assert len(changed.images) == len(from_folder.images) + 1
 
 
+def _loads_in_turns(fail_on):
+    """Two nodes of two ranks (LOCAL_RANK = rank % 2): each rank's load times, and whether a
+    DataError on rank ``fail_on`` (None: none) stopped it."""
+    import torch.distributed as dist
+
+    from twolevel_dist.engine.loaders import load_in_turns
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.environ["LOCAL_RANK"] = str(rank % 2)
+    times = []
+
+    def load():
+        times.append(time.monotonic())
+        time.sleep(0.3)
+        times.append(time.monotonic())
+        if rank == fail_on:
+            raise DataError(f"rank {rank} cannot read the set")
+        return rank
+    results = []
+    for failing in (None, fail_on):
+        fail_on = failing
+        try:
+            results.append(load_in_turns(load, rank, world))
+        except DataError as error:
+            results.append(str(error))
+    return times[:2], results
+
+
+def test_ranks_load_in_turns_rank_0_then_each_nodes_first_then_the_rest():
+    from distributed import run_on_ranks
+
+    ranks = run_on_ranks(4, _loads_in_turns, 3)
+    (start0, end0), (start1, end1), (start2, end2), (start3, end3) = (r[0] for r in ranks)
+    # Rank 0 fills a shared cache alone; node 2's first rank its node-local one; then the rest.
+    assert end0 <= start2 and end2 <= min(start1, start3), [r[0] for r in ranks]
+    assert [r[1][0] for r in ranks] == [0, 1, 2, 3]
+    # A rank that cannot load stops every rank, each with that rank's message.
+    assert [r[1][1] for r in ranks] == ["rank 3 cannot read the set"] * 4
+
+
 def test_extract_tar_helper(tmp_path):
     source = tmp_path / "set"
     make_image_folder(source)

@@ -1,5 +1,6 @@
 """The train and test loaders of a data set config, for one rank of a (dp, gp) layout."""
 
+import os
 from pathlib import Path
 
 import torch
@@ -26,27 +27,15 @@ def build_loaders(dataset, *, seed: int, device: torch.device, rank: int = 0, wo
 
 def _in_memory_loaders(dataset, seed, device, rank, world, dp_rank, dp_size, per_replica,
                        channels_last):
-    """CIFAR-size data on the device as uint8, augmented there. Rank 0 loads first, so that the
-    others read its decoded cache instead of decoding in parallel."""
+    """CIFAR-size data on the device as uint8, augmented there, loaded in turns
+    (``load_in_turns``)."""
     def load():
         return load_arrays(dataset.name, root=dataset.root, download=dataset.download,
                            seed=seed, image_size=dataset.image_size,
                            num_classes=dataset.num_classes,
                            synthetic_train_size=dataset.train_size,
                            synthetic_test_size=dataset.test_size, cache_dir=dataset.cache_dir)
-    loaded, problem = None, None
-    if rank == 0:
-        try:
-            loaded = load()
-        except DataError as error:      # every rank stops with it (rank 0 says why)
-            problem = str(error)
-    if world > 1:                       # the others wait for rank 0's cache here
-        problems = [None] * world
-        dist.all_gather_object(problems, problem)
-        problem = problems[0]
-    if problem is not None:
-        raise DataError(problem)
-    train_data, test_data = loaded if rank == 0 else load()
+    train_data, test_data = load_in_turns(load, rank, world)
     if dataset.train_images is not None:
         train_data = train_data.balanced_subset(dataset.train_images)
     mean, std = train_data.mean_std()
@@ -54,6 +43,34 @@ def _in_memory_loaders(dataset, seed, device, rank, world, dp_rank, dp_size, per
                 std=std, channels_last=channels_last)
     return (DeviceLoader(train_data, per_replica, train=True, **args),
             DeviceLoader(test_data, per_replica, train=False, **args))
+
+
+def load_in_turns(load, rank: int, world: int):
+    """``load()`` on every rank, in three turns: rank 0; then the first rank of each other
+    node (LOCAL_RANK 0); then the others. A cache all nodes share is filled once, by rank 0, and
+    read by the rest; a node-local one (``dataset.cache_dir`` on local disk) once per node, by
+    its first rank. Never do two ranks of a node extract one archive, download one file or
+    decode into one cache at the same time. A DataError on any rank stops every rank after its
+    turn, with the first such rank's message."""
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    turn = 0 if rank == 0 else 1 if local_rank == 0 else 2
+    loaded = None
+    for current in range(3 if world > 1 else 1):
+        problem = None
+        if turn == current:
+            try:
+                loaded = load()
+            except DataError as error:
+                if world == 1:
+                    raise
+                problem = str(error)
+        if world > 1:
+            problems = [None] * world
+            dist.all_gather_object(problems, problem)
+            first = next((p for p in problems if p is not None), None)
+            if first is not None:
+                raise DataError(first)
+    return loaded
 
 
 def _streaming_loaders(dataset, seed, device, dp_rank, dp_size, per_replica, channels_last,
