@@ -605,8 +605,14 @@ def _save_checkpoint(run_dir, at, *, job, model, optimizer, schedule, ema, meta,
             problem = f"rank {job.rank}: {error}"
     job.raise_first(problem, RunError)
     if job.rank == 0:
-        mark_complete(run_dir, at)
-        prune(run_dir, keep)
+        try:
+            mark_complete(run_dir, at)
+            prune(run_dir, keep)
+        except OSError as error:
+            problem = f"rank 0: cannot mark {epoch_dir(run_dir, at)} complete ({error})"
+    # No rank goes on (or exits, after a stop) before the checkpoint is marked complete: a
+    # launcher that saw the others end could stop rank 0 while it marks it.
+    job.raise_first(problem, RunError)
 
 
 def _over_replicas(sums: EpochSums, job) -> EpochSums:
