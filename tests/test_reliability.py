@@ -120,6 +120,24 @@ def test_metrics_stay_strict_json_and_a_torn_last_line_is_repaired(tmp_path):
     assert [r["epoch"] for r in _strict_json_lines(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from twolevel_dist.engine.metrics import MetricsWriter
+    first = MetricsWriter(tmp_path, enabled=True, tensorboard=True)
+    for step in range(1, 11):                  # a run that got to step 10, its checkpoint at 6
+        first.scalars("train", dict(loss=100.0 + step), step)
+    first.close()
+    resumed = MetricsWriter(tmp_path, enabled=True, tensorboard=True, purge_step=7)
+    for step in range(7, 13):
+        resumed.scalars("train", dict(loss=200.0 + step), step)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(s, 100.0 + s) for s in range(1, 7)] + [(s, 200.0 + s) for s in range(7, 13)]
+
+
 def _strict_json_lines_but_last(path):
     lines = path.read_text().splitlines()[:-1]
     return [json.loads(line) for line in lines]

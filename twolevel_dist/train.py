@@ -395,8 +395,10 @@ def _restore(cfg, run_dir, job, model, optimizer, schedule, meta, ema):
     if not (cfg.resume or job.restarted):
         return 0, 0, None
     if job.agree(latest_complete(run_dir))[0] is None:      # rank 0's view, for every rank
-        if job.restarted and not cfg.resume:
-            return 0, 0, None             # the failure came before the first checkpoint
+        if job.restarted and not cfg.resume:      # the failure came before the first checkpoint
+            if job.rank == 0:
+                truncate_metrics(run_dir, 0)        # an epoch logged before its checkpoint
+            return 0, 0, None
         raise ConfigError(f"resume=true but {run_dir}/checkpoints holds no complete "
                           f"checkpoint; start without resume")
     position, state, notes = load_newest_readable(run_dir, job.gp_rank, meta, job.agree,
@@ -443,7 +445,9 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, schedule, ema, meta, l
     statistics over dp, evaluate, log, checkpoint. ``sums``: the epoch a checkpoint interrupted,
     which continues at its next batch."""
     train_loader, test_loader = loaders
-    writer = MetricsWriter(run_dir, enabled=job.rank == 0, tensorboard=cfg.tensorboard)
+    writer = MetricsWriter(run_dir, enabled=job.rank == 0, tensorboard=cfg.tensorboard,
+                           purge_step=global_step + 1 if cfg.resume or job.restarted
+                           else None)
     total_steps = cfg.train.epochs * len(train_loader)
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)

@@ -9,15 +9,19 @@ from twolevel_dist.errors import ConfigError
 
 
 class MetricsWriter:
-    """Writes only where ``enabled`` (rank 0); the other ranks hold a no-op writer."""
+    """Writes only where ``enabled`` (rank 0); the other ranks hold a no-op writer.
+    ``purge_step``: where a resumed run goes on from (the checkpoint's step + 1): TensorBoard
+    hides what the run logged at that step and after before it stopped, which it logs again."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool,
+                 purge_step: int | None = None):
         self.enabled = enabled
         self.jsonl = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                    purge_step=purge_step)
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
         if self.tb is not None:
