@@ -1245,6 +1245,43 @@ def test_gp_ranks_decode_a_slice_each_and_gather_the_batch_of_one_decoder(stream
             assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
+def test_a_streamed_eval_split_without_a_training_class_is_refused(streaming_root):
+    from twolevel_dist.config import DatasetConfig
+    from twolevel_dist.engine.loaders import build_loaders
+    config = DatasetConfig(name="imagenet", root=str(streaming_root), workers=0, image_size=16)
+    train, test = build_loaders(config, seed=0, device=torch.device("cpu"), per_replica=4)
+    assert test.classes == train.classes == ["n01", "n02"] and test.num_classes == 2
+    (streaming_root / "val" / "n01").rename(streaming_root / "val" / "n00")  # n02 would be 1
+    with pytest.raises(DataError, match=r"val must have the same class folders as .*train: "
+                                        r"missing \['n01'\], unexpected \['n00'\]"):
+        build_loaders(config, seed=0, device=torch.device("cpu"), per_replica=4)
+
+
+def _loaders_where_rank_1_lists_one_image_less(root):
+    import torch.distributed as dist
+
+    from twolevel_dist.config import DatasetConfig
+    from twolevel_dist.engine.loaders import build_loaders
+    listing = streaming_module.list_image_files
+    if dist.get_rank() == 1:        # a node whose file system cache is stale
+        streaming_module.list_image_files = lambda *a: tuple(x[:-1] for x in listing(*a))
+    config = DatasetConfig(name="imagenet", root=str(root), workers=0, image_size=16)
+    try:
+        build_loaders(config, seed=0, device=torch.device("cpu"), rank=dist.get_rank(),
+                      world=2, dp_rank=dist.get_rank(), dp_size=2, per_replica=2)
+    except DataError as error:
+        return str(error)
+    return None
+
+
+def test_ranks_that_list_different_streamed_images_are_stopped(streaming_root):
+    from distributed import run_on_ranks
+
+    for error in run_on_ranks(2, _loaders_where_rank_1_lists_one_image_less, streaming_root):
+        assert error.startswith(f"the ranks list different images under {streaming_root}: "
+                                f"rank 0 sees 12 / 6 (train / val), rank 1 11 / 5;"), error
+
+
 def test_streaming_eval_is_resize_then_center_crop(streaming_root, tmp_path):
     # Geometry: short side 32 resized to round(16 * 256/224) = 18, a centred 16/18 of it kept.
     assert streaming_module.center_crop_box((64, 32), 16) == (18, 2, 28, 28)

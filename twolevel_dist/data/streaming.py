@@ -225,6 +225,7 @@ def make_streaming_loader(
     skip_batches: int = 0,
     part: int = 0,
     parts: int = 1,
+    listed: tuple[list[str], list[int]] | None = None,
 ) -> DataLoader:
     """DataLoader over ``root/<split>/<class>/*`` for one epoch of one data-parallel replica.
 
@@ -233,6 +234,7 @@ def make_streaming_loader(
     ``skip_batches``: start the epoch after its first batches (a resumed epoch; never decoded).
     ``part`` of ``parts``: only that slice of each batch (``batch_size / parts`` images per
     yielded batch), for ranks that decode one slice each and gather the batch.
+    ``listed``: the split's (files, labels) where the caller has listed them already.
     Images come as uint8 (a quarter of float32's worker-to-host traffic); normalise them where
     they are used (``normalise``, on the device).
     """
@@ -242,7 +244,8 @@ def make_streaming_loader(
         workers = min(8, os.cpu_count() or 1)
     if workers < 0:
         raise DataError(f"workers must be >= 0 (0 decodes in the main process), got {workers}.")
-    files, labels = list_image_files(Path(root).expanduser(), split)
+    files, labels = listed if listed is not None else list_image_files(Path(root).expanduser(),
+                                                                        split)
     chosen = _choose_backend(backend)
     dataset = ImageFileDataset(
         files, labels, train=train, image_size=image_size, seed=seed, epoch=epoch, backend=chosen
@@ -274,7 +277,11 @@ def make_streaming_loader(
     )
 
 
-def list_image_files(root: Path, split: str) -> tuple[list[str], list[int]]:
+def list_image_files(
+    root: Path, split: str, classes: list[str] | None = None
+) -> tuple[list[str], list[int]]:
+    """The split's image files and their class indices, in order. ``classes``: the training
+    split's class folders, which this split must have too (else its labels would be shifted)."""
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(
@@ -282,9 +289,17 @@ def list_image_files(root: Path, split: str) -> tuple[list[str], list[int]]:
             f"root/{split}/<class>/<image> "
             "(e.g. root/train/n01440764/*.JPEG). Check dataset.root and the split name."
         )
+    found = list_classes(split_dir)
+    if classes is not None and found != classes:
+        raise DataError(
+            f"{split_dir} must have the same class folders as {root / 'train'}: missing "
+            f"{sorted(set(classes) - set(found))[:5]}, unexpected "
+            f"{sorted(set(found) - set(classes))[:5]} (at most 5 of each shown). Add or rename "
+            f"folders so both splits list the same classes."
+        )
     files: list[str] = []
     labels: list[int] = []
-    for label, name in enumerate(list_classes(split_dir)):
+    for label, name in enumerate(found):
         found = image_files(split_dir / name)
         if not found:
             raise DataError(
@@ -406,7 +421,10 @@ class StreamingEpochLoader:
     With ``gp_group`` (the gp ranks of one model, which all need the same batch), each gp rank
     decodes 1/gp of every training batch and the uint8 slices are all-gathered over the group:
     the node decodes each image once instead of gp times. Evaluation batches (the last may be
-    partial) and batches gp does not divide are decoded whole by every rank."""
+    partial) and batches gp does not divide are decoded whole by every rank.
+
+    ``classes``: the training split's class folders, which an evaluation split must have too
+    (its labels are their indices)."""
 
     def __init__(
         self,
@@ -423,10 +441,14 @@ class StreamingEpochLoader:
         dp_size: int = 1,
         channels_last: bool = False,
         gp_group=None,
+        classes: list[str] | None = None,
     ) -> None:
         self.root, self.split, self.batch_size = Path(root).expanduser(), split, batch_size
-        self.files, self.labels = list_image_files(self.root, split)
-        self.num_classes = max(self.labels) + 1
+        # Listed once (a million files on a network file system take a while): the DataLoader
+        # gets these very lists.
+        self.files, self.labels = list_image_files(self.root, split, classes)
+        self.classes = classes if classes is not None else list_classes(self.root / split)
+        self.num_classes = len(self.classes)
         self.device, self.channels_last = torch.device(device), channels_last
         self.mean_std = imagenet_mean_std(self.device)
         gp = torch.distributed.get_world_size(gp_group) if gp_group is not None else 1
@@ -443,6 +465,7 @@ class StreamingEpochLoader:
             dp_rank=dp_rank,
             dp_size=dp_size,
             pin_memory=self.device.type == "cuda",
+            listed=(self.files, self.labels),
             **parts,
         )
         self.sharded = ShardedSampler(

@@ -1,5 +1,6 @@
 """The train and test loaders of a data set config, for one rank of a (dp, gp) layout."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -86,5 +87,33 @@ def _streaming_loaders(dataset, seed, device, dp_rank, dp_size, per_replica, cha
     eval_split = "val" if (root / "val").is_dir() else "test"
     args = dict(device=device, image_size=dataset.image_size or 224, workers=dataset.workers,
                 seed=seed, dp_rank=dp_rank, dp_size=dp_size, channels_last=channels_last)
-    return (StreamingEpochLoader(root, "train", per_replica, train=True, gp_group=gp_group, **args),
-            StreamingEpochLoader(root, eval_split, per_replica, train=False, **args))
+    train = StreamingEpochLoader(root, "train", per_replica, train=True, gp_group=gp_group,
+                                 **args)
+    test = StreamingEpochLoader(root, eval_split, per_replica, train=False,
+                                classes=train.classes, **args)
+    _check_every_rank_lists_the_same_files(root, train, test)
+    return train, test
+
+
+def _check_every_rank_lists_the_same_files(root, *loaders) -> None:
+    """Each rank lists the folder itself; ranks that saw different files (a folder changed
+    during the start, a node's stale network file system cache) would shard different lists,
+    read overlapping images and part at an epoch's end on unequal batch counts."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    digest = hashlib.sha256()
+    for loader in loaders:
+        digest.update("\n".join(loader.files).encode() + b"\0")
+    mine = (tuple(len(loader.files) for loader in loaders), digest.hexdigest())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    other = next((rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]), None)
+    if other is not None:
+        def counts(rank):
+            return " / ".join(f"{n:,}" for n in everyone[rank][0])
+        names = " (the same counts, other names)" if everyone[other][0] == everyone[0][0] else ""
+        raise DataError(
+            f"the ranks list different images under {root}: rank 0 sees {counts(0)} (train / "
+            f"{loaders[-1].split}), rank {other} {counts(other)}{names}; was the folder changing "
+            f"during the start, or does a node's network file system cache show it stale? Start "
+            f"again once every node sees the same files")
