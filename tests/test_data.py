@@ -1245,6 +1245,17 @@ def test_gp_ranks_decode_a_slice_each_and_gather_the_batch_of_one_decoder(stream
             assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
+def test_streamed_files_are_held_in_one_buffer_and_any_path_round_trips(tmp_path):
+    # Not a list of Python strings (forked workers would copy them: see ImageFileDataset).
+    for name in ("café/ñ.png", "plain/a.png"):
+        write_png(tmp_path / "val" / name, np.full((9, 7, 3), len(name), np.uint8))
+    loader = make_streaming_loader(tmp_path, "val", 2, train=False, image_size=4, workers=0,
+                                   backend="pil")
+    assert loader.dataset.files.dtype.kind == "S" and loader.dataset.labels.dtype == np.int64
+    ((x, y),) = loader_batches(loader)
+    assert y.tolist() == [0, 1] and x[:, 0, 0, 0].tolist() == [len("café/ñ.png"), 11]
+
+
 def test_a_streamed_eval_split_without_a_training_class_is_refused(streaming_root):
     from twolevel_dist.config import DatasetConfig
     from twolevel_dist.engine.loaders import build_loaders

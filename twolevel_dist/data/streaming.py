@@ -169,8 +169,11 @@ class ImageFileDataset(Dataset):
         epoch: int,
         backend: Literal["pil", "torchvision"],
     ) -> None:
-        self.files = files
-        self.labels = labels
+        # One numpy buffer each, not a million Python objects: a forked DataLoader worker that
+        # indexed a list would touch each string's reference count, copying the pages holding
+        # them, until every worker of every rank held its own copy of the list.
+        self.files = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
+        self.labels = np.array(labels, dtype=np.int64)
         self.train = train
         self.image_size = image_size
         self.seed = seed
@@ -185,7 +188,7 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, key) -> tuple[torch.Tensor, int]:
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        path = self.files[index]
+        path = os.fsdecode(self.files[index])
         try:
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
@@ -204,7 +207,7 @@ class ImageFileDataset(Dataset):
             tensor = _crop_torchvision(image, box, flip, self.image_size)
         else:
             tensor = _crop_pil(image, box, flip, self.image_size)
-        return tensor, self.labels[index]
+        return tensor, int(self.labels[index])
 
 
 def make_streaming_loader(
