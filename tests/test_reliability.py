@@ -29,7 +29,7 @@ from twolevel_dist.engine.checkpoint import (
     rank_file,
 )
 from twolevel_dist.engine.metrics import read_metrics
-from twolevel_dist.errors import RunError
+from twolevel_dist.errors import ConfigError, RunError
 from twolevel_dist.parallel import init_mesh
 
 ONE_EPOCH = [*SMALL, "groups=2", "train.epochs=1"]
@@ -136,6 +136,21 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
     events.Reload()
     logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert logged == [(s, 100.0 + s) for s in range(1, 7)] + [(s, 200.0 + s) for s in range(7, 13)]
+
+
+def test_a_run_dir_without_file_locks_is_refused_and_left_as_it_was(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from twolevel_dist.engine.run_dir import RunDirLock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ConfigError, match=r"cannot lock .*\.lock \(Function not implemented\): the "
+                                       r"file system of run_dir does not support file locks"):
+        RunDirLock(tmp_path / "run").acquire()
+    assert not (tmp_path / "run").exists()
 
 
 def _strict_json_lines_but_last(path):

@@ -41,12 +41,17 @@ def _holder_text(path: Path) -> str:
             f"started {holder.get('started')})")
 
 
-def _try_lock(fd: int) -> bool:
+def _try_lock(fd: int, path: Path) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
+    except OSError as error:    # ENOSYS, EOPNOTSUPP, ENOLCK: Lustre mounted without flock, ...
+        raise ConfigError(
+            f"cannot lock {path} ({error.strerror}): the file system of run_dir does not "
+            f"support file locks, which keep two jobs out of one run directory; put run_dir on "
+            f"one that does, or have it mounted with them (Lustre: -o flock)") from None
 
 
 class RunDirLock:
@@ -66,7 +71,7 @@ class RunDirLock:
             return
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            if not _try_lock(fd):
+            if not _try_lock(fd, self.path):
                 raise ConfigError(
                     f"run_dir={self.path.parent} is in use by {_holder_text(self.path)}: two "
                     f"jobs in one directory would mix their logs and checkpoints; wait for it "
@@ -80,7 +85,15 @@ class RunDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            if not _try_lock(fd):                  # another job got here since check_free
+            try:
+                locked = _try_lock(fd, self.path)
+            except ConfigError:                    # no locks here: leave nothing behind
+                os.close(fd)
+                if self.path.stat().st_size == 0:
+                    self.path.unlink()
+                remove_if_empty(self.path.parent)
+                raise
+            if not locked:                         # another job got here since check_free
                 os.close(fd)
                 raise ConfigError(f"run_dir={self.path.parent} was just taken by "
                                   f"{_holder_text(self.path)}; give this job another run_dir")
