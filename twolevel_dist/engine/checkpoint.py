@@ -90,10 +90,22 @@ def rank_file(run_dir: Path, at, gp_rank: int) -> Path:
 
 
 def mark_complete(run_dir: Path, at) -> None:
+    """The marker, durable as the rank files are (written, fsynced, renamed; then the folder
+    fsynced, so that the rename survives a crash of the machine too)."""
     marker = epoch_dir(run_dir, at) / COMPLETE
     tmp = marker.with_name(f".{COMPLETE}.tmp")
-    tmp.write_text(f"{_position(at).name}\n")
+    with open(tmp, "w") as f:
+        f.write(f"{_position(at).name}\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, marker)
+    folder = os.open(marker.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    except OSError:         # a file system that cannot sync a folder (EINVAL) has renamed it
+        pass
+    finally:
+        os.close(folder)
 
 
 def _positions(run_dir: Path, complete: bool) -> list[Position]:
