@@ -102,7 +102,7 @@ def mark_complete(run_dir: Path, at) -> None:
     folder = os.open(marker.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
-    except OSError:         # a file system that cannot sync a folder (EINVAL) has renamed it
+    except OSError:         # some file systems refuse to sync a folder (EINVAL): the rename stands
         pass
     finally:
         os.close(folder)
