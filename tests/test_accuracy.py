@@ -122,15 +122,20 @@ def test_a_sweep_runs_each_cell_once_skips_finished_ones_and_resumes_an_interrup
 def test_a_sweep_killed_outright_still_counts_the_killed_attempts_time(tmp_path, capsys):
     """SIGKILL (a SLURM time limit, a machine taken away) skips every ``finally``: the attempt's
     start is on disk beforehand, and its time runs to the run directory's last write."""
+    # Epochs enough that the cell is still training when killed (15 took 5 s on an idle CPU).
     protocol = write_protocol(tmp_path, [{"conv": ["sc"], "groups": [1], "seeds": [0]}],
-                              train=[*TINY[:-1], "train.epochs=15"])
+                              train=[*TINY[:-1], "train.epochs=500"])
     runs, cell = tmp_path / "runs", tmp_path / "runs" / "sc_N1_s0"
     started = time.time()
     first = subprocess.Popen([sys.executable, str(BENCHMARKS / "accuracy.py"), str(protocol),
-                              "--runs", str(runs)], start_new_session=True,
+                              "--runs", str(runs), "--out", str(tmp_path / "results" / "acc")],
+                             start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not latest_complete_epoch(cell) or time.time() - started < 6:
+        # Killed once the cell has a checkpoint and has written more than 5 s into the attempt
+        # (the run writes at its log lines and checkpoints only: a clock alone could kill it
+        # in a silent stretch before 5 s of writes).
+        while not latest_complete_epoch(cell) or accuracy._last_write(cell) - started <= 5:
             assert first.poll() is None, "the sweep ended before it could be killed"
             assert time.time() - started < 240, "the cell never finished an epoch"
             time.sleep(0.2)
