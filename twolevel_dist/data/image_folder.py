@@ -332,24 +332,15 @@ def _write_cache(path: Path, key: str, train: ImageArrays, test: ImageArrays) ->
     """Atomic write (temp file + os.replace), then drop stale caches of the same folder;
     whether it was written."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as f:
-                np.savez(
-                    f,
-                    key=np.array(key),
-                    classes=np.array(train.classes),
-                    train_images=train.images.numpy(),
-                    train_labels=train.labels.numpy(),
-                    test_images=test.images.numpy(),
-                    test_labels=test.labels.numpy(),
-                )
-            os.chmod(temp_name, 0o644)  # mkstemp makes it owner-only; others may share the cache
-            os.replace(temp_name, path)
-        except BaseException:
-            os.unlink(temp_name)
-            raise
+        _write_atomically(path, "wb", lambda f: np.savez(
+            f,
+            key=np.array(key),
+            classes=np.array(train.classes),
+            train_images=train.images.numpy(),
+            train_labels=train.labels.numpy(),
+            test_images=test.images.numpy(),
+            test_labels=test.labels.numpy(),
+        ))
     except OSError as error:  # an unwritable cache must not stop training
         warnings.warn(
             f"could not write image cache {path} ({error}); the folder will be decoded again next "
@@ -406,23 +397,28 @@ def _archive_sha256(archive: Path, memo_dir: Path) -> str:
             return remembered
     except OSError:
         pass
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()       # (hashlib.file_digest: Python 3.11; 3.10 is supported)
     with open(archive, "rb") as file:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
     hexdigest = digest.hexdigest()
-    try:
-        memo_dir.mkdir(parents=True, exist_ok=True)
-        # Written aside and renamed: ranks starting together never read half a digest.
-        handle, temp_name = tempfile.mkstemp(prefix=memo.name, suffix=".tmp", dir=memo_dir)
-        try:
-            with os.fdopen(handle, "w") as file:
-                file.write(hexdigest)
-            os.chmod(temp_name, 0o644)
-            os.replace(temp_name, memo)
-        except BaseException:
-            os.unlink(temp_name)
-            raise
+    try:   # written aside and renamed: ranks starting together never read half a digest
+        _write_atomically(memo, "w", lambda f: f.write(hexdigest))
     except OSError:
         pass
     return hexdigest
+
+
+def _write_atomically(path: Path, mode: str, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then renamed over it: a reader
+    sees the old file or the whole new one. The temporary file is removed on any failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, mode) as file:
+            write(file)
+        os.chmod(temp_name, 0o644)  # mkstemp makes it owner-only; others may share the cache
+        os.replace(temp_name, path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
