@@ -471,10 +471,17 @@ SIGNALLED = [*SMALL[:2], "dataset.train_size=640", *SMALL[3:], "train.epochs=2",
 TORCHRUN_SH = Path(__file__).resolve().parents[1] / "launch" / "torchrun.sh"
 
 
+def _as_a_terminal_runs_it():
+    """A foreground command's signals: SIGINT not ignored (a test runner started in the
+    background of a shell has it ignored, and would pass that on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _launch(run_dir, *overrides):
     """``launch/torchrun.sh`` on 2 CPU ranks in its own process group (as a terminal runs it)."""
     return subprocess.Popen(["bash", str(TORCHRUN_SH), f"run_dir={run_dir}", *overrides],
                             env={**os.environ, "PYTHON": str(PYTHON)}, start_new_session=True,
+                            preexec_fn=_as_a_terminal_runs_it,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -496,11 +503,14 @@ def test_ctrl_c_and_sigterm_stop_at_a_step_with_a_checkpoint_and_resume_auto_los
     reference = tmp_path / "reference"
     _train(reference, *SIGNALLED)
     run_dir = tmp_path / "run"
-    # Ctrl-C in the middle of epoch 1: the terminal signals torchrun and both ranks at once, and
-    # torchrun passes SIGINT on to them again.
+    # Ctrl-C in the middle of epoch 1: the terminal signals the script's process group, which
+    # holds neither torchrun nor the ranks (torchrun starts each in a session of its own); the
+    # script passes SIGINT on to the ranks. torchrun itself is never signalled: it would kill
+    # its ranks 30 s later, whatever they were writing.
     out = _signal_at(_launch(run_dir, *SIGNALLED), run_dir, 10,
                      lambda job: os.killpg(job.pid, signal.SIGINT))
     assert out.returncode == 75, out.stderr[-3000:]
+    assert "death signal" not in out.stderr, out.stderr[-3000:]
     stopped = [line for line in out.stderr.splitlines() if line.startswith("stopped: SIGINT")]
     assert len(stopped) == 1 and "resume=auto" in stopped[0], out.stderr[-3000:]
     first = latest_complete(run_dir)
@@ -510,12 +520,35 @@ def test_ctrl_c_and_sigterm_stop_at_a_step_with_a_checkpoint_and_resume_auto_los
     out = _signal_at(_launch(run_dir, *SIGNALLED, "resume=auto"), run_dir, 30,
                      lambda job: job.send_signal(signal.SIGTERM))
     assert out.returncode == 75 and "stopped: SIGTERM" in out.stderr, out.stderr[-3000:]
+    assert "death signal" not in out.stderr, out.stderr[-3000:]
     assert latest_complete(run_dir).step > first.step
     job = _launch(run_dir, *SIGNALLED, "resume=auto")
     out, err = job.communicate(timeout=300)
     assert job.returncode == 0, err[-3000:]
     # The same epochs as the uninterrupted run, to the bit (timings aside).
     assert _outcomes(run_dir) == _outcomes(reference)
+
+
+def _children(pid):
+    return [int(child) for path in Path(f"/proc/{pid}/task").glob("*/children")
+            for child in path.read_text().split()]
+
+
+def test_sigterm_while_the_ranks_still_import_ends_with_130_and_is_not_restarted(tmp_path):
+    """A stop request reaching the ranks before they can handle it (they are importing) kills
+    them; torchrun restarts them, and the restarted ranks find the request noted and end at
+    once, before they claim the run directory."""
+    run_dir = tmp_path / "run"
+    job = _launch(run_dir, *SIGNALLED)
+    started = time.time()
+    while not any(_children(torchrun) for torchrun in _children(job.pid)):
+        assert job.poll() is None and time.time() - started < 60, job.communicate()
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=180)
+    assert job.returncode == 130, err[-3000:]
+    assert err.splitlines()[-1].startswith("interrupted before the first training step"), err
+    assert not run_dir.exists()
 
 
 def _outcomes(run_dir):
@@ -532,6 +565,70 @@ def test_a_refusal_under_the_launcher_is_not_restarted(tmp_path):
     assert err.count("error: schedule.gamma") == 1, err[-3000:]
     assert err.splitlines()[-1].startswith("error: schedule.gamma"), err[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_at_the_terminal_stops_one_process_with_exit_75_and_no_traceback(tmp_path):
+    """A run in a terminal's foreground has Python's Ctrl-C handler (KeyboardInterrupt) when
+    the stop handlers replace it; handing the stop over to it after the checkpoint turned exit
+    75 into a KeyboardInterrupt traceback and exit 130."""
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen([str(PYTHON), "-m", "twolevel_dist.train", f"run_dir={run_dir}",
+                            *SIGNALLED, "groups=1"], preexec_fn=_as_a_terminal_runs_it,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    out = _signal_at(job, run_dir, 3, lambda job: job.send_signal(signal.SIGINT))
+    assert out.returncode == 75, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "KeyboardInterrupt" not in out.stderr
+    assert out.stderr.splitlines()[-1].startswith("stopped: SIGINT at step")
+    assert latest_complete(run_dir) is not None
+
+
+def test_sigterm_before_training_ends_as_ctrl_c_does_and_a_python_handler_is_kept():
+    """Before training began, a rank signalled by its launcher (launch/torchrun.sh, SLURM)
+    ends with KeyboardInterrupt (exit 130, which no launcher restarts), not killed by the
+    signal (which torchrun restarts, the stop lost); submitit's handler stays, and is the one
+    a stop hands over to."""
+    script = """
+import os, signal
+from twolevel_dist.engine import stop
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+stop.interrupt_before_training()
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise SystemExit("not interrupted")
+except KeyboardInterrupt:
+    pass
+stop.install()
+assert not stop.hand_over(signal.SIGTERM) and not stop.hand_over(signal.SIGINT)
+submitits = lambda signum, frame: print("handed over", signum, flush=True)
+signal.signal(signal.SIGUSR2, submitits)
+stop.interrupt_before_training()
+assert signal.getsignal(signal.SIGTERM) is stop._handle      # installed: left alone
+stop.install()
+assert stop.hand_over(signal.SIGUSR2)
+"""
+    out = subprocess.run([str(PYTHON), "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == f"handed over {int(signal.SIGUSR2)}\n"
+
+
+def test_an_interrupted_rank_ends_its_torchrun_agent_so_it_is_not_restarted(tmp_path):
+    """Exit 130 (a stop before training began) is, like a refusal (2), never restarted: the
+    rank ends its agent (its parent) before exiting."""
+    script = """
+import os, subprocess, sys, time, signal
+got = []
+signal.signal(signal.SIGTERM, lambda *a: got.append(a[0]))
+child = subprocess.run([sys.executable, "-c", "from twolevel_dist.engine.ending import "
+                        "report_exit; report_exit(130, 'interrupted')"],
+                       env={**os.environ, "TORCHELASTIC_RUN_ID": "x"})
+time.sleep(0.2)
+print(child.returncode, got, open(os.environ["TWOLEVEL_EXIT_FILE"]).read().split())
+"""
+    exit_file = tmp_path / "exit"
+    out = subprocess.run([str(PYTHON), "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "TWOLEVEL_EXIT_FILE": str(exit_file)})
+    assert out.stdout.strip() == f"0 [{int(signal.SIGTERM)}] ['130', 'interrupted']", out.stderr
 
 
 def test_a_second_stop_signal_ends_at_once_but_a_launchers_echo_does_not():

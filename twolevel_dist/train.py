@@ -56,6 +56,7 @@ from twolevel_dist.engine.ending import (
     leave_to_rank0,
     peer_failure,
     report_exit,
+    stop_requested_before_start,
     stopped_earlier,
 )
 from twolevel_dist.engine.loaders import build_loaders
@@ -657,6 +658,7 @@ def _hand_over(signal_number: int) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    stop.interrupt_before_training()
     try:
         if HydraConfig.get().mode == RunMode.MULTIRUN and "TORCHELASTIC_RUN_ID" in os.environ:
             raise ConfigError("Hydra sweeps (-m) must not run inside torchrun: each sweep job "
@@ -665,6 +667,8 @@ def main(cfg) -> None:
         check_known_keys(cfg, TrainConfig)
         if (stopped := stopped_earlier()) is not None:     # torchrun restarting a stopped job
             _end(stop.EXIT_STOPPED, stopped, only_rank0=True)
+        if stop_requested_before_start():
+            raise KeyboardInterrupt
         config_files = {"config.yaml": OmegaConf.to_yaml(cfg),
                         "overrides.yaml": OmegaConf.to_yaml(
                             list(HydraConfig.get().overrides.task))}
@@ -674,7 +678,7 @@ def main(cfg) -> None:
     except RunStopped as stopped:
         _end(stop.EXIT_STOPPED, f"stopped: {stopped}", only_rank0=True,
              then=lambda: _hand_over(stopped.signal_number))
-    except KeyboardInterrupt:            # Ctrl-C before training began: nothing to save
+    except KeyboardInterrupt:            # Ctrl-C or SIGTERM before training began (stop.py)
         remove_if_empty(run_dir)
         _end(130, "interrupted before the first training step: nothing was trained, nothing "
                   "to save")

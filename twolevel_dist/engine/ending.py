@@ -9,11 +9,12 @@ to ``--max-restarts`` times. So:
 
 where ``TWOLEVEL_EXIT_FILE`` names a file (our launchers set it: ``launch/torchrun.sh``,
 ``launch/slurm.sbatch``), the job writes its exit code and its one line there for the launcher
-to exit with and print last, after torchrun's own report, and a worker that ends with code 2
-under torchrun also ends its agent (SIGTERM), so that the agent does not restart it into the
-same refusal. A stop is not restarted either: when a signal reached only the workers (SLURM
-signals every process of a step), torchrun restarts them, and the restarted workers find the
-stop recorded and end at once (``stopped_earlier``). Under a bare torchrun nothing of this
+to exit with and print last, after torchrun's own report, and a worker that ends with code 2 or
+130 under torchrun also ends its agent (SIGTERM), so that the agent does not restart it into the
+same refusal or past the interruption. A stop is not restarted either: when a signal reached
+only the workers (``launch/torchrun.sh`` signals them, SLURM every process of a step),
+torchrun restarts them, and the restarted workers find the stop recorded and end at once
+(``stopped_earlier``). Under a bare torchrun nothing of this
 happens, but a refusal's line is what torchrun's failure report shows (``announce``).
 
 The line is shown once: rank 0 says an error that every rank meets (most are: a config, the
@@ -34,7 +35,7 @@ from twolevel_dist.parallel.mesh import env_rank
 
 EXIT_FILE = "TWOLEVEL_EXIT_FILE"
 ERROR_FILE = "TORCHELASTIC_ERROR_FILE"      # set by torchrun for each worker
-NO_RESTART = (2,)
+NO_RESTART = (2, 130)
 RANK0_GRACE_S = 10.0
 
 
@@ -47,6 +48,7 @@ def report_exit(code: int, line: str) -> None:
     tmp.write_text(f"{code}\n{line}\n")
     os.replace(tmp, path)
     if code in NO_RESTART and "TORCHELASTIC_RUN_ID" in os.environ:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the agent's SIGTERM back ends us
         os.kill(os.getppid(), signal.SIGTERM)       # torchrun's agent: no restart
 
 
@@ -61,6 +63,15 @@ def stopped_earlier() -> str | None:
     except (OSError, ValueError):
         return None
     return line.strip() if code.strip() == "75" else None
+
+
+def stop_requested_before_start() -> bool:
+    """Whether the launcher asked the job to stop before this rank started: ``launch/torchrun.sh``
+    notes each request in ``<exit file>.stop`` before it signals the ranks, so that a rank the
+    signal killed before it could handle it (still importing) does not train on when torchrun
+    restarts it."""
+    path = os.environ.get(EXIT_FILE)
+    return bool(path) and Path(f"{path}.stop").exists()
 
 
 def announce(code: int, line: str) -> None:

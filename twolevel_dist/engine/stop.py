@@ -40,8 +40,19 @@ def install() -> None:
     """Handle the stop signals in this process (the main thread of each rank)."""
     for signum in STOP_SIGNALS:
         previous = signal.signal(signum, _handle)
-        if previous is not _handle:
+        # Python's Ctrl-C handler (raising KeyboardInterrupt) is no one's to hand over to: it
+        # would turn the stop, its checkpoint written, into exit 130 and a traceback.
+        if callable(previous) and previous not in (_handle, signal.default_int_handler):
             _previous[signum] = previous
+
+
+def interrupt_before_training() -> None:
+    """Until ``install``: SIGTERM ends this process as Ctrl-C does (``KeyboardInterrupt``:
+    nothing trained, nothing to save, exit 130, which no launcher restarts) instead of killing
+    it, which torchrun would answer by starting the rank again, the stop lost. Only where
+    SIGTERM has its default action: a handler already there (submitit's) is kept."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def requested() -> int:
@@ -58,7 +69,7 @@ def hand_over(signum: int) -> bool:
     Python one (submitit's, which requeues the job on rank 0 and exits there); whether there
     was one."""
     previous = _previous.get(signum)
-    if not callable(previous):
+    if previous is None:
         return False
     previous(signum, None)
     return True
