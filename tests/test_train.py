@@ -82,6 +82,13 @@ def test_a_run_resumed_inside_an_epoch_continues_with_the_uninterrupted_losses(t
               "train.checkpoint_every_steps=3", "train.keep_checkpoints=null"]
     full = tmp_path / "full"
     _train(full, *common)
+    # Resumed when nothing is left to train, the run reports its last epoch's accuracy again.
+    again = tmp_path / "again"
+    shutil.copytree(full, again)
+    _train(again, *common, "resume=true")
+    final = f"final test accuracy {read_metrics(full)[-1]['test_acc']:.2f}%"
+    assert final in (full / "train.log").read_text()
+    assert (again / "train.log").read_text().count(final) == 2
     # 8 steps per epoch: checkpoints inside epochs at steps 3, 6, 9, 12, 15, and at 8 and 16.
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == [
         "epoch_0000_step_000000003", "epoch_0000_step_000000006", "epoch_0001",

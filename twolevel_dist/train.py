@@ -67,7 +67,12 @@ from twolevel_dist.engine.loop import (
     evaluate,
     train_one_epoch,
 )
-from twolevel_dist.engine.metrics import MetricsWriter, step_line, truncate_metrics
+from twolevel_dist.engine.metrics import (
+    MetricsWriter,
+    read_metrics,
+    step_line,
+    truncate_metrics,
+)
 from twolevel_dist.engine.model_file import read_model_file, write_model_file
 from twolevel_dist.engine.run_dir import REPLACED, existing_run, remove_if_empty
 from twolevel_dist.engine.run_dir import claim as run_dir_claim
@@ -429,6 +434,12 @@ def _restore(cfg, run_dir, job, model, optimizer, schedule, meta, ema):
     return state["epochs_done"], state["global_step"], sums
 
 
+def _last_record(run_dir: Path) -> dict:
+    """The last epoch's record in ``metrics.jsonl`` (rank 0 writes it), or {}."""
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    return records[-1] if records else {}
+
+
 def _restore_rng(saved, job, seed: int, step: int) -> None:
     """This rank's random state (dropout masks): its own dp replica's where the checkpoint has
     one (a list by dp rank; older checkpoints hold one state), a fresh seed for a replica the
@@ -459,7 +470,9 @@ def _fit(cfg, run_dir, job, model, step_model, optimizer, schedule, ema, meta, l
     if cfg.optim.clip_grad_norm is not None:
         clip = partial(clip_grad_norm_, model, cfg.optim.clip_grad_norm,
                        job.mesh["gp"].get_group() if job.gp > 1 else None)
-    record = {}
+    # Resumed with nothing left to train (a restart or resume=auto after the last checkpoint,
+    # or at train.max_steps): the last record stands.
+    record = _last_record(run_dir) if cfg.resume or job.restarted else {}
     stop.install()        # from here on a signal stops at a step boundary with a checkpoint
     for epoch in range(epochs_done, cfg.train.epochs):
         remaining = None if cfg.train.max_steps is None else cfg.train.max_steps - global_step
