@@ -92,6 +92,7 @@ from twolevel_dist.parallel import (
     parallelize,
     unwrap,
 )
+from twolevel_dist.parallel.agreement import gather_from_every_rank, raise_first
 from twolevel_dist.parallel.compiling import prepare_for_compile
 from twolevel_dist.parallel.grad_norm import clip_grad_norm_
 
@@ -190,26 +191,16 @@ class Job:
 
     def gather_dp(self, value) -> list:
         """``value`` of every dp replica of this gp rank, in dp order."""
-        if self.dp_size == 1:
-            return [value]
-        values = [None] * self.dp_size
-        dist.all_gather_object(values, value, group=self.dp_group)
-        return values
+        return gather_from_every_rank(value, self.dp_group)
 
     def agree(self, problem):
         """Every rank's ``problem`` (None: all went well), so that all ranks act alike."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return [problem]
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
-        return problems
+        return gather_from_every_rank(problem)
 
     def raise_first(self, problem, error_type) -> None:
         """Raise ``error_type`` on every rank with the first rank's problem, if any rank has one
         (so that no rank goes on to a collective the others never reach)."""
-        problems = [p for p in self.agree(problem) if p is not None]
-        if problems:
-            raise error_type(problems[0])
+        raise_first(problem, error_type)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -5,11 +5,11 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from twolevel_dist.data import DeviceLoader, is_streaming, load_arrays
 from twolevel_dist.data.streaming import StreamingEpochLoader
 from twolevel_dist.errors import ConfigError, DataError
+from twolevel_dist.parallel.agreement import gather_from_every_rank, raise_first
 
 
 def build_loaders(dataset, *, seed: int, device: torch.device, rank: int = 0, world: int = 1,
@@ -55,22 +55,17 @@ def load_in_turns(load, rank: int, world: int):
     turn, with the first such rank's message."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     turn = 0 if rank == 0 else 1 if local_rank == 0 else 2
+    if world == 1:
+        return load()
     loaded = None
-    for current in range(3 if world > 1 else 1):
+    for current in range(3):
         problem = None
         if turn == current:
             try:
                 loaded = load()
             except DataError as error:
-                if world == 1:
-                    raise
                 problem = str(error)
-        if world > 1:
-            problems = [None] * world
-            dist.all_gather_object(problems, problem)
-            first = next((p for p in problems if p is not None), None)
-            if first is not None:
-                raise DataError(first)
+        raise_first(problem, DataError)
     return loaded
 
 
@@ -99,14 +94,11 @@ def _check_every_rank_lists_the_same_files(root, *loaders) -> None:
     """Each rank lists the folder itself; ranks that saw different files (a folder changed
     during the start, a node's stale network file system cache) would shard different lists,
     read overlapping images and part at an epoch's end on unequal batch counts."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
     digest = hashlib.sha256()
     for loader in loaders:
         digest.update("\n".join(loader.files).encode() + b"\0")
     mine = (tuple(len(loader.files) for loader in loaders), digest.hexdigest())
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    everyone = gather_from_every_rank(mine)
     other = next((rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]), None)
     if other is not None:
         def counts(rank):
