@@ -12,7 +12,6 @@ and ``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` (CIFAR-100).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from twolevel_dist.data.arrays import ImageArrays
-from twolevel_dist.data.safe_tar import safe_extract_tar
+from twolevel_dist.data.safe_tar import file_hexdigest, safe_extract_tar
 from twolevel_dist.errors import DataError
 from twolevel_dist.progress import Progress
 
@@ -142,14 +141,6 @@ def _fetch_url(url: str, destination: Path) -> None:
         ) from error
 
 
-def md5_of_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_and_extract(
     archive_path: str | os.PathLike[str], root: str | os.PathLike[str], md5: str
 ) -> None:
@@ -162,7 +153,7 @@ def verify_and_extract(
     if not archive_path.is_file():
         raise DataError(f"archive {archive_path} does not exist; download it first.")
     log.info(f"checking the md5 of {archive_path} and extracting it into {root}")
-    actual = md5_of_file(archive_path)
+    actual = file_hexdigest(archive_path, "md5")
     if actual != md5.lower():
         raise DataError(
             f"checksum mismatch for {archive_path}: expected md5 {md5.lower()}, got {actual}. "

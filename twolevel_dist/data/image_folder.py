@@ -37,7 +37,7 @@ import torch
 
 from twolevel_dist.data import decode
 from twolevel_dist.data.arrays import ImageArrays
-from twolevel_dist.data.safe_tar import safe_extract_tar
+from twolevel_dist.data.safe_tar import file_hexdigest, safe_extract_tar
 from twolevel_dist.errors import DataError
 from twolevel_dist.progress import Progress, duration
 
@@ -397,11 +397,7 @@ def _archive_sha256(archive: Path, memo_dir: Path) -> str:
             return remembered
     except OSError:
         pass
-    digest = hashlib.sha256()       # (hashlib.file_digest: Python 3.11; 3.10 is supported)
-    with open(archive, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    hexdigest = digest.hexdigest()
+    hexdigest = file_hexdigest(archive, "sha256")
     try:   # written aside and renamed: ranks starting together never read half a digest
         _write_atomically(memo, "w", lambda f: f.write(hexdigest))
     except OSError:

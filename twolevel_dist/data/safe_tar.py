@@ -1,4 +1,4 @@
-"""All-or-nothing, path-safe extraction of .tar / .tar.gz archives.
+"""Archives: all-or-nothing, path-safe extraction of .tar / .tar.gz files, and their digests.
 
 A crafted archive can write outside the destination through absolute member names, '..'
 components or links; all of these are rejected before anything is written. Members are
@@ -9,6 +9,7 @@ under the final names.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tarfile
@@ -16,6 +17,16 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from twolevel_dist.errors import DataError
+
+
+def file_hexdigest(path: str | os.PathLike[str], algorithm: str) -> str:
+    """The hex digest of a file's bytes (``algorithm``: "md5", "sha256"), read 1 MiB at a time
+    (hashlib.file_digest needs Python 3.11; 3.10 is supported)."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def safe_extract_tar(
