@@ -42,25 +42,41 @@ def _position(at) -> Position:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``. On any
-    failure the temporary file is removed (a full disk stays no fuller) and ``path`` is left as
-    it was; a full disk is reported as such."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """``torch.save(obj)`` to ``path``, durably and all or nothing (``_write_durably``); a full
+    disk is reported as such."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _write_durably(Path(path), "wb", lambda f: torch.save(obj, f))
     except BaseException as error:
-        tmp.unlink(missing_ok=True)
         if _disk_full(error):
             raise RunError(f"no space left on the device of {path.parent} while writing "
                            f"{path.name}; free space there (or set run_dir to a larger disk) "
                            f"and resume=true from the last complete checkpoint") from None
         raise
+
+
+def _write_durably(path: Path, mode: str, write) -> None:
+    """``write(file)`` into a temporary file in ``path``'s folder, fsynced, renamed over
+    ``path``, then the folder fsynced so that the rename survives a crash of the machine too.
+    On any failure the temporary file is removed (a full disk stays no fuller) and ``path`` is
+    left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    except OSError:         # some file systems refuse to sync a folder (EINVAL): the rename stands
+        pass
+    finally:
+        os.close(folder)
 
 
 def _disk_full(error: BaseException | None) -> bool:
@@ -90,22 +106,9 @@ def rank_file(run_dir: Path, at, gp_rank: int) -> Path:
 
 
 def mark_complete(run_dir: Path, at) -> None:
-    """The marker, durable as the rank files are (written, fsynced, renamed; then the folder
-    fsynced, so that the rename survives a crash of the machine too)."""
-    marker = epoch_dir(run_dir, at) / COMPLETE
-    tmp = marker.with_name(f".{COMPLETE}.tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{_position(at).name}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, marker)
-    folder = os.open(marker.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    except OSError:         # some file systems refuse to sync a folder (EINVAL): the rename stands
-        pass
-    finally:
-        os.close(folder)
+    """The marker, as durable as the rank files are."""
+    _write_durably(epoch_dir(run_dir, at) / COMPLETE, "w",
+                   lambda f: f.write(f"{_position(at).name}\n"))
 
 
 def _positions(run_dir: Path, complete: bool) -> list[Position]:
