@@ -136,6 +136,9 @@ def test_compress_phase_lines_give_their_true_time_evaluation_included(monkeypat
      "error: image folder root /nonexistent does not exist"),
     (["groups=3"], "error: groups=3 does not divide the world size 2"),
     (["resume=true"], "error: resume=true but"),
+    # A typo'd key: Hydra alone says it in five lines, on each rank and again in the restart.
+    (["train.max_step=3"], "error: unknown config key(s): train.max_step (did you mean "
+                           "train.max_steps?)"),
 ])
 def test_a_refusal_under_torchrun_leaves_no_directory_and_says_why_once(tmp_path, overrides,
                                                                          line):

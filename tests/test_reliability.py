@@ -296,6 +296,28 @@ def test_config_group_choices_are_checked_in_sweeps_and_hydras_own_left_to_it():
         check_config_choices([], config_dir="/nonexistent/configs")
 
 
+def test_override_keys_and_values_are_checked_against_the_schema_before_hydra():
+    from twolevel_dist.config import CompressConfig, TrainConfig, check_overrides
+    from twolevel_dist.errors import ConfigError
+    check_overrides(["-m", "model=wrn10_2,wrn16_4", "+experiment=cifar_wrn28_10", "groups=2,4",
+                     "hydra/launcher=submitit_slurm", "hydra.run.dir=x", "model.widen=3",
+                     "schedule.milestones=[3]", "train.amp=null", "resume=auto", "~foo",
+                     "dataset.root=${oc.env:HOME}/data", "conv=choice(gc,gc2l)"], TrainConfig)
+    for args, message in [
+            (["train.max_step=3"], "unknown config key(s): train.max_step (did you mean "
+                                   "train.max_steps?)"),
+            (["model.dept=10"], "model.dept (did you mean model.depth?)"),
+            (["-m", "optim.l=0.1,0.2"], "optim.l (did you mean optim.lr?)"),
+            (["train.epochs=abc"], "train.epochs=abc: Value 'abc' of type 'str' could not be "
+                                   "converted to Integer"),
+            (["groups=2,4"], "groups=2,4 lists several values: add -m to sweep over them"),
+            (["schedule.milestones=[3"], "cannot read 'schedule.milestones=[3'")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_overrides(args, TrainConfig)
+    with pytest.raises(ConfigError, match=re.escape("sg.scop (did you mean sg.scope?)")):
+        check_overrides(["method=sg", "sg.scop=layer"], CompressConfig)
+
+
 def test_default_run_directories_differ_between_jobs(monkeypatch):
     from twolevel_dist.config import _run_id
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)

@@ -43,6 +43,7 @@ from twolevel_dist.config import (
     CompressConfig,
     check_config_choices,
     check_known_keys,
+    check_overrides,
     register_resolvers,
     validate_compress,
 )
@@ -339,10 +340,11 @@ def main(cfg) -> None:
 
 
 def cli() -> None:
-    """``python -m twolevel_dist.compress``: the command line's config group choices checked
-    (one ``error:`` line, exit 2), then Hydra's ``main``."""
+    """``python -m twolevel_dist.compress``: the command line's config group choices, keys and
+    values checked (one ``error:`` line, exit 2), then Hydra's ``main``."""
     try:
         check_config_choices(sys.argv[1:])
+        check_overrides(sys.argv[1:], CompressConfig)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -287,8 +287,53 @@ def check_config_choices(args: list[str], config_dir: str = CONFIG_DIR) -> None:
                                   f"are {', '.join(choices)} (configs/{key}/)")
 
 
-def check_known_keys(cfg, schema_type,
-                     known="the known keys are in twolevel_dist/config.py and configs/") -> None:
+KNOWN_KEYS = "the known keys are in twolevel_dist/config.py and configs/"
+
+
+def check_overrides(args: list[str], schema_type, config_dir: str = CONFIG_DIR,
+                    known: str = KNOWN_KEYS) -> None:
+    """Refuse a ``key=value`` on the command line whose key the schema lacks (with the closest
+    known key) or whose value it cannot hold (``train.epochs=abc``), in one line, before Hydra
+    would say it in five, on every rank and again in torchrun's restart and traceback. Group
+    choices (``model=...``: ``check_config_choices``), Hydra's own keys, ``+key`` (added: checked
+    once composed, ``check_known_keys``) and ``~key`` are left to the later checks; of a sweep
+    (``groups=2,4``) only the key is checked."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parser, schema = OverridesParser.create(), OmegaConf.structured(schema_type)
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception as error:      # Hydra's OverrideParseException: its own words
+            raise ConfigError(f"cannot read {arg!r}: {str(error).splitlines()[0]}") from None
+        key = override.key_or_group
+        if (override.is_add() or override.is_delete() or key.startswith("hydra") or "/" in key
+                or (Path(config_dir) / key).is_dir()):
+            continue
+        check_known_keys(_nested(key), schema_type, known)
+        if override.is_sweep_override():
+            if not {"-m", "--multirun"} & set(args):
+                raise ConfigError(f"{arg} lists several values: add -m to sweep over them (one "
+                                  f"job each), or write a list as {key}=[...]")
+            continue
+        try:
+            OmegaConf.update(schema, key, override.value(), merge=True)
+        except Exception as error:      # OmegaConf's ValidationError: the type it wanted
+            raise ConfigError(f"{arg}: {str(error).splitlines()[0]}") from None
+
+
+def _nested(dotted_key: str) -> dict:
+    """``"train.epochs"`` as ``{"train": {"epochs": None}}``: the shape ``check_known_keys``
+    reads."""
+    *parents, last = dotted_key.split(".")
+    nested = {last: None}
+    for parent in reversed(parents):
+        nested = {parent: nested}
+    return nested
+
+
+def check_known_keys(cfg, schema_type, known: str = KNOWN_KEYS) -> None:
     """Refuse keys the schema does not have. Hydra lets ``+key=value`` add one even to a typed
     config, and the typed object then silently drops it: a typo would be ignored. ``cfg``: a
     config or a plain dict; ``known`` says where the known keys are."""

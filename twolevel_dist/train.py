@@ -33,6 +33,7 @@ from twolevel_dist.config import (
     TrainConfig,
     check_config_choices,
     check_known_keys,
+    check_overrides,
     register_resolvers,
     validate,
 )
@@ -701,9 +702,11 @@ def main(cfg) -> None:
 
 def cli() -> None:
     """``python -m twolevel_dist.train`` and ``twolevel-train``: the command line's config
-    group choices checked (one ``error:`` line, exit 2), then Hydra's ``main``."""
+    group choices, keys and values checked (one ``error:`` line, exit 2), then Hydra's
+    ``main``."""
     try:
         check_config_choices(sys.argv[1:])
+        check_overrides(sys.argv[1:], TrainConfig)
     except ConfigError as error:
         _end(2, f"error: {error}")
     main()
