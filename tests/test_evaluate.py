@@ -162,6 +162,16 @@ def test_every_bad_input_is_one_error_line_and_nothing_written(run_dir, tmp_path
     assert (_files(tmp_path), _files(run_dir.parent)) == before
 
 
+def test_a_refusal_under_torchrun_says_why_once_as_the_root_cause(tmp_path):
+    """Every rank meets the error; rank 0 says it (in torchrun's report, in place of a pointer
+    to torchrun's documentation), the others leave it to rank 0."""
+    out = run_entry_point("twolevel_dist.evaluate", tmp_path / "none", nproc=2, check=False)
+    line = f"error: run_dir={tmp_path / 'none'}: no such directory"
+    assert out.returncode != 0
+    assert (out.stdout + out.stderr).count(line) == 1, out.stderr[-3000:]
+    assert f"traceback : {line}" in out.stderr[out.stderr.index("Root Cause"):]
+
+
 def test_a_rank_that_dies_under_it_ends_the_others_with_one_line_and_exit_3(run_dir, tmp_path):
     """Rank 1 joins the process group and dies (SIGKILL's effect: no goodbye): rank 0's next
     collective fails, and it says so in one line, not a gloo traceback."""

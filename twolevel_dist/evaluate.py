@@ -46,10 +46,10 @@ from twolevel_dist.engine.checkpoint import (
     latest_complete,
     load_rank_checkpoint,
 )
-from twolevel_dist.engine.ending import peer_failure
+from twolevel_dist.engine.ending import end, peer_failure
 from twolevel_dist.engine.loop import evaluate
 from twolevel_dist.engine.model_file import read_model_file
-from twolevel_dist.errors import ConfigError, RunError
+from twolevel_dist.errors import ConfigError, RankError, RunError
 from twolevel_dist.parallel import env_rank, join_shards, parallelize
 from twolevel_dist.parallel.simulated import simulated_mesh
 from twolevel_dist.train import (
@@ -208,14 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = run(read_config(args))
     except (ConfigError, DataError, RunError) as error:    # a clear message, not a stack trace
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        end(2, f"error: {error}", own=isinstance(error, RankError))
     except (dist.DistError, RuntimeError) as error:
         line = peer_failure(error, "Evaluate again once it is fixed")
         if line is None:
             raise
-        print(line, file=sys.stderr, flush=True)
-        sys.exit(3)
+        end(3, line)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

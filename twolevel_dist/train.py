@@ -53,8 +53,7 @@ from twolevel_dist.engine.checkpoint import (
 from twolevel_dist.engine.device import configure_backends, resolve_amp, rng_state, set_rng_state
 from twolevel_dist.engine.ema import ShardEMA
 from twolevel_dist.engine.ending import (
-    announce,
-    leave_to_rank0,
+    end,
     peer_failure,
     report_exit,
     stop_requested_before_start,
@@ -633,22 +632,6 @@ def _over_replicas(sums: EpochSums, job) -> EpochSums:
     return replace(sums, loss=loss, correct=int(correct), samples=int(samples))
 
 
-def _end(code: int, line: str, only_rank0: bool = False, then=None, own: bool = False) -> None:
-    """Exit with ``code`` and its one line, shown once where the user looks and reported to
-    the launcher (``engine.ending.announce``); ``then`` runs before the exit. Rank 0 says it at
-    once; another rank first leaves rank 0 the time to (``engine.ending.leave_to_rank0``) and
-    says it only if still running then: its own error. ``only_rank0``: the others stay silent
-    (a stop, which every rank agrees on); ``own``: an error only this rank met (``RankError``),
-    said at once."""
-    if env_rank() != 0 and not only_rank0 and not own:
-        leave_to_rank0()
-    if not only_rank0 or env_rank() == 0:
-        announce(code, line)
-    if then is not None:
-        then()
-    sys.exit(code)
-
-
 def _hand_over(signal_number: int) -> None:
     """Where submitit runs the job, its handler of the stop signal requeues it (on rank 0,
     which it then ends); the other ranks leave with 0, so that srun's kill-on-bad-exit cannot
@@ -671,7 +654,7 @@ def main(cfg) -> None:
                               "torchrun per value)")
         check_known_keys(cfg, TrainConfig)
         if (stopped := stopped_earlier()) is not None:     # torchrun restarting a stopped job
-            _end(stop.EXIT_STOPPED, stopped, only_rank0=True)
+            end(stop.EXIT_STOPPED, stopped, only_rank0=True)
         if stop_requested_before_start():
             raise KeyboardInterrupt
         config_files = {"config.yaml": OmegaConf.to_yaml(cfg),
@@ -681,20 +664,20 @@ def main(cfg) -> None:
         if env_rank() == 0:
             report_exit(0, "finished")     # over what an earlier, restarted round reported
     except RunStopped as stopped:
-        _end(stop.EXIT_STOPPED, f"stopped: {stopped}", only_rank0=True,
+        end(stop.EXIT_STOPPED, f"stopped: {stopped}", only_rank0=True,
              then=lambda: _hand_over(stopped.signal_number))
     except KeyboardInterrupt:            # Ctrl-C or SIGTERM before training began (stop.py)
         remove_if_empty(run_dir)
-        _end(130, "interrupted before the first training step: nothing was trained, nothing "
+        end(130, "interrupted before the first training step: nothing was trained, nothing "
                   "to save")
     except (ConfigError, DataError, RunError) as error:   # a clear message, not a stack trace
         remove_if_empty(run_dir)
-        _end(2, f"error: {error}", own=isinstance(error, RankError))
+        end(2, f"error: {error}", own=isinstance(error, RankError))
     except (dist.DistError, RuntimeError) as error:
         line = peer_failure(error, "Resume with resume=true once it is fixed")
         if line is None:
             raise
-        _end(3, line)
+        end(3, line)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -708,7 +691,7 @@ def cli() -> None:
         check_config_choices(sys.argv[1:])
         check_overrides(sys.argv[1:], TrainConfig)
     except ConfigError as error:
-        _end(2, f"error: {error}")
+        end(2, f"error: {error}")
     main()
 
 

@@ -96,6 +96,21 @@ def announce(code: int, line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def end(code: int, line: str, only_rank0: bool = False, then=None, own: bool = False) -> None:
+    """Exit with ``code`` and its one line, shown once where the user looks and reported to
+    the launcher (``announce``); ``then`` runs before the exit. Rank 0 says it at once; another
+    rank first leaves rank 0 the time to (``leave_to_rank0``) and says it only if still running
+    then: its own error. ``only_rank0``: the others stay silent (a stop, which every rank agrees
+    on); ``own``: an error only this rank met (``RankError``), said at once."""
+    if env_rank() != 0 and not only_rank0 and not own:
+        leave_to_rank0()
+    if not only_rank0 or env_rank() == 0:
+        announce(code, line)
+    if then is not None:
+        then()
+    sys.exit(code)
+
+
 def leave_to_rank0(grace_s: float = RANK0_GRACE_S) -> None:
     """On a rank other than 0 about to exit with an error: wait ``grace_s`` for the launcher to
     end this process. Rank 0 says an error every rank meets, and once it exits torchrun (srun
