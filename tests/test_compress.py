@@ -96,6 +96,9 @@ def test_convert_builds_gc2l_models_that_load_into_build_model(tmp_path):
     (["checkpoint={sc}", "sg.targets=[0.5,1.2]"], "strictly between 0 and 1"),
     (["checkpoint={sc}", "method=convert", "convert.conv=shuffle"], "targets gc or gc2l"),
     (["checkpoint={sc}", "method=convert", "convert.groups=3"], "3"),
+    (["checkpoint={sc}", "sg.scope=layers"], "sg.scope='layers' is not one of"),
+    (["checkpoint={sc}", "sg.step=0"], "sg.step=0.0 must be a pruned fraction"),
+    (["checkpoint={sc}", "sg.scop=layer"], "sg.scop (did you mean sg.scope?)"),
 ])
 def test_bad_inputs_fail_early_with_a_clear_message_and_write_nothing(tmp_path, overrides,
                                                                       message):
@@ -108,6 +111,20 @@ def test_bad_inputs_fail_early_with_a_clear_message_and_write_nothing(tmp_path, 
     assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert not run_dir.exists()
+
+
+def test_a_run_dir_that_holds_files_is_refused_and_left_as_it_was(tmp_path):
+    """A second compress into one folder would append to its metrics and log and leave the
+    first run's models beside a report that lists only its own."""
+    _save_sc(tmp_path / "sc.pt")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"phase": "earlier"}\n')
+    out = _compress(run_dir, *SMALL, f"checkpoint={tmp_path / 'sc.pt'}", check=False)
+    assert out.returncode == 2 and out.stderr.startswith(
+        f"error: run_dir={run_dir} already holds files (metrics.jsonl)"), out.stderr
+    assert [p.name for p in run_dir.iterdir()] == ["metrics.jsonl"]
+    assert (run_dir / "metrics.jsonl").read_text() == '{"phase": "earlier"}\n'
 
 
 def test_sg_global_only_scheme_fine_tunes_only_at_the_target(tmp_path):

@@ -295,6 +295,11 @@ def _preflight(cfg: CompressConfig, model: torch.nn.Module) -> None:
 
 def run(cfg: CompressConfig, run_dir: Path) -> list[dict]:
     validate_compress(cfg)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        # Its report, metrics and models would mix with this run's.
+        raise ConfigError(f"run_dir={run_dir} already holds files ("
+                          f"{', '.join(sorted(p.name for p in run_dir.iterdir())[:4])}); choose "
+                          f"another run_dir, or remove that one")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], force=True)
     device = local_device()
@@ -337,6 +342,12 @@ def main(cfg) -> None:
         print(f"error: {error}", file=sys.stderr)
         remove_if_empty(run_dir)                   # Hydra made it; leave nothing behind
         sys.exit(2)
+    except KeyboardInterrupt:
+        remove_if_empty(run_dir)
+        kept = (f": {run_dir} keeps what finished (compress.log, metrics.jsonl); start again "
+                f"with another run_dir" if run_dir.is_dir() else "")
+        print(f"interrupted{kept}", file=sys.stderr)
+        sys.exit(130)
 
 
 def cli() -> None:

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from twolevel_dist.errors import ConfigError
 from twolevel_dist.layers import CONV_KINDS
 from twolevel_dist.parallel import check_device
+from twolevel_dist.selfgroup.grouping import SCOPES
 
 
 def _config_dir() -> str:
@@ -393,6 +394,7 @@ class CompressConfig:
 
 COMPRESS_METHODS = ("sg", "convert")
 SG_SCHEMES = ("local_global", "global")
+SG_SCOPES = SCOPES
 PARTITIONS = ("selfgroup", "contiguous")
 
 
@@ -419,6 +421,12 @@ def validate_compress(cfg: CompressConfig) -> None:
                               f"between 0 and 1, e.g. [0.5, 0.7]")
         if s.groups < 1 or s.local_epochs < 0 or s.global_epochs < 0:
             raise ConfigError("sg.groups must be >= 1, sg.local_epochs and sg.global_epochs >= 0")
+        if s.scope not in SG_SCOPES:
+            raise ConfigError(f"sg.scope={s.scope!r} is not one of {SG_SCOPES} (global: one "
+                              f"threshold over all layers; layer: one per layer)")
+        if not 0 < s.step < 1:
+            raise ConfigError(f"sg.step={s.step} must be a pruned fraction per step strictly "
+                              f"between 0 and 1, e.g. 0.1")
     else:
         c = cfg.convert
         if c.conv not in ("gc", "gc2l"):
