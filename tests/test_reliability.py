@@ -296,6 +296,26 @@ def test_config_group_choices_are_checked_in_sweeps_and_hydras_own_left_to_it():
         check_config_choices([], config_dir="/nonexistent/configs")
 
 
+def test_an_unreadable_model_file_is_explained_without_torchs_weights_only_advice(tmp_path):
+    from twolevel_dist.engine.model_file import read_model_file
+    from twolevel_dist.models import build_model
+    model = build_model("wrn", conv="sc", depth=10, widen=1)
+    torch.save(model, tmp_path / "module.pt")                   # the whole module, pickled
+    torch.save({"model": model.state_dict()}, tmp_path / "good.pt")
+    whole = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "torn.pt").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "text.pt").write_text("hello\n")
+    for name, why in [("module.pt", "pickled Python objects (twolevel_dist.models.wrn."
+                                    "WideResNet), not only tensors: a whole module saved with "
+                                    "torch.save(model)? Save its state_dict instead"),
+                      ("torn.pt", "a damaged or truncated torch file"),
+                      ("text.pt", "not a file torch.save wrote")]:
+        with pytest.raises(ConfigError) as refused:
+            read_model_file(str(tmp_path / name), "init_from", "give a model.pt")
+        assert why in str(refused.value) and "weights_only" not in str(refused.value), name
+        assert "\x1b" not in str(refused.value)
+
+
 def test_override_keys_and_values_are_checked_against_the_schema_before_hydra():
     from twolevel_dist.config import CompressConfig, TrainConfig, check_overrides
     from twolevel_dist.errors import ConfigError

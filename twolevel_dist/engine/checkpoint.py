@@ -92,8 +92,18 @@ def _disk_full(error: BaseException | None) -> bool:
 
 
 def load_failure(error: Exception) -> str:
-    """Why ``torch.load`` failed, in one line: its exception type and first line."""
-    return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    """Why ``torch.load`` failed, in one line of our own: torch's text advises loading with
+    ``weights_only=False``, which would run whatever code the file holds."""
+    text = str(error)
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        return (f"it holds pickled Python objects{f' ({found.group(1)})' if found else ''}, "
+                f"not only tensors: a whole module saved with torch.save(model)? Save its "
+                f"state_dict instead")
+    if "zip archive" in text:
+        return "a damaged or truncated torch file"
+    first = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()[0][:200] if text else ""
+    return f"not a file torch.save wrote: {type(error).__name__}: {first}"
 
 
 def epoch_dir(run_dir: Path, at) -> Path:
