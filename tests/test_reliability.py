@@ -296,16 +296,24 @@ def test_config_group_choices_are_checked_in_sweeps_and_hydras_own_left_to_it():
         check_config_choices([], config_dir="/nonexistent/configs")
 
 
-def test_an_unreadable_model_file_is_explained_without_torchs_weights_only_advice(tmp_path):
+def test_a_model_file_that_holds_no_weights_is_explained_without_torchs_advice(tmp_path):
     from twolevel_dist.engine.model_file import read_model_file
     from twolevel_dist.models import build_model
     model = build_model("wrn", conv="sc", depth=10, widen=1)
+    # A state dict alone is taken, with no meta.
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    weights, meta = read_model_file(str(tmp_path / "plain.pt"), "init_from", "")
+    assert weights.keys() == model.state_dict().keys() and meta == {}
     torch.save(model, tmp_path / "module.pt")                   # the whole module, pickled
     torch.save({"model": model.state_dict()}, tmp_path / "good.pt")
     whole = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "torn.pt").write_bytes(whole[:len(whole) // 2])
     (tmp_path / "text.pt").write_text("hello\n")
-    for name, why in [("module.pt", "pickled Python objects (twolevel_dist.models.wrn."
+    torch.save(torch.ones(3), tmp_path / "tensor.pt")
+    torch.save({"model": [1, 2]}, tmp_path / "list.pt")
+    for name, why in [("tensor.pt", "holds Tensor, not weights (a state dict, or model.pt's"),
+                      ("list.pt", "holds list, not weights"),
+                      ("module.pt", "pickled Python objects (twolevel_dist.models.wrn."
                                     "WideResNet), not only tensors: a whole module saved with "
                                     "torch.save(model)? Save its state_dict instead"),
                       ("torn.pt", "a damaged or truncated torch file"),
@@ -695,14 +703,14 @@ print("not reached", flush=True)
 
 
 def test_only_an_error_every_rank_meets_waits_for_rank_0_to_say_it(monkeypatch):
-    from twolevel_dist import train
+    from twolevel_dist.engine import ending
     waited = []
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("TWOLEVEL_EXIT_FILE", raising=False)
-    monkeypatch.setattr(train, "leave_to_rank0", lambda: waited.append(True))
+    monkeypatch.setattr(ending, "leave_to_rank0", lambda: waited.append(True))
     for own in (False, True):
         with pytest.raises(SystemExit):
-            train._end(2, "error: x", own=own)
+            ending.end(2, "error: x", own=own)
     assert waited == [True]          # not for an error of this rank's own (errors.RankError)
 
 

@@ -75,12 +75,8 @@ ConfigStore.instance().store(name="compress_schema", node=CompressConfig)
 def load_sc_checkpoint(path: str, cfg: CompressConfig, num_classes: int) -> torch.nn.Module:
     """The SC network of a training run's consolidated ``model.pt``, checked against
     ``cfg.model``."""
-    saved = read_model_file(path, "checkpoint", "pass the model.pt a training run wrote "
-                                                "(python -m twolevel_dist.train conv=sc groups=1 "
-                                                "...)")
-    if not isinstance(saved, dict) or "model" not in saved:
-        raise ConfigError(f"checkpoint={path} is not a twolevel_dist model.pt (no 'model' entry)")
-    meta = saved.get("meta", {})
+    weights, meta = read_model_file(path, "checkpoint", "pass the model.pt a training run "
+                                    "wrote (python -m twolevel_dist.train conv=sc groups=1 ...)")
     if meta.get("conv", "sc") != "sc":
         raise ConfigError(f"checkpoint={path} was trained with conv={meta['conv']}; compression "
                           f"starts from a standard-convolution network: train one with conv=sc "
@@ -91,7 +87,7 @@ def load_sc_checkpoint(path: str, cfg: CompressConfig, num_classes: int) -> torc
     model = build_model(cfg.model.name, conv="sc", groups=1, num_classes=num_classes,
                         **cfg.model.build_kwargs())
     try:
-        model.load_state_dict(saved["model"], strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
         raise ConfigError(

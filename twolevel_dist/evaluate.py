@@ -119,9 +119,10 @@ def read_weights(run_dir: Path, which: str = "model") -> tuple[list[dict], dict,
     the checkpoint's average."""
     name, key = ("model.pt", "model") if which == "model" else ("model_ema.pt", "ema")
     if (run_dir / name).is_file():
-        saved = read_model_file(run_dir / name, "run_dir", "train writes it at the end "
-                                "of a run: move it away to evaluate the newest checkpoint")
-        return [saved.get("model", saved)], saved.get("meta", {}), name
+        weights, meta = read_model_file(run_dir / name, "run_dir", "train writes it at the "
+                                        "end of a run: move it away to evaluate the newest "
+                                        "checkpoint")
+        return [weights], meta, name
     position = latest_complete(run_dir)
     if position is None:
         raise ConfigError(f"run_dir={run_dir} holds neither model.pt nor a complete checkpoint "
@@ -175,7 +176,9 @@ def run(cfg: EvaluateConfig) -> dict:
     _, test_loader = loaders_for(train_cfg, job)
     model = build_full_model(train_cfg, job.model_groups, test_loader.num_classes)
     load_weights(model, weights, f"{source} of run_dir={cfg.run_dir}",
-                 "evaluate on a test set of the run's classes")
+                 "a size mismatch of fc alone: evaluate on a test set of the run's classes; "
+                 "anything else: the weights are another network's than the one the run's "
+                 ".hydra/config.yaml builds (a model.pt copied in from another run?)")
     model = place(train_cfg, job, model)
     loss, top1, top5 = evaluate(model, test_loader, device=job.device, amp=job.amp,
                                 dp_group=job.dp_group)

@@ -153,9 +153,8 @@ def load_weights(model: torch.nn.Module, state: dict, source: str, fix: str) -> 
 def load_consolidated(model: torch.nn.Module, path: str) -> None:
     """Weights from a consolidated single-device ``model.pt`` (a finished run's, or one that
     ``twolevel_dist.compress`` converted), checked against the model this run builds."""
-    saved = read_model_file(path, "init_from", "pass a model.pt")
-    load_weights(model, saved["model"] if "model" in saved else saved,
-                 f"init_from={path} ({saved.get('meta', {})})",
+    weights, meta = read_model_file(path, "init_from", "pass a model.pt")
+    load_weights(model, weights, f"init_from={path} ({meta})",
                  "build the same model, conv and groups")
     log.info(f"initialised from {path}")
 
