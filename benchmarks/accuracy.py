@@ -663,7 +663,7 @@ def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[d
 # --- the command line -------------------------------------------------------------------------
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("protocol", type=Path, help="a protocol file (benchmarks/protocols/)")

@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_output_options, model_from_config, output_stem, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_output_options,
+    at_least,
+    model_from_config,
+    output_stem,
+    run_cli,
+    write_results,
+)
 
 from twolevel_dist.parallel import count_collectives, parallelize  # noqa: E402
 from twolevel_dist.parallel.comm_model import expected_comm  # noqa: E402
@@ -32,10 +39,10 @@ def measure(model_name, conv, n, batch, image_size=32):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="wrn16_4")
-    parser.add_argument("--groups", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--groups", type=at_least(2), nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--batch", type=at_least(1), default=32)
     parser.add_argument("--convs", nargs="+", default=["gc2l", "gc", "sc", "shuffle"])
     add_output_options(parser)
     args = parser.parse_args(argv)
@@ -67,4 +74,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -24,18 +24,15 @@ RESULTS = REPO / "benchmarks" / "results"
 
 from twolevel_dist.config import CONFIG_DIR, ModelConfig, check_config_choices  # noqa: E402
 from twolevel_dist.engine.device import autocast  # noqa: E402
-from twolevel_dist.errors import ConfigError  # noqa: E402
+from twolevel_dist.errors import ConfigError, DataError  # noqa: E402
 from twolevel_dist.layers import to_layout  # noqa: E402
 from twolevel_dist.models import build_model  # noqa: E402
 
 
 def model_from_config(name: str, conv: str, groups: int, num_classes: int = 10):
     """``build_model`` from ``configs/model/<name>.yaml``, so benchmarks and training agree; a
-    name with no config ends the benchmark with train's one line naming the choices."""
-    try:
-        check_config_choices([f"model={name}"])
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
+    name with no config is train's ConfigError naming the choices (``run_cli``: one line)."""
+    check_config_choices([f"model={name}"])
     path = Path(CONFIG_DIR) / "model" / f"{name}.yaml"
     cfg = ModelConfig(**OmegaConf.to_container(OmegaConf.load(path)))
     return build_model(cfg.name, conv=conv, groups=groups, num_classes=num_classes,
@@ -119,6 +116,66 @@ def machine() -> str:
             f"{platform.python_version()}; twolevel_dist commit {git_commit()}")
 
 
+# --- the command line: bad arguments are one line, exit 2, before anything runs ------------------
+
+def at_least(minimum: int):
+    """An argparse ``type``: an integer of at least ``minimum``."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+    return integer
+
+
+def positive_number(text: str) -> float:
+    """An argparse ``type``: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be above 0")
+    return value
+
+
+def existing_file(text: str) -> Path:
+    """An argparse ``type``: a file that is there."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return Path(text)
+
+
+def available_device(text: str) -> str:
+    """An argparse ``type``: a torch device this machine has (cpu, cuda, cuda:1)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1)") \
+            from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count or count == 0:
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {count} CUDA device(s) (torch {torch.__version__})")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: the benchmarks run on cpu or cuda")
+    return text
+
+
+def run_cli(main) -> int:
+    """``main()`` with a refusal (ConfigError, DataError: a model name that is not there, groups
+    a network cannot take) as one ``error:`` line and exit code 2, not a traceback."""
+    try:
+        return main()
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     """``--out`` and ``--update``, the two ways to write anywhere but a fresh folder."""
     where = parser.add_mutually_exclusive_group()
@@ -177,6 +234,9 @@ def read_rows(path: Path) -> list[dict]:
 
 def write_results(stem: Path, rows: list[dict], title: str, command: str, notes: str = "") -> None:
     """``stem``.csv (all columns) and ``stem``.md (the table, the command, the machine)."""
+    if not rows:
+        raise ConfigError(f"no configuration ran (the lines above say why each was left out); "
+                          f"nothing written to {shown(stem)}.csv")
     stem.parent.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
     with open(stem.with_suffix(".csv"), "w", newline="") as f:

@@ -46,13 +46,17 @@ import memory  # noqa: E402  (the per-rank memory plan and the networks it build
 from common import (  # noqa: E402
     RESULTS,
     add_output_options,
+    at_least,
+    existing_file,
     machine,
     output_stem,
     read_rows,
+    run_cli,
     shown,
 )
 from plotting import IDEAL, log_axis, pyplot, save, style  # noqa: E402
 
+from twolevel_dist.errors import ConfigError  # noqa: E402
 from twolevel_dist.paper import PAPER_CIFAR10_ERROR_WRN28_10  # noqa: E402
 from twolevel_dist.parallel.comm_model import (  # noqa: E402
     LINKS,
@@ -105,9 +109,19 @@ def schemes(n: int) -> list[Scheme]:
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
+STEP_COLUMNS = ("network", "scheme", "N", "step_ms", "params_per_rank", "status", "precision",
+                "layout", "batch")
+
+
 def read_steps(path: Path) -> dict:
     """{(network, scheme, N): (step ms, params per rank)} of the bf16 channels-last cells."""
     with open(path) as f:
+        columns = csv.DictReader(f).fieldnames or []
+        missing = [c for c in STEP_COLUMNS if c not in columns]
+        if missing:
+            raise ConfigError(f"--steps {path} is not a step-time table (no column "
+                              f"{', '.join(missing)}): give the GPU check's gpu_step_time.csv")
+        f.seek(0)
         return {(r["network"], r["scheme"], int(r["N"])): (float(r["step_ms"]),
                                                            int(r["params_per_rank"]))
                 for r in csv.DictReader(f)
@@ -549,15 +563,17 @@ def write_markdown(path: Path, args, rows, wins, acc, batch_limits) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", default=str(STEPS_CSV),
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", default=str(STEPS_CSV), type=existing_file,
                         help="the GPU check's gpu_step_time.csv (per-rank compute)")
     parser.add_argument("--networks", nargs="+", default=list(NAMES))
-    parser.add_argument("--gpus", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--gpus", type=at_least(1), nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--links", nargs="+", default=["nvlink", "ethernet100"],
                         choices=sorted(LINKS))
-    parser.add_argument("--batch", type=int, default=128, help="global batch (the measured one)")
-    parser.add_argument("--accuracy", nargs="*", default=[str(p) for p in ACCURACY_CSVS])
+    parser.add_argument("--batch", type=at_least(1), default=128,
+                        help="global batch (the measured one)")
+    parser.add_argument("--accuracy", nargs="*", type=existing_file,
+                        default=[p for p in ACCURACY_CSVS])
     add_output_options(parser)          # the committed name: dp_vs_gp_wrn28 (_default_name)
     args = parser.parse_args(argv)
     args.command = " ".join(["python benchmarks/dp_vs_gp.py",
@@ -585,4 +601,4 @@ def _default_name(networks) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

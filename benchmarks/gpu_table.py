@@ -593,7 +593,7 @@ def _machine() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("table", choices=sorted(TABLES))
     parser.add_argument("--out", required=True, type=Path, help="folder for the .csv and .md")
     parser.add_argument("--tiny", action="store_true",

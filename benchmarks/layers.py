@@ -22,9 +22,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_output_options,
+    at_least,
+    available_device,
     default_device,
     median,
     output_stem,
+    run_cli,
     time_steps,
     write_results,
 )
@@ -48,16 +51,17 @@ def _fwd_bwd(fn, x, params):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--size", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--kernel", type=int, default=3)
-    parser.add_argument("--groups", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--device", default=None, help="default: the GPU if there is one")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--channels", type=at_least(1), default=256)
+    parser.add_argument("--size", type=at_least(1), default=16)
+    parser.add_argument("--batch", type=at_least(1), default=32)
+    parser.add_argument("--kernel", type=at_least(1), default=3)
+    parser.add_argument("--groups", type=at_least(1), nargs="+", default=[2, 4, 8])
+    parser.add_argument("--threads", type=at_least(1), default=1)
+    parser.add_argument("--warmup", type=at_least(0), default=2)
+    parser.add_argument("--reps", type=at_least(1), default=7)
+    parser.add_argument("--device", default=None, type=available_device,
+                        help="default: the GPU if there is one")
     add_output_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,4 +130,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -613,7 +613,7 @@ def notes(rows: list[dict], checks: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Command line
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["wrn28_10"],
                         help="CIFAR WRN configs (configs/model/) or wrn<depth>_<widen>")
     parser.add_argument("--batch", type=int, default=128, help="images per step (per model)")

@@ -20,7 +20,7 @@ from twolevel_dist.parallel.simulated import simulated_mesh  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_output_options(parser)
     args = parser.parse_args(argv)
     rows = []

@@ -20,15 +20,15 @@ import accuracy  # noqa: E402
 import dp_vs_gp  # noqa: E402
 import gpu_table  # noqa: E402
 import scaling  # noqa: E402
-from common import add_output_options, output_stem, shown  # noqa: E402
+from common import add_output_options, existing_file, output_stem, run_cli, shown  # noqa: E402
 
 PLOTTERS = {"scaling_": scaling.replot, "accuracy_": accuracy.replot,
             "gpu_step_time": gpu_table.replot, "dp_vs_gp_": dp_vs_gp.replot}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("csv", type=Path, nargs="+", help="results csv files")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv", type=existing_file, nargs="+", help="results csv files")
     add_output_options(parser)
     args = parser.parse_args(argv)
     if args.out is not None and len(args.csv) > 1:
@@ -45,4 +45,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -43,12 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     REPO,
     add_output_options,
+    at_least,
+    available_device,
     default_device,
     git_commit,
     median,
     model_from_config,
     output_stem,
+    positive_number,
     read_rows,
+    run_cli,
     time_steps,
     training_step,
     write_results,
@@ -295,8 +299,11 @@ def run_real(args) -> list[dict]:
             if n == 1 and conv != "sc":
                 continue                      # N = 1 is the SC baseline
             try:
-                rank_batch(args.batch, split_ranks(conv, n)[1])
-            except ValueError as error:       # e.g. gc2l_dp2 at N = 2 (one group)
+                base, dp, gp = split_ranks(conv, n)
+                rank_batch(args.batch, dp)
+                # The split's own checks, on one simulated rank, before any job starts.
+                _shard(args.model, base, gp, simulated_mesh(gp), overlap, "cpu")
+            except ValueError as error:       # e.g. gc2l_dp2 at N = 2 (one group), N = 3
                 print(f"skip {conv} N={n}: {error}", file=sys.stderr)
                 continue
             configs.append((n, conv, overlap))
@@ -425,15 +432,16 @@ def replot(csv_path: Path, stem: Path) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     for mode in ("sim", "real", "worker"):
         p = sub.add_parser(mode)
         p.add_argument("--model", default="wrn16_4", help="a configs/model/ name")
-        p.add_argument("--batch", type=int, default=32, help="images per step (per model)")
-        p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
-        p.add_argument("--warmup", type=int, default=2)
-        p.add_argument("--reps", type=int, default=5)
+        p.add_argument("--batch", type=at_least(1), default=32,
+                       help="images per step (per model)")
+        p.add_argument("--threads", type=at_least(1), default=1, help="CPU threads per rank")
+        p.add_argument("--warmup", type=at_least(0), default=2)
+        p.add_argument("--reps", type=at_least(1), default=5)
         p.add_argument("--channels-last", action="store_true",
                        help="images and convolution weights channels-last, for every scheme")
         p.add_argument("--amp", action="store_true", help="bf16 autocast, for every scheme")
@@ -446,7 +454,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--conv", required=True, type=scheme_name)
             p.add_argument("--overlap", action="store_true")
         else:
-            p.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4])
+            p.add_argument("--groups", type=at_least(1), nargs="+", default=[1, 2, 4])
             if mode == "sim":
                 p.add_argument("--convs", nargs="+", default=list(SCHEMES), choices=SCHEMES)
             else:
@@ -459,16 +467,17 @@ def _parser() -> argparse.ArgumentParser:
             add_output_options(p)
         if mode == "sim":
             p.add_argument("--link", default="nvlink", choices=sorted(LINKS))
-            p.add_argument("--bandwidth", type=float, default=None, help="GB/s, overrides --link")
+            p.add_argument("--bandwidth", type=positive_number, default=None,
+                           help="GB/s, overrides --link")
             p.add_argument("--latency", type=float, default=5.0, help="us, with --bandwidth")
         if mode in ("sim", "real"):
             p.add_argument("--with-overlap", action="store_true",
                            help="also run GC-2L with the all-gather overlapped (the taps path)")
         if mode == "sim":
-            p.add_argument("--device", default=str(default_device()),
+            p.add_argument("--device", default=str(default_device()), type=available_device,
                            help="where the rank's shard runs (default: the GPU if there is one)")
         if mode == "real":
-            p.add_argument("--rounds", type=int, default=3,
+            p.add_argument("--rounds", type=at_least(1), default=3,
                            help="run every configuration this many times, interleaved")
     return parser
 
@@ -502,4 +511,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

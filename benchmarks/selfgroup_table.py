@@ -51,7 +51,7 @@ def table(prefix: str, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prefix", help="the runs' common prefix, e.g. "
                                        "benchmarks/results/runs/selfgroup_wrn10_2")
     parser.add_argument("command", help="the command that made the runs, for the table")

@@ -86,7 +86,7 @@ def rank_main(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--depth", type=int, default=10)
     parser.add_argument("--widen", type=int, default=2)

@@ -66,7 +66,7 @@ def _run(args, mode: str) -> list[float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archive", type=Path,
                         default=REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
     parser.add_argument("--root", type=Path, default=None, help="an extracted image folder")

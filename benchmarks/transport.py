@@ -107,7 +107,7 @@ def _worker(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--kb", type=int, nargs="+", default=[8, 32, 128],
                         help="KB per rank (WRN-16-4 at batch 32: 128, 32, 8 by stage)")

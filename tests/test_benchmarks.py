@@ -3,6 +3,7 @@ internally consistent (speedups from the step times, communication from the clos
 transport measured). Speed itself is never asserted."""
 
 import csv
+import importlib
 import re
 import subprocess
 import sys
@@ -372,7 +373,34 @@ def test_replot_redraws_from_the_csv_and_leaves_it_alone(results):
             committed.with_suffix(suffix).read_bytes()
 
 
-def test_a_model_name_with_no_config_ends_a_benchmark_with_the_choices():
-    with pytest.raises(SystemExit, match=r"^error: model=wrn16_5 names no model config \(did you "
-                                         r"mean model=wrn16_4\?\); the choices are "):
-        common.model_from_config("wrn16_5", "sc", 1)
+def test_a_model_name_with_no_config_ends_a_benchmark_with_the_choices(capsys):
+    assert common.run_cli(lambda: common.model_from_config("wrn16_5", "sc", 1)) == 2
+    assert re.match(r"error: model=wrn16_5 names no model config \(did you mean model=wrn16_4\?\); "
+                    r"the choices are ", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("scaling", ["sim", "--batch", "0"], "argument --batch: 0 must be at least 1"),
+    ("scaling", ["sim", "--device", "gpu"], "argument --device: 'gpu' is not a device"),
+    ("scaling", ["sim", "--bandwidth", "0"], "argument --bandwidth: 0 must be above 0"),
+    ("layers", ["--reps", "0"], "argument --reps: 0 must be at least 1"),
+    ("comm", ["--groups", "1"], "argument --groups: 1 must be at least 2"),
+    ("dp_vs_gp", ["--steps", "/nonexistent.csv"], "argument --steps: /nonexistent.csv: no such "
+                                                  "file"),
+    ("replot", ["/nonexistent.csv"], "argument csv: /nonexistent.csv: no such file"),
+])
+def test_bad_benchmark_arguments_are_one_line_and_exit_2(script, args, message, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_benchmark_where_no_configuration_can_run_says_so_and_writes_nothing(tmp_path, capsys):
+    import scaling
+    out = tmp_path / "none"
+    assert common.run_cli(lambda: scaling.main(
+        ["sim", "--model", "wrn10_2", "--groups", "3", "--convs", "gc2l", "--batch", "4",
+         "--out", str(out)])) == 2
+    assert "error: no configuration ran" in capsys.readouterr().err
+    assert not tmp_path.joinpath("none.csv").exists() and list(tmp_path.iterdir()) == []
