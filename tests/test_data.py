@@ -1077,7 +1077,7 @@ def test_device_loader_drop_last_false_in_train_keeps_partial_batch():
         (dict(batch_size=0), "batch_size must be an int >= 1"),
         (dict(dp_rank=2, dp_size=2), r"dp_rank must be an int in \[0, 1\]"),
         (dict(dp_size=0), "dp_size"),
-        (dict(batch_size=16, dp_size=4), "lower the batch size or dp_size"),
+        (dict(batch_size=16, dp_size=4), "no full batch; lower the batch size"),
         (dict(dp_rank=10, dp_size=11, train=False), "shard 10 of 11 is empty"),
         (dict(mean=(0.5, 0.5)), "one value per RGB channel"),
         (dict(std=(0.5, 0.0, 0.5)), "std must be positive"),

@@ -152,6 +152,9 @@ def test_every_bad_input_is_one_error_line_and_nothing_written(run_dir, tmp_path
             ([f"run_dir={run_dir}", "gp=2"], "gp=2 does not divide the world size 1"),
             ([f"run_dir={run_dir}", "model=wrn10_4"], "unknown config key(s): model; "),
             ([f"run_dri={run_dir}"], "run_dri (did you mean run_dir?)"),
+            ([str(run_dir)], f"is not a key=value override; to evaluate the run there, give "
+                             f"run_dir={run_dir}"),
+            ([f"run_dir={run_dir}", "weight=ema"], "weight (did you mean weights?)"),
             ([f"run_dir={run_dir}", "dataset.num_classes=100"],
              "does not fit this run's model: size mismatch for fc.bias"),
             ([f"run_dir={run_dir}", "dataset=cifar10"], "dataset.name=cifar10"),

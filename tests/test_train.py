@@ -198,7 +198,10 @@ def test_two_rank_run_on_a_tiny_cifar_pickle_set(tmp_path):
 def test_bad_configuration_fails_early_with_a_clear_message(tmp_path):
     for override, message in [("conv.kind=gc3", "is not a convolution kind"),
                               ("train.batch_size=0", "must be at least 1"),
-                              ("resume=true", "no complete checkpoint")]:
+                              ("resume=true", "no complete checkpoint"),
+                              ("dataset.train_size=16", "more than the 16 training images: an "
+                                                        "epoch would have no full batch; lower "
+                                                        "the batch size (train.batch_size")]:
         out = _train(tmp_path / "bad", *SMALL, override, nproc=1, check=False)
         assert out.returncode != 0
         assert message in out.stderr, out.stderr[-2000:]

@@ -62,13 +62,17 @@ from twolevel_dist.train import (
 )
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
-KEYS = "evaluate takes run_dir, gp, device and dataset.*; the run's own config gives the rest"
+KEYS = ("evaluate takes run_dir, gp, device, weights and dataset.*; the run's own config "
+        "gives the rest")
 
 
 def read_config(args: list[str]) -> EvaluateConfig:
     """The command line's ``key=value`` overrides over evaluate's schema, every key checked."""
     keys = {}
     for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"{arg!r} is not a key=value override; to evaluate the run "
+                              f"there, give run_dir={arg}")
         *parents, last = arg.split("=", 1)[0].lstrip("+~").split(".")
         node = keys
         for parent in parents:

@@ -75,10 +75,12 @@ class DeviceLoader:
                 f"{total} samples; use fewer data-parallel replicas or a larger data set."
             )
         if self.drop_last and self.num_samples < batch_size:
+            share = f" (replica {dp_rank}'s share of {dp_size})" if dp_size > 1 else ""
             raise DataError(
-                f"per-replica batch_size {batch_size} exceeds the {self.num_samples} samples of "
-                f"shard {dp_rank}/{dp_size} with drop_last=True, so an epoch would have no batch; "
-                "lower the batch size or dp_size (or set drop_last=False)."
+                f"a training batch of {batch_size} images per replica is more than the "
+                f"{self.num_samples} training images{share}: an epoch would have no full batch; "
+                f"lower the batch size (train.batch_size, or finetune.batch_size in compress) or "
+                f"train on more images"
             )
 
         mean, std = _check_mean_std(data, mean, std)
