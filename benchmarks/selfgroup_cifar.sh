@@ -18,6 +18,14 @@ if [ "${1:-}" = --update ]; then UPDATE=(--update); shift; fi
 EPOCHS=${1:-6}
 MODEL=${2:-wrn10_2}
 NGROUPS=${3:-4}
+usage="usage: bash benchmarks/selfgroup_cifar.sh [--update] [baseline_epochs] [model] [groups]"
+if [[ "$EPOCHS" == -* || "$MODEL" == -* || "$NGROUPS" == -* || $# -gt 3 ]]; then
+    echo "error: unknown option or too many arguments: $*; $usage" >&2; exit 2
+fi
+if ! [[ "$EPOCHS" =~ ^[1-9][0-9]*$ && "$NGROUPS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: baseline_epochs ($EPOCHS) and groups ($NGROUPS) must be positive integers; $usage" >&2
+    exit 2
+fi
 ARCHIVE=${CIFAR_JPEG:-../shared/data/cifar10-jpeg.tar.gz}
 RUNS=benchmarks/results/runs
 BASE=$RUNS/selfgroup_${MODEL}_sc

@@ -396,6 +396,15 @@ def test_bad_benchmark_arguments_are_one_line_and_exit_2(script, args, message, 
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [(["--updat", "6"], "unknown option"),
+                                          (["6", "wrn10_2", "x"], "must be positive integers")])
+def test_selfgroup_script_refuses_bad_arguments_before_training(args, message):
+    out = subprocess.run(["bash", str(BENCHMARKS / "selfgroup_cifar.sh"), *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and message in out.stderr
+    assert out.stdout == ""
+
+
 def test_a_benchmark_where_no_configuration_can_run_says_so_and_writes_nothing(tmp_path, capsys):
     import scaling
     out = tmp_path / "none"
