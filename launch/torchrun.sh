@@ -51,7 +51,7 @@ stops=0
 trap 'stop_ranks INT' INT
 trap 'stop_ranks TERM' TERM USR2 HUP
 set -m
-"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+"$PYTHON" -m twolevel_dist.torchrun --standalone --nproc_per_node="$NPROC" \
     --max-restarts="${MAX_RESTARTS:-1}" -m twolevel_dist.train "$@" &
 torchrun=$!
 set +m

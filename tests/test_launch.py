@@ -73,8 +73,9 @@ def _workers(run_dir: Path) -> list[int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
+        agent = b"torch.distributed.run" in argv or b"twolevel_dist.torchrun" in argv
         if f"run_dir={run_dir}".encode() in argv and b"twolevel_dist.train" in argv and \
-                b"torch.distributed.run" not in argv:
+                not agent:
             found.append(int(proc.name))
     return found
 

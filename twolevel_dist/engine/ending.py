@@ -52,17 +52,23 @@ def report_exit(code: int, line: str) -> None:
         os.kill(os.getppid(), signal.SIGTERM)       # torchrun's agent: no restart
 
 
+def reported() -> tuple[int, str] | None:
+    """(code, line) the job recorded in the exit file (``report_exit``), if it has."""
+    path = os.environ.get(EXIT_FILE)
+    try:
+        code, line = Path(path).read_text().split("\n", 1)
+        return int(code), line.strip()
+    except (TypeError, OSError, ValueError):      # no exit file (yet), or a torn one
+        return None
+
+
 def stopped_earlier() -> str | None:
     """In a torchrun restart round after this job stopped (its exit file holds code 75): the
     stop's line, to end with at once; else None."""
-    path = os.environ.get(EXIT_FILE)
-    if not path or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
         return None
-    try:
-        code, line = Path(path).read_text().split("\n", 1)
-    except (OSError, ValueError):
-        return None
-    return line.strip() if code.strip() == "75" else None
+    code, line = reported() or (None, None)
+    return line if code == 75 else None
 
 
 def stop_requested_before_start() -> bool:
