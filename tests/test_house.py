@@ -11,7 +11,7 @@ FLOORS = {
     "layers": 1, "data": 1,
     "models": 2, "parallel": 2,
     "engine": 3, "params": 3, "selfgroup": 3,
-    "config": 4, "train": 4, "compress": 4, "demo": 4, "evaluate": 4,
+    "config": 4, "train": 4, "compress": 4, "demo": 4, "evaluate": 4, "torchrun": 4,
 }
 # Imports within one floor that the layout allows (everything else on one floor stays apart).
 SAME_FLOOR = {("validate", "errors"), ("train", "config"), ("compress", "config"),
