@@ -53,8 +53,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS, git_commit, read_rows, write_results  # noqa: E402
 from plotting import log_axis, pyplot, save, style  # noqa: E402
 
-from twolevel_dist.config import CONFIG_DIR, ModelConfig, TrainConfig  # noqa: E402
+from twolevel_dist.config import (  # noqa: E402
+    CONFIG_DIR,
+    ModelConfig,
+    TrainConfig,
+    check_config_choices,
+    check_overrides,
+    validate,
+)
 from twolevel_dist.engine.checkpoint import latest_complete, rank_file  # noqa: E402
+from twolevel_dist.engine.ending import EXIT_FILE  # noqa: E402
 from twolevel_dist.engine.metrics import read_metrics  # noqa: E402
 from twolevel_dist.errors import ConfigError  # noqa: E402
 from twolevel_dist.layers import CONV_KINDS  # noqa: E402
@@ -68,7 +76,6 @@ SHARDED_KINDS = ("gc", "gc2l", "shuffle")     # one rank per group; sc and flgc 
 CELL_KEYS = ("conv", "groups", "seed", "run_dir", "resume", "overwrite")
 ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING",
                        "RESIZING", "SUSPENDED")
-CONFIG_ERROR_EXIT = 2         # twolevel_dist.train's exit code for a refused config or run_dir
 
 
 class SweepError(Exception):
@@ -130,7 +137,13 @@ def load_protocol(path: Path) -> Protocol:
         found = sorted(p.name for p in (REPO / "benchmarks" / "protocols").glob("*.yaml"))
         raise SweepError(f"no protocol file {path}; the committed ones are {found} in "
                          f"benchmarks/protocols/")
-    raw = OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as error:          # yaml's ScannerError, OmegaConf's own
+        raise SweepError(f"{path} is not a readable protocol ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: a protocol is a mapping with description, train and grid")
     unknown = sorted(set(raw) - {"description", "train", "grid"})
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {unknown}; a protocol has description, train "
@@ -143,6 +156,11 @@ def load_protocol(path: Path) -> Protocol:
     if clashing:
         raise SweepError(f"{path}: 'train' sets {clashing}, which the sweep sets per cell; give "
                          f"conv, groups and seeds in 'grid' instead")
+    try:            # as train checks its command line, before any cell (or sweep.json) exists
+        check_config_choices(train)
+        check_overrides(train, TrainConfig)
+    except ConfigError as error:
+        raise SweepError(f"{path}: train: {error}") from None
     cells: list[Cell] = []
     grid = raw.get("grid")
     if not isinstance(grid, list) or not grid:
@@ -161,8 +179,26 @@ def load_protocol(path: Path) -> Protocol:
                     cell = Cell(conv, 1 if conv == "sc" else groups, seed)
                     if cell not in cells:
                         cells.append(cell)
+    _check_configs(path, train, cells)
     return Protocol(tag=path.stem, description=str(raw.get("description", "")).strip(),
                     train=list(train), cells=cells, path=path)
+
+
+def _check_configs(path: Path, train: list[str], cells: list[Cell]) -> None:
+    """Each cell's config composed and checked as train checks it (a rate of -1, milestones
+    past the last epoch): a refusal every cell would meet is said once, before any cell runs,
+    and a refusal at a cell's start is that cell's own (it fails; the others run)."""
+    from hydra import compose, initialize_config_dir
+
+    import twolevel_dist.train  # noqa: F401  (registers the schema train.yaml builds on)
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        for cell in dict.fromkeys(Cell(c.conv, c.groups, 0) for c in cells):
+            try:
+                validate(OmegaConf.to_object(compose(config_name="train",
+                                                     overrides=[*train, *cell.overrides()])))
+            except Exception as error:      # ConfigError, Hydra's and OmegaConf's
+                raise SweepError(f"{path}: conv={cell.conv} groups={cell.groups}: "
+                                 f"{str(error).splitlines()[0]}") from None
 
 
 # --- the state of a cell's run directory ------------------------------------------------------
@@ -307,8 +343,9 @@ class Progress:
 
 def run_local(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progress,
               torchrun: bool) -> list[Cell]:
-    """The cells one after another; returns those that failed. A config error (exit code 2)
-    would repeat in every cell: it stops the sweep."""
+    """The cells one after another; returns those that failed, each said with its own line
+    (the cell's exit file: torchrun hides a worker's code and line). A cell stopped by a signal
+    with a checkpoint (exit 75) stops the sweep as Ctrl-C does."""
     ledger, failed = Ledger(runs), []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if torchrun:
@@ -316,26 +353,56 @@ def run_local(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
     for cell in todo:
         run_dir = runs / cell.name
         command = train_command(protocol, cell, run_dir, torchrun)
+        exit_file = ledger.folder / f"{cell.name}.exit"
+        exit_file.unlink(missing_ok=True)
         with open(ledger.log(cell), "a") as log:
             log.write(f"\n$ {shlex.join(command)}\n")
             log.flush()
             start = time.time()
             with ledger.attempt(cell):
-                code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                      env=env).returncode
+                code, interrupted = _run_cell(command, log, {**env, EXIT_FILE: str(exit_file)})
             seconds = time.time() - start
-        if code < 0 and -code == signal.SIGINT:
+        reported = exit_file.read_text().split("\n", 1) if exit_file.is_file() else None
+        exit_file.unlink(missing_ok=True)
+        if interrupted or (reported and reported[0] == "75"):
+            if reported:                    # the cell's own line: where its checkpoint is
+                print(f"  {cell.name}: {reported[1].strip()}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         progress.finished(cell, run_dir, seconds, code == 0)
         if code != 0:
             failed.append(cell)
+            said = f"\n    {reported[1].strip()}" if reported and reported[0] != "0" else ""
             tail = ledger.log(cell).read_text().splitlines()[-5:]
-            print(f"  exit code {code}; the end of {ledger.log(cell)}:\n    " +
+            print(f"  exit code {code}{said}\n  the end of {ledger.log(cell)}:\n    " +
                   "\n    ".join(tail), file=sys.stderr, flush=True)
-            if code == CONFIG_ERROR_EXIT:
-                raise SweepError(f"cell {cell.name} was refused (exit code 2, see above); the "
-                                 f"same would happen to every cell, so the sweep stops")
     return failed
+
+
+def _run_cell(command: list[str], log, env: dict) -> tuple[int, bool]:
+    """(exit code, whether the sweep was interrupted) of one cell's training. Interrupted, the
+    sweep waits while the cell finishes its step and writes its checkpoint (it would lose up to
+    an epoch if killed): a Ctrl-C reached the cell too (one process group); a SIGTERM, which
+    reached the sweep alone (``_terminated``), is passed on. The same signal again, 2 s or more
+    later, ends the cell at once."""
+    child = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    interrupted = False
+    while True:
+        try:
+            return child.wait(), interrupted
+        except KeyboardInterrupt:
+            interrupted = True
+            if _TERMINATED["pending"]:
+                _TERMINATED["pending"] = False
+                child.send_signal(signal.SIGTERM)
+
+
+_TERMINATED = {"pending": False}
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM to the sweep (``kill``): stop as Ctrl-C does, the running cell told as well."""
+    _TERMINATED["pending"] = True
+    raise KeyboardInterrupt
 
 
 def _slurm_task(command: list[str], runs: str, cell: Cell) -> int:
@@ -460,6 +527,18 @@ def committed_cells(out: Path) -> dict[str, dict]:
         return {}
     return {Cell(row["conv"], row["N"], row["seed"]).name: row for row in read_rows(path)
             if row["finished"] is True}
+
+
+def check_committed_settings(out: Path, protocol: Protocol) -> None:
+    """Refuse committed results ``out`` whose cells were trained with other ``train``
+    overrides than the protocol's now: their finished rows would be kept beside new ones (the
+    md records them: "Every cell: `...`")."""
+    md = out.with_suffix(".md")
+    found = re.search(r"^Every cell: `([^`]*)`", md.read_text(), re.M) if md.is_file() else None
+    if found and found.group(1) != " ".join(protocol.train):
+        raise SweepError(f"{md}'s cells were trained with `{found.group(1)}`, the protocol now "
+                         f"says `{' '.join(protocol.train)}`: their results would be mixed; give "
+                         f"another --out (and --runs), or move those results away")
 
 
 def _committed_commits(out: Path) -> set[str]:
@@ -708,6 +787,7 @@ def main(argv=None) -> int:
         if args.only and set(args.only) - names:
             raise SweepError(f"--only {sorted(set(args.only) - names)}: not cells of "
                              f"{args.protocol}; its cells are {sorted(names)}")
+        check_committed_settings(out, protocol)
         Ledger(runs).claim(protocol)
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -726,6 +806,8 @@ def main(argv=None) -> int:
               f"runs in {runs}", flush=True)
         progress = Progress(len(cells), len(cells) - len(todo),
                             sequential=args.launcher == "local")
+        if args.launcher == "local":        # a kill(1) stops the running cell as Ctrl-C does
+            signal.signal(signal.SIGTERM, _terminated)
         try:
             failed = (run_local(protocol, runs, todo, progress, args.torchrun)
                       if args.launcher == "local" else

@@ -159,18 +159,73 @@ def test_a_sweep_killed_outright_still_counts_the_killed_attempts_time(tmp_path,
     assert counted + 0.3 <= ledger.wall(sweep_cell)["seconds"] < counted + 2
 
 
-def test_a_refused_cell_stops_the_sweep_and_a_folder_of_another_protocol_is_refused(tmp_path,
-                                                                                   capsys):
+def test_sigterm_to_the_sweep_stops_its_running_cell_with_a_checkpoint_and_waits_for_it(
+        tmp_path):
+    """kill <the sweep> reaches the sweep alone: it passes the signal on and waits while the
+    cell finishes its step and checkpoint (it used to leave the cell training on, orphaned)."""
+    protocol = write_protocol(tmp_path, [{"conv": ["sc"], "groups": [1], "seeds": [0]}],
+                              train=[*TINY[:-1], "train.epochs=500"])
+    runs, cell = tmp_path / "runs", tmp_path / "runs" / "sc_N1_s0"
+    job = subprocess.Popen([sys.executable, str(BENCHMARKS / "accuracy.py"), str(protocol),
+                            "--runs", str(runs), "--out", str(tmp_path / "results" / "acc")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.time()
+    while not latest_complete_epoch(cell):
+        assert job.poll() is None, job.communicate()
+        assert time.time() - started < 240, "the cell never finished an epoch"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 130 and "interrupted: run the same command again" in err, err
+    assert "sc_N1_s0: stopped: SIGTERM at step" in err, err
+    assert not any(f"run_dir={cell}" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+                   .replace("\0", " ") for pid in os.listdir("/proc") if pid.isdigit()
+                   and Path(f"/proc/{pid}/cmdline").exists())
+
+
+def test_a_refusal_every_cell_would_meet_is_said_before_any_runs_and_nothing_is_written(
+        tmp_path, capsys):
     runs = tmp_path / "runs"
-    bad = write_protocol(tmp_path, [{"conv": ["gc", "gc2l"], "groups": [2], "seeds": [0]}],
-                         train=[*TINY, "optim.lr=-1"], name="bad")
-    code, _, err = sweep(bad, runs, capsys)
-    assert code == 2
-    assert "optim.lr=-1.0 must be positive" in err and "the sweep stops" in err
-    assert not (runs / "gc2l_N2_s0").exists()          # the second cell never ran
-    other = write_protocol(tmp_path, [{"conv": ["sc"], "groups": [1], "seeds": [0]}])
+    for train, message in [([*TINY, "optim.lr=-1"], "conv=gc groups=2: optim.lr=-1.0 must be "
+                                                    "positive"),
+                           ([*TINY, "train.epoch=1"], "train: unknown config key(s): "
+                                                      "train.epoch (did you mean train.epochs?)")]:
+        bad = write_protocol(tmp_path, [{"conv": ["gc", "gc2l"], "groups": [2], "seeds": [0]}],
+                             train=train, name="bad")
+        code, _, err = sweep(bad, runs, capsys)
+        assert code == 2 and message in err, err
+        assert not runs.exists()        # no sweep.json: the fixed protocol may use the folder
+
+
+def test_a_cell_refused_at_its_start_fails_alone_and_the_others_run(tmp_path, capsys):
+    """gc at N = 3 cannot split WRN's 16 channels: that cell's own refusal, said with its line;
+    the next cell trains."""
+    runs = tmp_path / "runs"
+    protocol = write_protocol(tmp_path, [{"conv": ["gc"], "groups": [3, 2], "seeds": [0]}])
+    code, out, err = sweep(protocol, runs, capsys)
+    assert code == 1, out[-2000:] + err[-2000:]
+    assert "gc N=3 seed=0: FAILED" in out and "error: gc: groups=3 must divide" in err
+    assert "1 cell(s) failed: gc_N3_s0" in err
+    # Refused before its run directory was claimed: no row, nothing of it on disk.
+    assert [(r["conv"], r["N"], r["finished"]) for r in rows(runs)] == [("gc", "2", "True")]
+    assert not (runs / "gc_N3_s0").exists()
+
+
+def test_results_or_a_runs_folder_of_other_settings_are_never_mixed_in(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "results" / "acc"
+    first = write_protocol(tmp_path, [{"conv": ["sc"], "groups": [1], "seeds": [0]}])
+    other = write_protocol(tmp_path, [{"conv": ["sc"], "groups": [1], "seeds": [0]}],
+                           train=[*TINY[:-1], "train.epochs=3"], name="other")
+    accuracy.Ledger(runs).claim(accuracy.load_protocol(first))
     assert accuracy.main([str(other), "--runs", str(runs)]) == 2
     assert "would be mixed" in capsys.readouterr().err
+    # Committed results of the first settings, a fresh runs folder for the other ones.
+    out.parent.mkdir()
+    out.with_suffix(".md").write_text(f"# acc\n\nEvery cell: `{' '.join(TINY)}`; cells ran at "
+                                      f"commit(s) abc.\n")
+    code, _, err = sweep(other, tmp_path / "runs2", capsys)
+    assert code == 2 and "acc.md's cells were trained with `" in err and "mixed" in err, err
+    assert not (tmp_path / "runs2").exists()
 
 
 @pytest.mark.parametrize("text, message", [
@@ -181,10 +236,12 @@ def test_a_refused_cell_stops_the_sweep_and_a_folder_of_another_protocol_is_refu
      "sets per cell"),
     ({"train": [], "grids": []}, "unknown key(s) ['grids']"),
     ({"train": ["model"], "grid": []}, "Hydra overrides"),
+    ("train: [model=wrn10_2\ngrid: x", "is not a readable protocol"),
+    ([{"train": []}], "a protocol is a mapping"),
 ])
 def test_a_bad_protocol_is_one_clear_error(tmp_path, text, message):
     path = tmp_path / "p.yaml"
-    path.write_text(json.dumps(text))
+    path.write_text(text if isinstance(text, str) else json.dumps(text))
     with pytest.raises(accuracy.SweepError) as info:
         accuracy.load_protocol(path)
     assert message in str(info.value)
