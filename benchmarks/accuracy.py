@@ -110,6 +110,12 @@ class Protocol:
     train: list[str]
     cells: list[Cell]
     path: Path
+    unsplittable: frozenset = frozenset()     # (conv, groups) whose layers N ranks cannot split
+
+    def ranks(self, cell: Cell) -> int:
+        """Ranks of the cell's ``--torchrun`` / SLURM run: one per group where the kind shards
+        and its layers split so; else one (the same network, on one device)."""
+        return 1 if (cell.conv, cell.groups) in self.unsplittable else cell.ranks
 
 
 # The results' columns, in order.
@@ -179,26 +185,35 @@ def load_protocol(path: Path) -> Protocol:
                     cell = Cell(conv, 1 if conv == "sc" else groups, seed)
                     if cell not in cells:
                         cells.append(cell)
-    _check_configs(path, train, cells)
+    unsplittable = _check_configs(path, train, cells)
     return Protocol(tag=path.stem, description=str(raw.get("description", "")).strip(),
-                    train=list(train), cells=cells, path=path)
+                    train=list(train), cells=cells, path=path, unsplittable=unsplittable)
 
 
-def _check_configs(path: Path, train: list[str], cells: list[Cell]) -> None:
+def _check_configs(path: Path, train: list[str], cells: list[Cell]) -> frozenset:
     """Each cell's config composed and checked as train checks it (a rate of -1, milestones
     past the last epoch): a refusal every cell would meet is said once, before any cell runs,
-    and a refusal at a cell's start is that cell's own (it fails; the others run)."""
-    from hydra import compose, initialize_config_dir
-
-    import twolevel_dist.train  # noqa: F401  (registers the schema train.yaml builds on)
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        for cell in dict.fromkeys(Cell(c.conv, c.groups, 0) for c in cells):
+    and a refusal at a cell's start is that cell's own (it fails; the others run). Returns the
+    (conv, groups) whose network cannot be split one group per rank (Shuffle needs N^2 to
+    divide C_out): those cells run on one rank (``Protocol.ranks``)."""
+    unsplittable = set()
+    with train_configs() as composed:
+        for conv, groups in dict.fromkeys((c.conv, c.groups) for c in cells):
             try:
-                validate(OmegaConf.to_object(compose(config_name="train",
-                                                     overrides=[*train, *cell.overrides()])))
+                cfg = OmegaConf.to_object(composed([*train, *Cell(conv, groups, 0).overrides()]))
+                validate(cfg)
             except Exception as error:      # ConfigError, Hydra's and OmegaConf's
-                raise SweepError(f"{path}: conv={cell.conv} groups={cell.groups}: "
+                raise SweepError(f"{path}: conv={conv} groups={groups}: "
                                  f"{str(error).splitlines()[0]}") from None
+            if conv in SHARDED_KINDS and groups > 1:
+                with torch.device("meta"):
+                    try:
+                        parallelize(build_model(cfg.model.name, conv=conv, groups=groups,
+                                                **cfg.model.build_kwargs()),
+                                    simulated_mesh(groups))
+                    except ConfigError:
+                        unsplittable.add((conv, groups))
+    return frozenset(unsplittable)
 
 
 # --- the state of a cell's run directory ------------------------------------------------------
@@ -220,9 +235,9 @@ def train_command(protocol: Protocol, cell: Cell, run_dir: Path, torchrun: bool)
     extra = {"resume": ["resume=true"], "restart": ["overwrite=true"]}.get(state, [])
     module = ["-m", "twolevel_dist.train", *protocol.train, *cell.overrides(),
               f"run_dir={run_dir}", *extra]
-    if torchrun and cell.ranks > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={cell.ranks}", *module]
+    if torchrun and protocol.ranks(cell) > 1:
+        return [sys.executable, "-m", "twolevel_dist.torchrun", "--standalone",
+                f"--nproc_per_node={protocol.ranks(cell)}", *module]
     return [sys.executable, *module]
 
 
@@ -431,10 +446,11 @@ def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
             jobs[cell] = submitit.SlurmJob(folder, job_id)
             print(f"{cell.name}: attached to SLURM job {job_id}", flush=True)
     for cell in [c for c in todo if c not in jobs]:
-        per_node = min(cell.ranks, args.slurm_ranks_per_node or cell.ranks)
+        ranks = protocol.ranks(cell)
+        per_node = min(ranks, args.slurm_ranks_per_node or ranks)
         executor = submitit.AutoExecutor(folder=folder)
         executor.update_parameters(
-            name=f"{protocol.tag}-{cell.name}", nodes=math.ceil(cell.ranks / per_node),
+            name=f"{protocol.tag}-{cell.name}", nodes=math.ceil(ranks / per_node),
             tasks_per_node=per_node, cpus_per_task=args.slurm_cpus_per_task,
             gpus_per_node=args.slurm_gpus_per_node, timeout_min=args.slurm_timeout_min,
             slurm_partition=args.slurm_partition, mem_gb=args.slurm_mem_gb,
@@ -450,7 +466,7 @@ def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
         jobs[cell] = executor.submit(_slurm_task, command, str(runs), cell)
         recorded[cell.name] = jobs[cell].job_id
         ledger.save_jobs(recorded)
-        print(f"{cell.name}: submitted SLURM job {jobs[cell].job_id} ({cell.ranks} task(s))",
+        print(f"{cell.name}: submitted SLURM job {jobs[cell].job_id} ({ranks} task(s))",
               flush=True)
     if args.no_wait:
         return []
@@ -490,11 +506,17 @@ def _trained_classes(run_dir: Path) -> int | None:
 
 def protocol_model(protocol: Protocol) -> ModelConfig:
     """The model config the protocol's cells train (its ``train`` overrides over configs/)."""
+    with train_configs() as composed:
+        return ModelConfig(**OmegaConf.to_container(composed(protocol.train).model))
+
+
+@contextmanager
+def train_configs():
+    """``composed(overrides)``: train's config as train composes it (its schema, configs/)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)   # as train does
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(config_name="train", overrides=list(protocol.train))
-    return ModelConfig(**OmegaConf.to_container(cfg.model))
+        yield lambda overrides: compose(config_name="train", overrides=list(overrides))
 
 
 def parameter_counts(model_cfg: ModelConfig, cell: Cell,

@@ -264,3 +264,11 @@ def test_the_committed_protocols_load():
         # The paper's grids: Figure 5 (WRN) at N = 2..16, Table 4 (MobileNetV2) at N = 2..8.
         expected = {2, 4, 8} if "mobilenet" in path.name else {2, 4, 8, 16}
         assert {c.groups for c in cells if c.conv != "sc"} == expected, path
+    # WRN-28-10's 160-channel stage takes Shuffle over N ranks only where N^2 divides 160: its
+    # N = 8 and 16 cells run on one rank under --torchrun and SLURM (they were refused there).
+    paper = accuracy.load_protocol(BENCHMARKS / "protocols" / "cifar10_wrn28_10.yaml")
+    ranks = {c.name: paper.ranks(c) for c in paper.cells}
+    assert paper.unsplittable == {("shuffle", 8), ("shuffle", 16)}
+    assert (ranks["shuffle_N4_s0"], ranks["shuffle_N8_s0"], ranks["gc2l_N16_s0"]) == (4, 1, 16)
+    assert accuracy.train_command(paper, accuracy.Cell("shuffle", 8, 0), Path("/x"), True)[1:3] \
+        == ["-m", "twolevel_dist.train"]
