@@ -627,7 +627,8 @@ def error_table(rows: list[dict], paper: bool) -> list[str]:
     """Final test error by conv kind (rows) and N (columns): mean ± half the range over seeds
     of the finished cells; with ``paper``, the paper's WRN-28-10 figure beside each."""
     done = [r for r in rows if r["finished"]]
-    ns = sorted({r["N"] for r in done if r["conv"] != "sc"})
+    # The protocol's N, finished or not: SC alone still gets its column of numbers.
+    ns = sorted({r["N"] for r in rows if r["conv"] != "sc"}) or [1]
     kinds = [k for k in ("sc", "gc", "flgc", "shuffle", "gc2l") if any(r["conv"] == k
                                                                         for r in done)]
     lines = ["| conv | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
@@ -810,8 +811,9 @@ def main(argv=None) -> int:
             raise SweepError(f"--only {sorted(set(args.only) - names)}: not cells of "
                              f"{args.protocol}; its cells are {sorted(names)}")
         check_committed_settings(out, protocol)
+        committed_cells(out)                # a torn csv is said now, before any cell runs
         Ledger(runs).claim(protocol)
-    except SweepError as error:
+    except (SweepError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     command = "python benchmarks/accuracy.py " + shlex.join(

@@ -229,7 +229,13 @@ def read_rows(path: Path) -> list[dict]:
                 pass
         return text
     with open(path, newline="") as f:
-        return [{key: value(text) for key, text in row.items()} for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    for number, row in enumerate(rows, 2):
+        if None in row or None in row.values():        # too many fields, or too few
+            raise ConfigError(f"{path}, line {number}, does not have the header's "
+                              f"{len(rows[0]) - (None in rows[0])} columns (a torn write, a merge "
+                              f"conflict?): restore the file from git, or remove it")
+    return [{key: value(text) for key, text in row.items()} for row in rows]
 
 
 def write_results(stem: Path, rows: list[dict], title: str, command: str, notes: str = "") -> None:
@@ -239,10 +245,13 @@ def write_results(stem: Path, rows: list[dict], title: str, command: str, notes:
                           f"nothing written to {shown(stem)}.csv")
     stem.parent.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+    csv_path = stem.with_suffix(".csv")
+    partial = csv_path.with_name(f".{csv_path.name}.partial")
+    with open(partial, "w", newline="") as f:      # renamed whole: a kill never leaves half
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(partial, csv_path)
 
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)

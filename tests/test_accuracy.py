@@ -226,6 +226,19 @@ def test_results_or_a_runs_folder_of_other_settings_are_never_mixed_in(tmp_path,
     code, _, err = sweep(other, tmp_path / "runs2", capsys)
     assert code == 2 and "acc.md's cells were trained with `" in err and "mixed" in err, err
     assert not (tmp_path / "runs2").exists()
+    # A torn csv (a merge conflict) is one line naming it, before anything runs.
+    out.with_suffix(".md").unlink()
+    out.with_suffix(".csv").write_text("model,conv,N,seed\nwrn,sc,1\n")
+    code, _, err = sweep(other, tmp_path / "runs2", capsys)
+    assert code == 2 and "acc.csv, line 2, does not have the header's 4 columns" in err, err
+    assert not (tmp_path / "runs2").exists()
+
+
+def test_the_error_table_shows_sc_when_it_is_the_only_cell_finished():
+    rows = [dict(conv="sc", N=1, finished=True, final_test_error=10.0),
+            dict(conv="gc2l", N=4, finished=False, final_test_error="")]
+    assert accuracy.error_table(rows, paper=False) == ["| conv | N = 4 |", "|---|---|",
+                                                       "| sc | 10.00 |"]
 
 
 @pytest.mark.parametrize("text, message", [
