@@ -740,7 +740,7 @@ def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[d
         f"Every cell: `{' '.join(protocol.train)}`; cells ran at commit(s) "
         f"{', '.join(commits) or 'unknown'}. {finished} of {len(protocol.cells)} cells finished"
         + ("." if finished == len(protocol.cells) else
-           "; the others are pending or in progress (their rows show the epochs so far).")
+           "; the others are pending, in progress or failed (their rows show the epochs so far).")
         + (f" {from_csv} finished cell(s) kept from the committed `{out.name}.csv` (trained in "
            f"an earlier session, their run directories are not on this machine)."
            if from_csv else ""),
