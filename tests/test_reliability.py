@@ -664,6 +664,21 @@ assert stop.hand_over(signal.SIGUSR2)
     assert out.stdout == f"handed over {int(signal.SIGUSR2)}\n"
 
 
+def test_a_rank_the_agents_sigterm_interrupts_after_a_refusal_leaves_the_refusal_standing(
+        tmp_path, monkeypatch):
+    """Rank 0 refuses (2) and ends torchrun's agent, whose SIGTERM reaches rank 1 before its
+    training began: rank 1 ends as interrupted (130), but the launcher must see the refusal."""
+    from twolevel_dist.engine.ending import report_exit, reported
+    monkeypatch.setenv("TWOLEVEL_EXIT_FILE", str(tmp_path / "exit"))
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    report_exit(2, "error: schedule.gamma=-1.0 must be in (0, 1]")
+    report_exit(130, "interrupted before the first training step")
+    report_exit(3, "error: a collective failed on rank 1")
+    assert reported() == (2, "error: schedule.gamma=-1.0 must be in (0, 1]")
+    report_exit(0, "finished")              # a later round's own end still replaces it
+    assert reported() == (0, "finished")
+
+
 def test_an_interrupted_rank_ends_its_torchrun_agent_so_it_is_not_restarted(tmp_path):
     """Exit 130 (a stop before training began) is, like a refusal (2), never restarted: the
     rank ends its agent (its parent) before exiting."""

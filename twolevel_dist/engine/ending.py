@@ -44,6 +44,10 @@ def report_exit(code: int, line: str) -> None:
     path = os.environ.get(EXIT_FILE)
     if not path:
         return
+    if code in (3, 130) and (reported() or (None,))[0] == 2:
+        # The refusal stands: its rank ended torchrun's agent, whose SIGTERM interrupted this
+        # rank (``stop.interrupt_before_training``) or whose end failed its collectives.
+        return
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     tmp.write_text(f"{code}\n{line}\n")
     os.replace(tmp, path)
