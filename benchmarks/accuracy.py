@@ -62,7 +62,7 @@ from twolevel_dist.config import (  # noqa: E402
     validate,
 )
 from twolevel_dist.engine.checkpoint import latest_complete, rank_file  # noqa: E402
-from twolevel_dist.engine.ending import EXIT_FILE  # noqa: E402
+from twolevel_dist.engine.ending import EXIT_FILE, reported  # noqa: E402
 from twolevel_dist.engine.metrics import read_metrics  # noqa: E402
 from twolevel_dist.errors import ConfigError  # noqa: E402
 from twolevel_dist.layers import CONV_KINDS  # noqa: E402
@@ -377,18 +377,18 @@ def run_local(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
             with ledger.attempt(cell):
                 code, interrupted = _run_cell(command, log, {**env, EXIT_FILE: str(exit_file)})
             seconds = time.time() - start
-        reported = exit_file.read_text().split("\n", 1) if exit_file.is_file() else None
+        said_code, said = reported(exit_file)
         exit_file.unlink(missing_ok=True)
-        if interrupted or (reported and reported[0] == "75"):
-            if reported:                    # the cell's own line: where its checkpoint is
-                print(f"  {cell.name}: {reported[1].strip()}", file=sys.stderr, flush=True)
+        if interrupted or said_code == 75:
+            if said:                        # the cell's own line: where its checkpoint is
+                print(f"  {cell.name}: {said}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         progress.finished(cell, run_dir, seconds, code == 0)
         if code != 0:
             failed.append(cell)
-            said = f"\n    {reported[1].strip()}" if reported and reported[0] != "0" else ""
+            own_line = f"\n    {said}" if said and said_code != 0 else ""
             tail = ledger.log(cell).read_text().splitlines()[-5:]
-            print(f"  exit code {code}{said}\n  the end of {ledger.log(cell)}:\n    " +
+            print(f"  exit code {code}{own_line}\n  the end of {ledger.log(cell)}:\n    " +
                   "\n    ".join(tail), file=sys.stderr, flush=True)
     return failed
 

@@ -44,7 +44,7 @@ def report_exit(code: int, line: str) -> None:
     path = os.environ.get(EXIT_FILE)
     if not path:
         return
-    if code in (3, 130) and (reported() or (None,))[0] == 2:
+    if code in (3, 130) and reported()[0] == 2:
         # The refusal stands: its rank ended torchrun's agent, whose SIGTERM interrupted this
         # rank (``stop.interrupt_before_training``) or whose end failed its collectives.
         return
@@ -56,14 +56,15 @@ def report_exit(code: int, line: str) -> None:
         os.kill(os.getppid(), signal.SIGTERM)       # torchrun's agent: no restart
 
 
-def reported() -> tuple[int, str] | None:
-    """(code, line) the job recorded in the exit file (``report_exit``), if it has."""
-    path = os.environ.get(EXIT_FILE)
+def reported(path: str | os.PathLike | None = None) -> tuple[int | None, str]:
+    """(code, line) the job recorded in its exit file (``report_exit``; default: this process's
+    ``TWOLEVEL_EXIT_FILE``), or (None, "") where it recorded none."""
+    path = path or os.environ.get(EXIT_FILE)
     try:
         code, line = Path(path).read_text().split("\n", 1)
         return int(code), line.strip()
     except (TypeError, OSError, ValueError):      # no exit file (yet), or a torn one
-        return None
+        return None, ""
 
 
 def stopped_earlier() -> str | None:
@@ -71,7 +72,7 @@ def stopped_earlier() -> str | None:
     stop's line, to end with at once; else None."""
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
         return None
-    code, line = reported() or (None, None)
+    code, line = reported()
     return line if code == 75 else None
 
 
