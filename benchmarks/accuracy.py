@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py benchmarks/protocols/cifar10_wrn10_2_cpu.yaml
     python benchmarks/accuracy.py benchmarks/protocols/cifar10_wrn28_10.yaml --launcher slurm \\
-        --torchrun --slurm-gpus-per-node 8 --slurm-partition gpu
+        --slurm-gpus-per-node 8 --slurm-partition gpu
 
 A protocol file names the training overrides every cell shares and the grid of cells (see
 ``benchmarks/protocols/``). Each cell is one ``twolevel_dist.train`` run in its own directory,
@@ -429,6 +429,19 @@ def _slurm_task(command: list[str], runs: str, cell: Cell) -> int:
         return subprocess.run(command, cwd=REPO).returncode
 
 
+def slurm_layout(cell: Cell, ranks: int, args) -> tuple[int, int, int | None]:
+    """(nodes, tasks per node, GPUs per node) of a cell's SLURM job. One task per rank, at most
+    ``--slurm-ranks-per-node`` of them on a node (default: ``--slurm-gpus-per-node``, one rank
+    per GPU, else all on one node), and a GPU for each task, no more: a one-rank cell (SC, FLGC)
+    asks for one GPU, not a whole node's. The tasks must fill their nodes evenly, since SLURM
+    starts ``nodes x tasks per node`` of them and every one is a rank."""
+    per_node = min(ranks, args.slurm_ranks_per_node or args.slurm_gpus_per_node or ranks)
+    if ranks % per_node:
+        raise SweepError(f"{cell.name} runs {ranks} ranks, which {per_node} ranks per node do "
+                         f"not fill evenly: give --slurm-ranks-per-node a divisor of {ranks}")
+    return ranks // per_node, per_node, per_node if args.slurm_gpus_per_node else None
+
+
 def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progress,
               args) -> list[Cell]:
     """One job per cell through submitit (cells whose job is still queued or running are
@@ -447,12 +460,12 @@ def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
             print(f"{cell.name}: attached to SLURM job {job_id}", flush=True)
     for cell in [c for c in todo if c not in jobs]:
         ranks = protocol.ranks(cell)
-        per_node = min(ranks, args.slurm_ranks_per_node or ranks)
+        nodes, per_node, gpus = slurm_layout(cell, ranks, args)
         executor = submitit.AutoExecutor(folder=folder)
         executor.update_parameters(
-            name=f"{protocol.tag}-{cell.name}", nodes=math.ceil(ranks / per_node),
+            name=f"{protocol.tag}-{cell.name}", nodes=nodes,
             tasks_per_node=per_node, cpus_per_task=args.slurm_cpus_per_task,
-            gpus_per_node=args.slurm_gpus_per_node, timeout_min=args.slurm_timeout_min,
+            gpus_per_node=gpus, timeout_min=args.slurm_timeout_min,
             slurm_partition=args.slurm_partition, mem_gb=args.slurm_mem_gb,
             # The job unpickles this script's task, which refers to its sibling modules
             # (common, plotting): they must import there as they do here.
@@ -785,9 +798,11 @@ def parse_args(argv):
     parser.add_argument("--poll-s", type=float, default=15.0, help="slurm: seconds between polls")
     parser.add_argument("--slurm-partition", default=None)
     parser.add_argument("--slurm-timeout-min", type=int, default=24 * 60)
-    parser.add_argument("--slurm-gpus-per-node", type=int, default=None)
+    parser.add_argument("--slurm-gpus-per-node", type=int, default=None,
+                        help="the GPUs a node has: each job asks for one per rank it runs there")
     parser.add_argument("--slurm-ranks-per-node", type=int, default=None,
-                        help="default: all of a cell's ranks on one node")
+                        help="default: --slurm-gpus-per-node, else all of a cell's ranks on one "
+                             "node")
     parser.add_argument("--slurm-cpus-per-task", type=int, default=1)
     parser.add_argument("--slurm-mem-gb", type=int, default=None)
     args = parser.parse_args(argv)
@@ -797,6 +812,13 @@ def parse_args(argv):
     for name in ("slurm_gpus_per_node", "slurm_ranks_per_node", "slurm_mem_gb"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.torchrun and args.launcher == "slurm":
+        parser.error("--torchrun is for --launcher local: under SLURM every rank is a task of "
+                     "its own (--slurm-ranks-per-node of them on a node)")
+    if (args.slurm_ranks_per_node or 0) > (args.slurm_gpus_per_node or math.inf):
+        parser.error(f"--slurm-ranks-per-node {args.slurm_ranks_per_node} is more than "
+                     f"--slurm-gpus-per-node {args.slurm_gpus_per_node}: every rank needs a GPU "
+                     "of its own (NCCL refuses two ranks on one)")
     return args
 
 
@@ -810,6 +832,8 @@ def main(argv=None) -> int:
         if args.only and set(args.only) - names:
             raise SweepError(f"--only {sorted(set(args.only) - names)}: not cells of "
                              f"{args.protocol}; its cells are {sorted(names)}")
+        for cell in protocol.cells if args.launcher == "slurm" else []:
+            slurm_layout(cell, protocol.ranks(cell), args)      # before any job is submitted
         check_committed_settings(out, protocol)
         committed_cells(out)                # a torn csv is said now, before any cell runs
         Ledger(runs).claim(protocol)

@@ -285,3 +285,37 @@ def test_the_committed_protocols_load():
     assert (ranks["shuffle_N4_s0"], ranks["shuffle_N8_s0"], ranks["gc2l_N16_s0"]) == (4, 1, 16)
     assert accuracy.train_command(paper, accuracy.Cell("shuffle", 8, 0), Path("/x"), True)[1:3] \
         == ["-m", "twolevel_dist.train"]
+
+
+def test_each_slurm_job_asks_for_a_gpu_per_rank_and_no_more():
+    """The README's paper command (--slurm-gpus-per-node 8): N = 16 over two nodes of 8, and a
+    one-rank cell (SC; Shuffle at N = 8, which WRN-28-10 cannot split) one GPU, not a node's 8."""
+    paper = accuracy.load_protocol(BENCHMARKS / "protocols" / "cifar10_wrn28_10.yaml")
+    args = accuracy.parse_args([str(paper.path), "--launcher", "slurm",
+                                "--slurm-gpus-per-node", "8"])
+    layout = {c.name: accuracy.slurm_layout(c, paper.ranks(c), args) for c in paper.cells}
+    assert (layout["gc2l_N16_s0"], layout["gc2l_N4_s0"], layout["sc_N1_s0"],
+            layout["shuffle_N8_s0"], layout["flgc_N16_s0"]) == (
+        (2, 8, 8), (1, 4, 4), (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    cpu_only = accuracy.parse_args([str(paper.path), "--launcher", "slurm"])
+    assert accuracy.slurm_layout(accuracy.Cell("gc2l", 16, 0), 16, cpu_only) == (1, 16, None)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--slurm-gpus-per-node", "4", "--slurm-ranks-per-node", "8"], "every rank needs a GPU"),
+    (["--torchrun"], "--torchrun is for --launcher local"),
+])
+def test_a_slurm_layout_that_cannot_work_is_refused_by_the_command_line(
+        tmp_path, capsys, options, message):
+    protocol = write_protocol(tmp_path, [{"conv": ["gc2l"], "groups": [4], "seeds": [0]}])
+    with pytest.raises(SystemExit) as info:
+        accuracy.main([str(protocol), "--launcher", "slurm", *options])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ranks_that_do_not_fill_their_nodes_evenly_are_refused_before_any_job(tmp_path, capsys):
+    protocol = write_protocol(tmp_path, [{"conv": ["gc2l"], "groups": [4], "seeds": [0]}])
+    code, _, err = sweep(protocol, tmp_path / "runs", capsys, "--launcher", "slurm",
+                         "--slurm-ranks-per-node", "3")
+    assert code == 2 and "gc2l_N4_s0 runs 4 ranks, which 3 ranks per node" in err
+    assert not (tmp_path / "runs").exists()
