@@ -249,20 +249,22 @@ class Ledger:
         self.runs = runs
         self.folder = runs / ".sweep"
 
-    def claim(self, protocol: Protocol) -> None:
-        """Refuse a runs folder that holds another protocol's cells; record this one's."""
-        record = self.runs / "sweep.json"
+    def claim(self, protocol: Protocol, record: bool = True) -> None:
+        """Refuse a runs folder that holds another protocol's cells; record this one's (unless
+        ``record`` is false: only reading the folder, ``--aggregate-only``)."""
+        path = self.runs / "sweep.json"
         mine = {"protocol": str(protocol.path.name), "train": protocol.train}
-        if record.is_file():
-            theirs = json.loads(record.read_text())
+        if path.is_file():
+            theirs = json.loads(path.read_text())
             if theirs.get("train") != protocol.train:
                 raise SweepError(
                     f"{self.runs} holds cells trained with {theirs.get('train')}, not "
                     f"{protocol.train}: results of two protocols would be mixed; give another "
                     f"--runs (or move that folder away)")
             return
-        self.runs.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(mine, indent=1) + "\n")
+        if record:
+            self.runs.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(mine, indent=1) + "\n")
 
     def log(self, cell: Cell) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -836,7 +838,7 @@ def main(argv=None) -> int:
             slurm_layout(cell, protocol.ranks(cell), args)      # before any job is submitted
         check_committed_settings(out, protocol)
         committed_cells(out)                # a torn csv is said now, before any cell runs
-        Ledger(runs).claim(protocol)
+        Ledger(runs).claim(protocol, record=not args.aggregate_only)
     except (SweepError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

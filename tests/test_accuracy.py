@@ -319,3 +319,10 @@ def test_ranks_that_do_not_fill_their_nodes_evenly_are_refused_before_any_job(tm
                          "--slurm-ranks-per-node", "3")
     assert code == 2 and "gc2l_N4_s0 runs 4 ranks, which 3 ranks per node" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_aggregate_only_reads_the_runs_folder_and_writes_nothing_there(tmp_path, capsys):
+    protocol = write_protocol(tmp_path, [{"conv": ["sc"], "groups": [1], "seeds": [0]}])
+    code, out, _ = sweep(protocol, tmp_path / "runs", capsys, "--aggregate-only")
+    assert code == 0 and "nothing to aggregate" in out
+    assert not (tmp_path / "runs").exists()
