@@ -10,6 +10,8 @@ A protocol file names the training overrides every cell shares and the grid of c
 finished cells are skipped, interrupted ones resume from their last checkpoint, cells that never
 wrote one start afresh. A runs folder belongs to one protocol: the overrides are recorded in
 ``<runs>/sweep.json`` and a different set is refused rather than mixed into the same table.
+``--rerun CELL ...`` trains cells afresh, finished or committed: their earlier runs are set
+aside in ``<runs>/.sweep/replaced/``.
 
 Launchers: ``local`` runs the cells one after another (one process each, or ``--torchrun``: one
 rank per group for the kinds that shard, gc, gc2l and shuffle; the numbers are the same either
@@ -64,6 +66,7 @@ from twolevel_dist.config import (  # noqa: E402
 from twolevel_dist.engine.checkpoint import latest_complete, rank_file  # noqa: E402
 from twolevel_dist.engine.ending import EXIT_FILE, reported  # noqa: E402
 from twolevel_dist.engine.metrics import read_metrics  # noqa: E402
+from twolevel_dist.engine.run_dir import RunDirLock  # noqa: E402
 from twolevel_dist.errors import ConfigError  # noqa: E402
 from twolevel_dist.layers import CONV_KINDS  # noqa: E402
 from twolevel_dist.models import build_model, count_parameters  # noqa: E402
@@ -306,6 +309,38 @@ class Ledger:
         tmp.write_text(json.dumps(record) + "\n")
         tmp.replace(self.folder / f"{cell.name}.wall.json")
 
+    def set_aside(self, cell: Cell) -> Path | None:
+        """``--rerun``: move the cell's run directory and wall-time record out of the sweep's
+        way, into ``.sweep/replaced/<cell>-<time>/`` (never deleted: the user's to remove);
+        where they went, or None if the cell had neither."""
+        run_dir, wall = self.runs / cell.name, self.folder / f"{cell.name}.wall.json"
+        if not run_dir.exists() and not wall.exists():
+            return None
+        aside = self.folder / "replaced" / f"{cell.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(parents=True)
+        for path in (run_dir, wall):
+            if path.exists():
+                path.rename(aside / path.name)
+        return aside
+
+    def reruns(self) -> set[str]:
+        """The cells ``--rerun`` set aside (``start_reruns``)."""
+        path = self.folder / "reruns.json"
+        return set(json.loads(path.read_text())) if path.is_file() else set()
+
+    def save_reruns(self, names: set[str]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "reruns.json").write_text(json.dumps(sorted(names)) + "\n")
+
+    def active_job(self, cell: Cell):
+        """The cell's SLURM job if it is still queued or running (submitit's view), else None."""
+        job_id = self.jobs().get(cell.name)
+        if not job_id:
+            return None
+        import submitit
+        job = submitit.SlurmJob(self.folder / "submitit", job_id)
+        return job if job.state in ACTIVE_SLURM_STATES else None
+
     def jobs(self) -> dict:
         path = self.folder / "slurm_jobs.json"
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -456,10 +491,9 @@ def run_slurm(protocol: Protocol, runs: Path, todo: list[Cell], progress: Progre
     folder = ledger.folder / "submitit"
     recorded, jobs = ledger.jobs(), {}
     for cell in todo:
-        job_id = recorded.get(cell.name)
-        if job_id and submitit.SlurmJob(folder, job_id).state in ACTIVE_SLURM_STATES:
-            jobs[cell] = submitit.SlurmJob(folder, job_id)
-            print(f"{cell.name}: attached to SLURM job {job_id}", flush=True)
+        if (job := ledger.active_job(cell)) is not None:
+            jobs[cell] = job
+            print(f"{cell.name}: attached to SLURM job {job.job_id}", flush=True)
     for cell in [c for c in todo if c not in jobs]:
         ranks = protocol.ranks(cell)
         nodes, per_node, gpus = slurm_layout(cell, ranks, args)
@@ -777,6 +811,35 @@ def aggregate(protocol: Protocol, runs: Path, out: Path, command: str) -> list[d
     return rows
 
 
+def start_reruns(runs: Path, cells: list[Cell]) -> set[str]:
+    """``--rerun``: set aside the earlier run of each cell in ``cells`` (``Ledger.set_aside``),
+    once none of them is in use (a live training in its run directory, or a SLURM job of this
+    sweep still queued or running, would go on writing where the rerun starts). Returns the
+    names of the cells being rerun: these, and those an earlier ``--rerun`` set aside that have
+    not finished since. Those are not set aside again: run again, the same command continues a
+    rerun as it continues any cell."""
+    ledger = Ledger(runs)
+    earlier = ledger.reruns()
+    pending = {name for name in earlier if cell_state(runs / name) != "done"}
+    fresh = [c for c in cells if c.name not in pending]
+    for cell in fresh:
+        RunDirLock(runs / cell.name).check_free()
+        try:
+            job = ledger.active_job(cell)
+        except ImportError:         # never submitted through SLURM from here
+            job = None
+        if job is not None:
+            raise SweepError(f"--rerun {cell.name}: its SLURM job {job.job_id} is still "
+                             f"{job.state.lower()}; scancel {job.job_id} first")
+    for cell in fresh:
+        if (aside := ledger.set_aside(cell)) is not None:
+            print(f"{cell.name}: its earlier run set aside in {aside}", flush=True)
+        pending.add(cell.name)
+    if pending != earlier:
+        ledger.save_reruns(pending)
+    return pending
+
+
 # --- the command line -------------------------------------------------------------------------
 
 def parse_args(argv):
@@ -794,6 +857,9 @@ def parse_args(argv):
                         help="local: one rank per group through torchrun (gc, gc2l, shuffle)")
     parser.add_argument("--only", nargs="+", default=None, metavar="CELL",
                         help="run only these cells (names like gc2l_N16_s0)")
+    parser.add_argument("--rerun", nargs="+", default=[], metavar="CELL",
+                        help="train these cells afresh, finished or committed as they may be "
+                             "(their earlier runs are set aside in <runs>/.sweep/replaced/)")
     parser.add_argument("--aggregate-only", action="store_true",
                         help="write the results from the cells finished so far; run nothing")
     parser.add_argument("--no-wait", action="store_true", help="slurm: submit and return")
@@ -814,6 +880,8 @@ def parse_args(argv):
     for name in ("slurm_gpus_per_node", "slurm_ranks_per_node", "slurm_mem_gb"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rerun and args.aggregate_only:
+        parser.error("--rerun trains cells, --aggregate-only trains none: choose one")
     if args.torchrun and args.launcher == "slurm":
         parser.error("--torchrun is for --launcher local: under SLURM every rank is a task of "
                      "its own (--slurm-ranks-per-node of them on a node)")
@@ -831,14 +899,20 @@ def main(argv=None) -> int:
         runs = (args.runs or RESULTS / "runs" / f"accuracy_{protocol.tag}").resolve()
         out = args.out or RESULTS / f"accuracy_{protocol.tag}"
         names = {c.name for c in protocol.cells}
-        if args.only and set(args.only) - names:
-            raise SweepError(f"--only {sorted(set(args.only) - names)}: not cells of "
-                             f"{args.protocol}; its cells are {sorted(names)}")
+        for option, named in (("--only", args.only or []), ("--rerun", args.rerun)):
+            if set(named) - names:
+                raise SweepError(f"{option} {sorted(set(named) - names)}: not cells of "
+                                 f"{args.protocol}; its cells are {sorted(names)}")
+        if args.only and set(args.rerun) - set(args.only):
+            raise SweepError(f"--rerun {sorted(set(args.rerun) - set(args.only))}: not among "
+                             f"the --only cells")
         for cell in protocol.cells if args.launcher == "slurm" else []:
             slurm_layout(cell, protocol.ranks(cell), args)      # before any job is submitted
         check_committed_settings(out, protocol)
         committed_cells(out)                # a torn csv is said now, before any cell runs
         Ledger(runs).claim(protocol, record=not args.aggregate_only)
+        reruns = set() if args.aggregate_only else start_reruns(
+            runs, [c for c in protocol.cells if c.name in args.rerun])
     except (SweepError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -849,9 +923,11 @@ def main(argv=None) -> int:
     if not args.aggregate_only:
         cells = [c for c in protocol.cells if not args.only or c.name in args.only]
         kept = committed_cells(out)
-        # A committed finished row stands in only for a run directory that is not here.
+        # A committed finished row stands in only for a run directory that is not here, and
+        # not for a cell being rerun (the row stands in the results until the rerun finishes).
         todo = [c for c in cells if cell_state(runs / c.name) != "done"
-                and not (c.name in kept and cell_state(runs / c.name) == "new")]
+                and not (c.name in kept and cell_state(runs / c.name) == "new"
+                         and c.name not in reruns)]
         print(f"{protocol.tag}: {len(cells)} cells, {len(cells) - len(todo)} already done; "
               f"runs in {runs}", flush=True)
         progress = Progress(len(cells), len(cells) - len(todo),

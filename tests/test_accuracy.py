@@ -118,6 +118,29 @@ def test_a_sweep_runs_each_cell_once_skips_finished_ones_and_resumes_an_interrup
     assert code == 0, err[-2000:]
     assert rows(runs) == committed
 
+    # --rerun trains a cell afresh though the committed results hold it finished: its earlier
+    # run is set aside (not deleted), and the new run's row replaces the committed one (marked
+    # here, since the same seed trains to the same numbers).
+    committed[0]["final_test_error"] = "99.0"
+    with open(results / "acc.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(committed[0]))
+        writer.writeheader()
+        writer.writerows(committed)
+    code, out, err = sweep(protocol, runs, capsys, "--rerun", "sc_N1_s0")
+    assert code == 0, err[-2000:]
+    assert "2 cells, 1 already done" in out and "sc_N1_s0: its earlier run set aside" in out
+    (aside,) = (runs / ".sweep" / "replaced").iterdir()
+    assert (aside / "sc_N1_s0" / "metrics.jsonl").read_text().count("\n") == 1
+    assert [r["epoch"] for r in read_metrics(runs / "sc_N1_s0")] == [1, 2]
+    sc, gc2l = rows(runs)
+    assert sc["finished"] == "True" and float(sc["final_test_error"]) == pytest.approx(
+        100 - read_metrics(runs / "sc_N1_s0")[-1]["test_acc"], abs=0.01)
+    assert gc2l == committed[1]
+    # Finished, the rerun is over: the same command again trains nothing.
+    code, out, err = sweep(protocol, runs, capsys)
+    assert code == 0 and "2 cells, 2 already done" in out, err[-2000:]
+    assert json.loads((runs / ".sweep" / "reruns.json").read_text()) == []
+
 
 def test_a_sweep_killed_outright_still_counts_the_killed_attempts_time(tmp_path, capsys):
     """SIGKILL (a SLURM time limit, a machine taken away) skips every ``finally``: the attempt's
@@ -326,3 +349,25 @@ def test_aggregate_only_reads_the_runs_folder_and_writes_nothing_there(tmp_path,
     code, out, _ = sweep(protocol, tmp_path / "runs", capsys, "--aggregate-only")
     assert code == 0 and "nothing to aggregate" in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_rerun_of_a_cell_in_use_or_not_in_the_sweep_is_refused_and_nothing_is_moved(
+        tmp_path, capsys):
+    import fcntl
+    protocol = write_protocol(tmp_path, [{"conv": ["sc"], "groups": [1], "seeds": [0]}])
+    runs, cell = tmp_path / "runs", tmp_path / "runs" / "sc_N1_s0"
+    cell.mkdir(parents=True)
+    (cell / "metrics.jsonl").write_text("")
+    lock = os.open(cell / ".lock", os.O_RDWR | os.O_CREAT)       # a training holds the cell
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        code, _, err = sweep(protocol, runs, capsys, "--rerun", "sc_N1_s0")
+    finally:
+        os.close(lock)
+    assert code == 2 and "is in use by" in err
+    assert (cell / "metrics.jsonl").is_file() and not (runs / ".sweep" / "replaced").exists()
+    code, _, err = sweep(protocol, runs, capsys, "--rerun", "gc_N2_s0")
+    assert code == 2 and "--rerun ['gc_N2_s0']: not cells of" in err
+    with pytest.raises(SystemExit) as info:
+        sweep(protocol, runs, capsys, "--rerun", "sc_N1_s0", "--aggregate-only")
+    assert info.value.code == 2 and "choose one" in capsys.readouterr().err
