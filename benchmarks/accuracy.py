@@ -258,7 +258,7 @@ class Ledger:
         path = self.runs / "sweep.json"
         mine = {"protocol": str(protocol.path.name), "train": protocol.train}
         if path.is_file():
-            theirs = json.loads(path.read_text())
+            theirs = _read_json(path, {})
             if theirs.get("train") != protocol.train:
                 raise SweepError(
                     f"{self.runs} holds cells trained with {theirs.get('train')}, not "
@@ -266,8 +266,7 @@ class Ledger:
                     f"--runs (or move that folder away)")
             return
         if record:
-            self.runs.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(mine, indent=1) + "\n")
+            _write_json(path, mine, indent=1)
 
     def log(self, cell: Cell) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -299,21 +298,20 @@ class Ledger:
             record["seconds"] += time.time() - record.pop("running_since")
             self._save_wall(cell, record)
 
+    def _wall_path(self, cell: Cell) -> Path:
+        return self.folder / f"{cell.name}.wall.json"
+
     def _wall_record(self, cell: Cell) -> dict:
-        path = self.folder / f"{cell.name}.wall.json"
-        return json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "commits": []}
+        return _read_json(self._wall_path(cell), {"seconds": 0.0, "commits": []})
 
     def _save_wall(self, cell: Cell, record: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{cell.name}.wall.tmp"
-        tmp.write_text(json.dumps(record) + "\n")
-        tmp.replace(self.folder / f"{cell.name}.wall.json")
+        _write_json(self._wall_path(cell), record)
 
     def set_aside(self, cell: Cell) -> Path | None:
         """``--rerun``: move the cell's run directory and wall-time record out of the sweep's
         way, into ``.sweep/replaced/<cell>-<time>/`` (never deleted: the user's to remove);
         where they went, or None if the cell had neither."""
-        run_dir, wall = self.runs / cell.name, self.folder / f"{cell.name}.wall.json"
+        run_dir, wall = self.runs / cell.name, self._wall_path(cell)
         if not run_dir.exists() and not wall.exists():
             return None
         aside = self.folder / "replaced" / f"{cell.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -325,12 +323,10 @@ class Ledger:
 
     def reruns(self) -> set[str]:
         """The cells ``--rerun`` set aside (``start_reruns``)."""
-        path = self.folder / "reruns.json"
-        return set(json.loads(path.read_text())) if path.is_file() else set()
+        return set(_read_json(self.folder / "reruns.json", []))
 
     def save_reruns(self, names: set[str]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "reruns.json").write_text(json.dumps(sorted(names)) + "\n")
+        _write_json(self.folder / "reruns.json", sorted(names))
 
     def active_job(self, cell: Cell):
         """The cell's SLURM job if it is still queued or running (submitit's view), else None."""
@@ -342,12 +338,24 @@ class Ledger:
         return job if job.state in ACTIVE_SLURM_STATES else None
 
     def jobs(self) -> dict:
-        path = self.folder / "slurm_jobs.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return _read_json(self.folder / "slurm_jobs.json", {})
 
     def save_jobs(self, jobs: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "slurm_jobs.json").write_text(json.dumps(jobs, indent=1) + "\n")
+        _write_json(self.folder / "slurm_jobs.json", jobs, indent=1)
+
+
+def _read_json(path: Path, default):
+    """A ledger file's contents, or ``default`` where it has not been written yet."""
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _write_json(path: Path, value, indent: int | None = None) -> None:
+    """A ledger file, written whole: to a temporary file renamed into place, so that a sweep
+    killed mid-write leaves the previous version, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=indent) + "\n")
+    tmp.replace(path)
 
 
 def _last_write(run_dir: Path) -> float:
