@@ -602,6 +602,26 @@ def test_sigterm_while_the_ranks_still_import_ends_with_130_and_is_not_restarted
     assert not run_dir.exists()
 
 
+def test_a_stop_while_hydra_creates_the_run_directory_leaves_none_behind(tmp_path):
+    """A SIGTERM can land after Hydra created the run directory and before train's main runs
+    (torchrun.sh's stop, or the agent ending the other ranks after one ended with 130): the
+    rank ends as interrupted (130), not killed, and takes the empty directory with it."""
+    run_dir = tmp_path / "run"
+    script = f"""
+import os, signal, sys
+import hydra.core.utils
+# Hydra's run_job calls configure_log after it creates the run directory, before main.
+hydra.core.utils.configure_log = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM)
+from twolevel_dist.train import cli
+sys.argv = ["train", "run_dir={run_dir}", *{SMALL!r}]
+cli()
+"""
+    out = subprocess.run([str(PYTHON), "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 130, out.stderr[-3000:]
+    assert out.stderr.splitlines()[-1].startswith("interrupted before the first training step")
+    assert not run_dir.exists()
+
+
 def _outcomes(run_dir):
     keys = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
     return [{k: r[k] for k in keys} for r in read_metrics(run_dir)]
@@ -719,16 +739,30 @@ print("not reached", flush=True)
     assert out.stderr.count("SIGTERM received: stopping after the next step") == 1
 
 
-def test_only_an_error_every_rank_meets_waits_for_rank_0_to_say_it(monkeypatch):
+def test_only_an_error_every_rank_meets_waits_for_rank_0_to_say_it(tmp_path, monkeypatch):
     from twolevel_dist.engine import ending
     waited = []
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("TWOLEVEL_EXIT_FILE", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setattr(ending, "leave_to_rank0", lambda: waited.append(True))
     for own in (False, True):
         with pytest.raises(SystemExit):
             ending.end(2, "error: x", own=own)
     assert waited == [True]          # not for an error of this rank's own (errors.RankError)
+    # Where the job's line is already said and final (rank 0's refusal or interruption, which
+    # ended torchrun's agent: its SIGTERM interrupts this rank), nothing is waited for or added.
+    exit_file = tmp_path / "exit"
+    monkeypatch.setenv("TWOLEVEL_EXIT_FILE", str(exit_file))
+    for said, code in [(2, 130), (130, 130), (2, 2), (3, 3), (75, 2)]:
+        exit_file.write_text(f"{said}\nthe line rank 0 said\n")
+        waited.clear()
+        with pytest.raises(SystemExit) as ended:
+            ending.end(code, "this rank's line")
+        assert ended.value.code == code
+        assert waited == ([] if said in (2, 130) else [True]), (said, code)
+        if not waited:
+            assert exit_file.read_text() == f"{said}\nthe line rank 0 said\n"
 
 
 def test_a_port_rank_0_cannot_bind_ends_every_rank_within_the_startup_timeout(tmp_path):

@@ -485,8 +485,19 @@ def _run_id() -> str:
     return stamp if run_id else f"{stamp}_{os.getpid()}"
 
 
+_resolved: dict = {"run_dir": None}      # the last directory _run_dir gave in this process
+
+
 def _run_dir(run_dir, model, job) -> str:
-    return run_dir if run_dir else f"outputs/{model}-{job}/{_run_id()}"
+    path = run_dir if run_dir else f"outputs/{model}-{job}/{_run_id()}"
+    _resolved["run_dir"] = path
+    return path
+
+
+def resolved_run_dir() -> Path | None:
+    """The run directory Hydra last resolved in this process (and created, before the entry
+    point's main runs), or None: where an interrupt that lands in Hydra's code finds it."""
+    return Path(_resolved["run_dir"]) if _resolved["run_dir"] else None
 
 
 def register_resolvers() -> None:

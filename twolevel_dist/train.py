@@ -35,6 +35,7 @@ from twolevel_dist.config import (
     check_known_keys,
     check_overrides,
     register_resolvers,
+    resolved_run_dir,
     validate,
 )
 from twolevel_dist.data import DataError
@@ -645,7 +646,7 @@ def _hand_over(signal_number: int) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    stop.interrupt_before_training()
+    stop.interrupt_before_training()     # cli did; a launcher calling main (submitit) did not
     try:
         if HydraConfig.get().mode == RunMode.MULTIRUN and "TORCHELASTIC_RUN_ID" in os.environ:
             raise ConfigError("Hydra sweeps (-m) must not run inside torchrun: each sweep job "
@@ -666,9 +667,7 @@ def main(cfg) -> None:
         end(stop.EXIT_STOPPED, f"stopped: {stopped}", only_rank0=True,
              then=lambda: _hand_over(stopped.signal_number))
     except KeyboardInterrupt:            # Ctrl-C or SIGTERM before training began (stop.py)
-        remove_if_empty(run_dir)
-        end(130, "interrupted before the first training step: nothing was trained, nothing "
-                  "to save")
+        _interrupted(run_dir)
     except (ConfigError, DataError, RunError) as error:   # a clear message, not a stack trace
         remove_if_empty(run_dir)
         end(2, f"error: {error}", own=isinstance(error, RankError))
@@ -682,16 +681,27 @@ def main(cfg) -> None:
             dist.destroy_process_group()
 
 
+def _interrupted(run_dir: Path | None) -> None:
+    if run_dir is not None:
+        remove_if_empty(run_dir)
+    end(130, "interrupted before the first training step: nothing was trained, nothing to save")
+
+
 def cli() -> None:
     """``python -m twolevel_dist.train`` and ``twolevel-train``: the command line's config
     group choices, keys and values checked (one ``error:`` line, exit 2), then Hydra's
     ``main``."""
+    # A stop is an interrupt from here on, not only from main's first line: Hydra creates the
+    # run directory before main runs, and a rank the signal killed there left it behind.
+    stop.interrupt_before_training()
     try:
         check_config_choices(sys.argv[1:])
         check_overrides(sys.argv[1:], TrainConfig)
+        main()
     except ConfigError as error:
         end(2, f"error: {error}")
-    main()
+    except KeyboardInterrupt:            # in Hydra's code, before main's own handling
+        _interrupted(resolved_run_dir())
 
 
 if __name__ == "__main__":

@@ -114,6 +114,11 @@ def end(code: int, line: str, only_rank0: bool = False, then=None, own: bool = F
     then: its own error. ``only_rank0``: the others stay silent (a stop, which every rank agrees
     on); ``own``: an error only this rank met (``RankError``), said at once."""
     if env_rank() != 0 and not only_rank0 and not own:
+        if reported()[0] in NO_RESTART:
+            # The job's line is said (a refusal, an interruption: final, never restarted) and
+            # torchrun's agent is being ended, whose SIGTERM is likely what brought this rank
+            # here: nothing to wait for, and nothing to add.
+            sys.exit(code)
         leave_to_rank0()
     if not only_rank0 or env_rank() == 0:
         announce(code, line)
