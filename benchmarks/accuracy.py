@@ -52,7 +52,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS, git_commit, read_rows, write_results  # noqa: E402
+from common import REPO, RESULTS, git_commit, read_rows, write_results, write_whole  # noqa: E402
 from plotting import log_axis, pyplot, save, style  # noqa: E402
 
 from twolevel_dist.config import (  # noqa: E402
@@ -352,10 +352,7 @@ def _read_json(path: Path, default):
 def _write_json(path: Path, value, indent: int | None = None) -> None:
     """A ledger file, written whole: to a temporary file renamed into place, so that a sweep
     killed mid-write leaves the previous version, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=indent) + "\n")
-    tmp.replace(path)
+    write_whole(path, json.dumps(value, indent=indent) + "\n")
 
 
 def _last_write(run_dir: Path) -> float:

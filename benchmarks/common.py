@@ -4,6 +4,7 @@ import argparse
 import csv
 import functools
 import glob
+import io
 import itertools
 import os
 import platform
@@ -238,20 +239,32 @@ def read_rows(path: Path) -> list[dict]:
     return [{key: value(text) for key, text in row.items()} for row in rows]
 
 
+def write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file renamed into place: a reader, or a run
+    killed mid-write, sees the previous file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def csv_text(rows: list[dict]) -> str:
+    """``rows`` as csv, with every column any row has (empty where a row lacks it)."""
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for row in rows for k in row)),
+                            restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
 def write_results(stem: Path, rows: list[dict], title: str, command: str, notes: str = "") -> None:
     """``stem``.csv (all columns) and ``stem``.md (the table, the command, the machine)."""
     if not rows:
         raise ConfigError(f"no configuration ran (the lines above say why each was left out); "
                           f"nothing written to {shown(stem)}.csv")
-    stem.parent.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
-    csv_path = stem.with_suffix(".csv")
-    partial = csv_path.with_name(f".{csv_path.name}.partial")
-    with open(partial, "w", newline="") as f:      # renamed whole: a kill never leaves half
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(partial, csv_path)
+    write_whole(stem.with_suffix(".csv"), csv_text(rows))
 
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -260,6 +273,6 @@ def write_results(stem: Path, rows: list[dict], title: str, command: str, notes:
         lines += [notes, ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_whole(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {shown(stem)}.csv and .md", flush=True)

@@ -27,7 +27,6 @@ step), with the same columns and files.
 """
 
 import argparse
-import csv
 import functools
 import gc
 import math
@@ -44,7 +43,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory  # noqa: E402  (its planning function and the networks it plans)
-from common import machine, median, read_rows, time_steps, training_step  # noqa: E402
+from common import (  # noqa: E402
+    csv_text,
+    machine,
+    median,
+    read_rows,
+    time_steps,
+    training_step,
+    write_whole,
+)
 from plotting import IDEAL, log_axis, pyplot, save, style  # noqa: E402
 
 from twolevel_dist.engine.device import autocast, configure_backends, synchronize  # noqa: E402
@@ -311,21 +318,12 @@ def _markdown(columns: list[str], rows: list[list]) -> list[str]:
 def write_table(stem: Path, rows: list[dict], title: str, notes: list[str],
                 table: list[str]) -> None:
     """``stem``.csv (every column of ``rows``) and ``stem``.md (title, command, machine, notes,
-    ``table``); each written to a temporary file first, so a reader never sees half a file."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    csv_tmp = stem.with_name(stem.name + ".csv.tmp")
-    with open(csv_tmp, "w", newline="") as f:
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(csv_tmp, stem.with_suffix(".csv"))
+    ``table``), each written whole."""
+    write_whole(stem.with_suffix(".csv"), csv_text(rows))
     command = "python benchmarks/gpu_table.py " + " ".join(sys.argv[1:])
     lines = [f"# {title}", "", f"Command: `{command}`", "", f"Machine: {_machine()}", ""]
     lines += [line for note in notes for line in (note, "")] + table
-    md_tmp = stem.with_name(stem.name + ".md.tmp")
-    md_tmp.write_text("\n".join(lines) + "\n")
-    os.replace(md_tmp, stem.with_suffix(".md"))
+    write_whole(stem.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def _with_ratios(rows: list[dict]) -> list[dict]:
