@@ -46,9 +46,20 @@ def _train(run_dir, *overrides, nproc=2, check=True):
     return run_entry_point("twolevel_dist.train", run_dir, *overrides, nproc=nproc, check=check)
 
 
-def test_two_rank_run_on_synthetic_data_writes_metrics_checkpoints_and_model(tmp_path):
-    run_dir = tmp_path / "run"
-    _train(run_dir, *SMALL, "train.epochs=2", "groups=2", "train.log_every=4")
+TWO_RANKS = [*SMALL, "groups=2", "train.log_every=4"]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """TWO_RANKS trained for 2 epochs on dp x gp = 1 x 2 (GC-2L, N = 2), once for this file:
+    the tests below read it, or resume copies of it."""
+    run_dir = tmp_path_factory.mktemp("two_epochs") / "run"
+    _train(run_dir, *TWO_RANKS, "train.epochs=2")
+    return run_dir
+
+
+def test_two_rank_run_on_synthetic_data_writes_metrics_checkpoints_and_model(two_epochs):
+    run_dir = two_epochs
     metrics = read_metrics(run_dir)
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert [m["step"] for m in metrics] == [8, 16]         # 256 images / batch 32
@@ -147,32 +158,30 @@ def _same_weights(a: Path, b: Path) -> None:
         assert torch.equal(first[name], second[name]), name
 
 
-def test_a_checkpoint_resumes_on_fewer_or_more_data_parallel_replicas(tmp_path):
-    """dp x gp = 1 x 2 -> 2 x 2 -> 1 x 2: epoch 2 trained on 2 x 2 from the 1 x 2 checkpoint,
+def test_a_checkpoint_resumes_on_fewer_or_more_data_parallel_replicas(two_epochs, tmp_path):
+    """dp x gp = 1 x 2 -> 2 x 2 -> 1 x 2: epoch 3 trained on 2 x 2 from the 1 x 2 checkpoint,
     one checkpoint file per gp rank, which 1 x 2 loads to the same weights (a run resumed with
     its epochs all done only loads and writes model.pt)."""
-    common = [*SMALL, "groups=2"]
-    narrow, wide, back = tmp_path / "narrow", tmp_path / "wide", tmp_path / "back"
-    _train(narrow, *common, "train.epochs=1")
-    shutil.copytree(narrow, wide)
-    out = _train(wide, *common, "train.epochs=2", "resume=true", nproc=4)   # epoch 2 on 2 x 2
+    wide, back = tmp_path / "wide", tmp_path / "back"
+    shutil.copytree(two_epochs, wide)
+    out = _train(wide, *TWO_RANKS, "train.epochs=3", "resume=true", nproc=4)   # on 2 x 2
     log = (wide / "train.log").read_text()
     assert "world=4 (dp=2 x gp=2)" in log and "resumed from" in log
-    assert [m["epoch"] for m in read_metrics(wide)] == [1, 2]
+    assert [m["epoch"] for m in read_metrics(wide)] == [1, 2, 3]
     # DDP takes the engine's gradients as they are and its options as this torch names them:
     # neither its stride warning nor a deprecation warning, on any rank.
     assert "Warning" not in out.stderr, out.stderr[-3000:]
-    assert sorted(p.name for p in epoch_dir(wide, 2).iterdir()) == [
+    assert sorted(p.name for p in epoch_dir(wide, 3).iterdir()) == [
         "COMPLETE", "rank00000.pt", "rank00001.pt"]                      # replica 0 writes
     shutil.copytree(wide, back)
     (back / "model.pt").unlink()
-    _train(back, *common, "train.epochs=2", "resume=true")
+    _train(back, *TWO_RANKS, "train.epochs=3", "resume=true")
     _same_weights(wide / "model.pt", back / "model.pt")
 
 
-def test_a_checkpoint_for_another_conv_or_group_count_is_refused(tmp_path):
+def test_a_checkpoint_for_another_conv_or_group_count_is_refused(two_epochs, tmp_path):
     run_dir = tmp_path / "run"
-    _train(run_dir, *SMALL, "train.max_steps=2", "groups=2")
+    shutil.copytree(two_epochs, run_dir)
     # One process each (the single-device model, gp = 1, which the checkpoint does not fit
     # either): the message names every difference.
     for override, difference in [("conv=gc", "conv: checkpoint has 'gc2l', this run has 'gc'"),
