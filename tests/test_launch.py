@@ -319,6 +319,36 @@ def test_sbatch_stopped_by_its_time_limit_signal_and_by_scancel_requeues_to_the_
 
 @pytest.mark.slurm
 @pytest.mark.slow          # a requeue, a pending wait in SLURM: minutes (README, "Tests")
+def test_sbatch_stopped_before_its_ranks_train_requeues_and_then_trains_to_the_same_metrics(
+        slurm, uninterrupted, tmp_path):
+    """The time limit's warning as the job starts, before its ranks could handle it (torchrun,
+    and so its ranks, ignore USR2 until training begins): the ranks end before their first
+    step (130) and the job requeues itself, as it does after a stop with a checkpoint."""
+    run_dir = tmp_path / "run"
+    job = _sbatch_on_two_nodes(slurm, tmp_path, f"run_dir={run_dir}",
+                               options=["--open-mode=append"])
+    try:
+        job_id = _job_id(job)
+        out_file, deadline = tmp_path / f"slurm-{job_id}.out", time.time() + 300
+        while not (out_file.is_file() and f"job {job_id}: " in out_file.read_text()):
+            assert job.poll() is None and time.time() < deadline, "the job never started"
+            time.sleep(0.05)
+        subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True, env=slurm)
+        output, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert job.returncode == 0, output + logs[-6000:]
+    assert "interrupted before the first training step" in logs, logs[-6000:]
+    assert logs.count("stopped resumable: requeueing job") == 1, logs[-6000:]
+    killed = read_metrics(run_dir)
+    assert [(m["epoch"], m["test_acc"]) for m in killed] == [
+        (m["epoch"], m["test_acc"]) for m in uninterrupted]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow          # a requeue, a pending wait in SLURM: minutes (README, "Tests")
 def test_a_submitit_job_stopped_by_its_time_limit_signal_requeues_to_the_same_metrics(
         slurm, uninterrupted, tmp_path):
     """The Hydra submitit launcher asks SLURM for USR2 before the time limit

@@ -622,6 +622,40 @@ cli()
     assert not run_dir.exists()
 
 
+def test_a_stop_noted_while_the_ranks_set_up_ends_every_rank_before_its_first_step(tmp_path):
+    """slurm.sbatch's USR2 reaches ranks that still set up ignored (torchrun runs with it
+    ignored); the request noted beside the exit file ends them before training: here rank 0
+    alone finds it (after its data loaders), and both ranks end with 130, no step taken, no
+    collective failed, and the run directory taken back."""
+    run_dir, exit_file = tmp_path / "run", tmp_path / "exit"
+    script = tmp_path / "train_with_a_late_stop.py"
+    script.write_text(f"""
+import sys
+import twolevel_dist.train as train
+from twolevel_dist.parallel.mesh import env_rank
+loaded = []
+def loaders_then_a_stop_on_rank_0(*args, **kwargs):
+    loaders = original(*args, **kwargs)
+    loaded.append(env_rank() == 0)
+    return loaders
+original, train.loaders_for = train.loaders_for, loaders_then_a_stop_on_rank_0
+train.stop_requested_before_start = lambda: any(loaded)
+sys.argv = ["train", "run_dir={run_dir}", *{SIGNALLED!r}]
+train.cli()
+""")
+    out = subprocess.run([str(PYTHON), "-m", "twolevel_dist.torchrun", "--standalone",
+                          "--nproc_per_node=2", "--max-restarts=1", str(script)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1",
+                              "TWOLEVEL_EXIT_FILE": str(exit_file)})
+    code, line = exit_file.read_text().split("\n", 1)
+    assert code == "130" and line.startswith("interrupted before the first training step"), (
+        out.stderr[-3000:])
+    assert "collective failed" not in out.stderr and "Traceback" not in out.stderr, (
+        out.stderr[-3000:])
+    assert not run_dir.exists()
+
+
 def _outcomes(run_dir):
     keys = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
     return [{k: r[k] for k in keys} for r in read_metrics(run_dir)]

@@ -243,6 +243,11 @@ def run(cfg: TrainConfig, run_dir: Path, config_files: dict | None = None) -> di
         # the test set's partial last batch would be two more compiles for a small share of
         # the time.
         step_model = torch.compile(prepare_for_compile(model)) if cfg.train.compile else model
+        # A launcher's stop that came while the ranks set up and that no rank saw as a signal
+        # (slurm.sbatch's USR2: torchrun and so its ranks run with it ignored until
+        # stop.install) is noted beside the exit file: every rank ends here, before any step.
+        job.raise_first("a stop was requested while the ranks set up"
+                        if stop_requested_before_start() else None, KeyboardInterrupt)
         began = True            # from here on a failure keeps what the run wrote
         if lock is not None:
             lock.began()        # and the run it replaces (overwrite=true) is gone

@@ -77,10 +77,11 @@ def stopped_earlier() -> str | None:
 
 
 def stop_requested_before_start() -> bool:
-    """Whether the launcher asked the job to stop before this rank started: ``launch/torchrun.sh``
-    notes each request in ``<exit file>.stop`` before it signals the ranks, so that a rank the
-    signal killed before it could handle it (still importing) does not train on when torchrun
-    restarts it."""
+    """Whether the launcher asked the job to stop before this rank began training: our
+    launchers note each request in ``<exit file>.stop`` before they signal the ranks, so that
+    a rank the signal missed does not train on: one ``launch/torchrun.sh``'s SIGTERM killed
+    while still importing (torchrun restarts it), or one that ignored ``launch/slurm.sbatch``'s
+    SIGUSR2 while it set up (torchrun runs with it ignored, and its ranks inherit that)."""
     path = os.environ.get(EXIT_FILE)
     return bool(path) and Path(f"{path}.stop").exists()
 
