@@ -114,6 +114,20 @@ def _sbatch_on_two_nodes(slurm, tmp_path, *overrides, options=(), env=None):
              **(env or {})})
 
 
+def _sbatch_logs(job, tmp_path, during) -> str:
+    """``during()`` while ``job`` (an ``sbatch --wait``) runs, then its end (a kill if
+    ``during`` failed); its exit code must be 0. The output of every run of the job."""
+    try:
+        during()
+        output, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert job.returncode == 0, output + logs[-6000:]
+    return logs
+
+
 @pytest.mark.slurm
 def test_sbatch_on_two_nodes_restarts_a_rank_killed_on_the_second_node_to_the_same_metrics(
         slurm, uninterrupted, tmp_path):
@@ -122,14 +136,8 @@ def test_sbatch_on_two_nodes_restarts_a_rank_killed_on_the_second_node_to_the_sa
     run_dir = tmp_path / "run"
     job = _sbatch_on_two_nodes(slurm, tmp_path, f"run_dir={run_dir}",
                                env={"RDZV_PORT": str(29500 + os.getpid() % 1000)})
-    try:
-        _kill_a_worker_in_epoch_2([job], run_dir, "SLURMD_NODENAME", "node2")
-        output, _ = job.communicate(timeout=900)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    logs = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-    assert job.returncode == 0, output + logs[-6000:]
+    logs = _sbatch_logs(job, tmp_path, lambda: _kill_a_worker_in_epoch_2(
+        [job], run_dir, "SLURMD_NODENAME", "node2"))
     assert "2 node(s) x 1 ranks, rendezvous on node1 (127.0.0.1:" in logs
     assert "world=2 (dp=1 x gp=2)" in (run_dir / "train.log").read_text()
     _assert_restarted_to_the_same_metrics(run_dir, uninterrupted)
@@ -299,18 +307,13 @@ def test_sbatch_stopped_by_its_time_limit_signal_and_by_scancel_requeues_to_the_
     run_dir = tmp_path / "run"
     job = _sbatch_on_two_nodes(slurm, tmp_path, "train.checkpoint_every_steps=5",
                                f"run_dir={run_dir}", options=["--open-mode=append"])
-    try:
+    def stop_twice():
         job_id = _job_id(job)
         _wait_for_checkpoint_after(job, run_dir, 5)                       # in epoch 1
         subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True, env=slurm)
         _wait_for_checkpoint_after(job, run_dir, 25)                      # requeued, epoch 2
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, env=slurm)
-        output, _ = job.communicate(timeout=900)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    logs = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-    assert job.returncode == 0, output + logs[-6000:]
+    logs = _sbatch_logs(job, tmp_path, stop_twice)
     assert logs.count("stopped resumable: requeueing job") == 2, logs[-6000:]
     log = (run_dir / "train.log").read_text()
     assert log.count("resumed from") == 2
@@ -327,19 +330,14 @@ def test_sbatch_stopped_before_its_ranks_train_requeues_and_then_trains_to_the_s
     run_dir = tmp_path / "run"
     job = _sbatch_on_two_nodes(slurm, tmp_path, f"run_dir={run_dir}",
                                options=["--open-mode=append"])
-    try:
+    def stop_as_it_starts():
         job_id = _job_id(job)
         out_file, deadline = tmp_path / f"slurm-{job_id}.out", time.time() + 300
         while not (out_file.is_file() and f"job {job_id}: " in out_file.read_text()):
             assert job.poll() is None and time.time() < deadline, "the job never started"
             time.sleep(0.05)
         subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True, env=slurm)
-        output, _ = job.communicate(timeout=900)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    logs = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-    assert job.returncode == 0, output + logs[-6000:]
+    logs = _sbatch_logs(job, tmp_path, stop_as_it_starts)
     assert "interrupted before the first training step" in logs, logs[-6000:]
     assert logs.count("stopped resumable: requeueing job") == 1, logs[-6000:]
     killed = read_metrics(run_dir)
